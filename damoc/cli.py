@@ -1,0 +1,101 @@
+"""`damoc` entry point: parses arguments, loads the spec, calls the pipeline. Thin on purpose."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from damoc.spec import SpecError, load_spec
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+log = logging.getLogger("damoc.cli")
+
+
+def _print_spec_error(err: SpecError) -> None:
+    for line in err.problems:
+        print(f"{err.source}: {line}", file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        spec = load_spec(args.job)
+    except SpecError as err:
+        _print_spec_error(err)
+        return EXIT_BAD_INPUT
+    print(f"{args.job}: ok (job '{spec.name}', {len(spec.candidates)} candidate(s), output {spec.output_dir})")
+    return EXIT_OK
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from damoc.logs import log_to_file
+    from damoc.pipeline import Pipeline, PipelineError, StageFailed, parse_stage_list
+    from damoc.rundir import RunLocked
+
+    try:
+        spec = load_spec(args.job)
+        stages = parse_stage_list(args.stages)
+    except SpecError as err:  # everything about the spec is known before any cluster work
+        _print_spec_error(err)
+        return EXIT_BAD_INPUT
+    except PipelineError as err:
+        print(f"damoc select: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    def start_ray():
+        from damoc.runtime import connect
+
+        return connect(args.address)
+
+    pipeline = Pipeline(spec, runtime_factory=start_ray)
+    try:
+        handler = log_to_file(pipeline.run_dir / "logs" / "damoc.log")
+    except OSError as exc:
+        print(f"damoc select: run directory {pipeline.run_dir} is not writable: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    log.info("job %s: stages %s%s -> %s", spec.name, ",".join(stages), " (resume)" if args.resume else "",
+             pipeline.run_dir)
+    try:
+        outcomes = pipeline.run(stages, resume=args.resume)
+    except (PipelineError, StageFailed, RunLocked, PermissionError) as err:
+        log.error("%s", err)
+        return EXIT_FAILED
+    finally:
+        logging.getLogger("damoc").removeHandler(handler)
+        handler.close()
+    ran = [o for o in outcomes if o.status == "ran"]
+    log.info("job %s: %d stage(s) ran, %d skipped, %.1fs; run directory %s", spec.name, len(ran),
+             len(outcomes) - len(ran), sum(o.seconds for o in outcomes), pipeline.run_dir)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="damoc", description="Select the best LLM to fine-tune, cheaply.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check a job spec; exit 2 listing every problem")
+    v.add_argument("job", type=Path)
+    v.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("select", help="run the selection job and write the run directory")
+    s.add_argument("job", type=Path)
+    s.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local cluster)")
+    s.add_argument("--stages", default=None, help="comma-separated subset of data,models,finetune,report")
+    s.add_argument("--resume", action="store_true", help="skip stages whose inputs are unchanged")
+    s.set_defaults(func=cmd_select)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from damoc.logs import setup_logging
+
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

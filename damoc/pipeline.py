@@ -1,0 +1,325 @@
+"""Run the stages in order over the run directory, caching each stage's output.
+
+A stage reads only what earlier stages wrote into the run directory (plus the
+external files its spec names) and writes one folder, RUN/<stage.output>/. The
+folder is built under a temporary name and swapped in whole, with a marker file
+`_stage.json` holding the fingerprint of everything the stage read: its spec
+sections, the seed, its external files, and its upstream stages' fingerprints.
+`--resume` skips a stage whose marker matches the current fingerprint and reruns
+any other. A folder without a marker is never taken as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from damoc.rundir import (
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+    clean_leftovers,
+    new_temp_dir,
+    read_json,
+    run_lock,
+    swap_in_dir,
+)
+from damoc.spec import JobSpec, is_uri, resolve_path
+
+log = logging.getLogger("damoc.pipeline")
+
+MARKER = "_stage.json"
+STAGE_ORDER = ("data", "models", "finetune", "report")
+
+# Where each built-in stage lives; a stage's module registers it on import.
+BUILTIN_STAGE_MODULES = {
+    "data": "damoc.data.stage",
+    "models": "damoc.model.stage",
+    "finetune": "damoc.train.stage",
+    "report": "damoc.report.stage",
+}
+
+
+class PipelineError(RuntimeError):
+    """A problem with what was asked of the pipeline (unknown stage, missing upstream)."""
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, seconds: float, cause: BaseException):
+        self.stage, self.seconds, self.cause = stage, seconds, cause
+        super().__init__(f"stage {stage} failed after {seconds:.1f}s: {type(cause).__name__}: {cause}")
+
+
+@dataclass
+class StageContext:
+    """What a running stage sees: the spec, where to write, where earlier stages wrote."""
+
+    spec: JobSpec
+    run_dir: Path
+    out: Path  # the temporary folder this stage writes into
+    base_dir: Path
+    _runtime_factory: Callable[[], Any] = field(repr=False)
+
+    def input(self, stage_output: str) -> Path:
+        """An upstream stage's finished folder, e.g. ctx.input("data") / "train.parquet"."""
+        return self.run_dir / stage_output
+
+    def resolve(self, path: str) -> str:
+        """A path from the spec, resolved the way `damoc validate` checked it."""
+        return resolve_path(path, self.base_dir)
+
+    @property
+    def runtime(self) -> Any:
+        """The Ray runtime, started on first use (stages that need no Ray never start it)."""
+        return self._runtime_factory()
+
+
+class Stage:
+    """Base of every stage. Subclasses set the class attributes and implement `run`."""
+
+    name: ClassVar[str]
+    output: ClassVar[str]  # folder under the run directory
+    needs: ClassVar[tuple[str, ...]] = ()  # upstream stage names
+    spec_keys: ClassVar[tuple[str, ...]] = ()  # JobSpec sections the stage reads
+    version: ClassVar[str] = "1"  # bump when the stage's output changes meaning
+    needs_ray: ClassVar[bool] = True
+
+    def external_inputs(self, spec: JobSpec) -> list[str]:
+        """Files or folders outside the run directory that the stage reads."""
+        return []
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        """Write outputs under ctx.out; return the counts for the stage's log line."""
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Stage]] = {}
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"stage '{cls.name}' is registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def builtin_stage(name: str) -> type[Stage]:
+    """The registered built-in stage, importing its module on first use."""
+    if name not in REGISTRY:
+        module = BUILTIN_STAGE_MODULES[name]
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                raise PipelineError(f"stage '{name}' is not part of this build yet ({module} is missing)") from None
+            raise
+    return REGISTRY[name]
+
+
+def parse_stage_list(text: str | None, known: Iterable[str] = STAGE_ORDER) -> list[str]:
+    """'data,models' -> ['data', 'models'] in pipeline order; unknown names are an error."""
+    known = list(known)
+    if not text:
+        return known
+    asked = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in asked if s not in known]
+    if unknown:
+        raise PipelineError(f"--stages: unknown stage(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return [s for s in known if s in asked]
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def path_signature(path: str, base_dir: Path) -> list[Any]:
+    """Cheap identity of a file or folder: (relative path, size, mtime_ns) per file.
+    URIs and hub names cannot be stat'ed offline and are fingerprinted by name."""
+    if is_uri(path):
+        return [path]
+    full = Path(resolve_path(path, base_dir))
+    if full.is_file():
+        st = full.stat()
+        return [[str(full), st.st_size, st.st_mtime_ns]]
+    if full.is_dir():
+        sig = []
+        for root, dirs, files in os.walk(full):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                p = Path(root) / name
+                st = p.stat()
+                sig.append([str(p.relative_to(full)), st.st_size, st.st_mtime_ns])
+        return [str(full), sig]
+    return [str(full), "missing"]
+
+
+def read_marker(run_dir: Path, stage: type[Stage] | Stage) -> dict[str, Any] | None:
+    marker = read_json(run_dir / stage.output / MARKER)
+    return marker if isinstance(marker, dict) and "fingerprint" in marker else None
+
+
+def stage_fingerprint(stage: Stage, spec: JobSpec, run_dir: Path, base_dir: Path,
+                      registry: dict[str, type[Stage]]) -> str:
+    upstream = {}
+    for up in stage.needs:
+        marker = read_marker(run_dir, registry[up])
+        upstream[up] = marker["fingerprint"] if marker else None
+    payload = {
+        "stage": stage.name,
+        "version": stage.version,
+        "seed": spec.seed,
+        "spec": spec.section(*stage.spec_keys),
+        "upstream": upstream,
+        "inputs": [path_signature(p, base_dir) for p in stage.external_inputs(spec)],
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the runner
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str  # "ran" | "skipped"
+    seconds: float
+    counts: dict[str, Any]
+    fingerprint: str
+
+
+def format_counts(counts: dict[str, Any]) -> str:
+    parts = []
+    for k, v in counts.items():
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+class Pipeline:
+    """Runs the selected stages of one job over its run directory."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        *,
+        base_dir: str | os.PathLike | None = None,
+        registry: dict[str, type[Stage]] | None = None,
+        order: Iterable[str] | None = None,
+        runtime_factory: Callable[[], Any] | None = None,
+    ):
+        self.spec = spec
+        self.base_dir = Path(base_dir or os.getcwd())
+        self.run_dir = Path(resolve_path(spec.output_dir, self.base_dir))
+        self._registry = registry
+        self.order = tuple(order or (registry.keys() if registry else STAGE_ORDER))
+        self._runtime_factory = runtime_factory
+        self._runtime: Any = None
+
+    def stage_class(self, name: str) -> type[Stage]:
+        if self._registry is not None:
+            return self._registry[name]
+        return builtin_stage(name)
+
+    def _all_classes(self, names: Iterable[str]) -> dict[str, type[Stage]]:
+        return {n: self.stage_class(n) for n in names}
+
+    def _get_runtime(self) -> Any:
+        if self._runtime is None:
+            if self._runtime_factory is None:
+                raise PipelineError("this pipeline was built without a Ray runtime")
+            self._runtime = self._runtime_factory()
+        return self._runtime
+
+    def run(self, stages: Iterable[str] | None = None, resume: bool = False) -> list[StageOutcome]:
+        names = list(stages) if stages is not None else list(self.order)
+        unknown = [n for n in names if n not in self.order]
+        if unknown:
+            raise PipelineError(f"unknown stage(s): {', '.join(unknown)}")
+        names = [n for n in self.order if n in names]
+        check_writable(self.run_dir)
+        with run_lock(self.run_dir):
+            self._write_spec()
+            outcomes: list[StageOutcome] = []
+            try:
+                for name in names:
+                    outcomes.append(self._run_one(name, names, resume))
+            finally:
+                if self._runtime is not None and hasattr(self._runtime, "shutdown"):
+                    self._runtime.shutdown()
+                    self._runtime = None
+            return outcomes
+
+    def _write_spec(self) -> None:
+        text = yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False)
+        atomic_write_text(self.run_dir / "spec.yaml", text)
+
+    def _check_upstream(self, stage: Stage, selected: list[str]) -> None:
+        classes = self._all_classes(stage.needs)
+        for up, cls in classes.items():
+            if up in selected:
+                continue  # it ran (or was skipped as cached) earlier in this invocation
+            marker = read_marker(self.run_dir, cls)
+            if marker is None:
+                raise PipelineError(
+                    f"stage {stage.name} needs the output of stage {up} "
+                    f"({self.run_dir / cls.output}); add '{up}' to --stages"
+                )
+            current = stage_fingerprint(cls(), self.spec, self.run_dir, self.base_dir, self._registry_view(cls))
+            if current != marker["fingerprint"]:
+                log.warning("stage %s: output of %s is stale (its inputs changed since it ran); "
+                            "rerun with --stages %s,%s", stage.name, up, up, stage.name)
+
+    def _registry_view(self, cls: type[Stage]) -> dict[str, type[Stage]]:
+        return self._all_classes(cls.needs)
+
+    def _run_one(self, name: str, selected: list[str], resume: bool) -> StageOutcome:
+        cls = self.stage_class(name)
+        stage = cls()
+        self._check_upstream(stage, selected)
+        final = self.run_dir / cls.output
+        fp = stage_fingerprint(stage, self.spec, self.run_dir, self.base_dir, self._registry_view(cls))
+        marker = read_marker(self.run_dir, cls)
+        if resume and marker is not None and marker["fingerprint"] == fp:
+            log.info("stage %s: skipped, output is current (fingerprint %s, ran %.1fs on %s)",
+                     name, fp, marker.get("seconds", 0.0), marker.get("finished_at", "?"))
+            return StageOutcome(name, "skipped", 0.0, marker.get("counts", {}), fp)
+        if resume and marker is not None:
+            log.info("stage %s: inputs changed (fingerprint %s -> %s), rerunning", name, marker["fingerprint"], fp)
+        if clean_leftovers(final):
+            log.info("stage %s: removed leftovers of an interrupted run", name)
+
+        log.info("stage %s: running", name)
+        tmp = new_temp_dir(final)
+        ctx = StageContext(self.spec, self.run_dir, tmp, self.base_dir, self._get_runtime)
+        t0 = time.monotonic()
+        try:
+            counts = stage.run(ctx) or {}
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            seconds = time.monotonic() - t0
+            if isinstance(exc, Exception):
+                log.error("stage %s: failed after %.1fs: %s: %s", name, seconds, type(exc).__name__, exc)
+                raise StageFailed(name, seconds, exc) from exc
+            raise
+        seconds = time.monotonic() - t0
+        atomic_write_json(tmp / MARKER, {
+            "stage": name,
+            "fingerprint": fp,
+            "seconds": round(seconds, 3),
+            "counts": counts,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+        swap_in_dir(tmp, final)
+        log.info("stage %s: done in %.1fs %s", name, seconds, format_counts(counts))
+        return StageOutcome(name, "ran", seconds, counts, fp)

@@ -1,0 +1,155 @@
+"""Connect to a Ray cluster, or start the embedded local one.
+
+Rules that matter on a shared host:
+- With an address (`--address` or RAY_ADDRESS) we only connect; `shutdown` then
+  disconnects and leaves that cluster running.
+- Without one we start a *new* local instance (`address="local"`), never attach to
+  somebody's `ray start` instance by accident, and at exit stop only the processes
+  we started (`ray.shutdown()`); a bare `ray stop` would kill everyone's.
+- The embedded dashboard (and with it the State and Jobs APIs) binds to 127.0.0.1.
+  Ray >= 2.52 turns token auth on for local clusters: clients such as
+  `ray job submit` must run with RAY_AUTH_MODE=token to send the token Ray saved
+  in ~/.ray/auth_token, which we make readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("damoc.runtime")
+
+DEFAULT_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
+
+
+@dataclass
+class Runtime:
+    """A live connection to a Ray cluster; `embedded` when this process started it."""
+
+    address: str
+    dashboard_url: str | None
+    embedded: bool
+    _saved_env: dict[str, str | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def job_submit_hint(self) -> str:
+        if not self.dashboard_url:
+            return ""
+        auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""
+        return f"{auth}ray job submit --address http://{self.dashboard_url} -- <command>"
+
+    def shutdown(self) -> None:
+        """Disconnect; stops the cluster only if this process started it."""
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        for key, old in self._saved_env.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+        self._saved_env.clear()
+        log.info("ray: %s", "embedded cluster stopped" if self.embedded else "disconnected")
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def target_address(address: str | None) -> str | None:
+    """The cluster to join: the explicit address, else RAY_ADDRESS, else None (embedded)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _protect_token_file(path: Path = DEFAULT_TOKEN_PATH) -> None:
+    # Ray writes the token world-readable; it is a secret that lets anyone on the host submit jobs.
+    try:
+        if path.is_file() and path.stat().st_uid == os.getuid():
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o077:
+                path.chmod(0o600)
+    except OSError as exc:  # read-only home, etc.: worth a warning, not a failure
+        log.warning("could not restrict %s: %s", path, exc)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _agent_port_override(port: int) -> Iterator[None]:
+    """ray.init() gives the node's dashboard agent the fixed port 52365 and has no knob for it.
+    With another Ray instance on the host that port is taken and our job agent never comes up
+    (`ray job submit` then fails with "No available agent"). Give it a free port instead."""
+    from ray._private import parameter
+
+    original = parameter.RayParams.__init__
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original
+
+
+def connect(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    include_dashboard: bool = True,
+    log_to_driver: bool = True,
+) -> Runtime:
+    """Join the cluster at `address`/RAY_ADDRESS, or start an embedded local one."""
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialised in this process; call Runtime.shutdown() first")
+    target = target_address(address)
+    t0 = time.monotonic()
+    if target:
+        ctx = ray.init(address=target, log_to_driver=log_to_driver)
+        rt = Runtime(address=ctx.address_info["address"], dashboard_url=ctx.dashboard_url, embedded=False)
+        log.info("ray: connected to %s in %.1fs", rt.address, time.monotonic() - t0)
+        return rt
+
+    with _agent_port_override(_free_port()):
+        ctx = ray.init(
+            address="local",  # a new instance, even if another one runs on this host
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=include_dashboard,
+            dashboard_host="127.0.0.1",
+            log_to_driver=log_to_driver,
+        )
+    rt = Runtime(address=ctx.address_info["address"], dashboard_url=ctx.dashboard_url or None, embedded=True)
+    # Stages launched from this driver (Tune trials build their own trainers) must find
+    # this cluster, not another one on the host.
+    rt._saved_env["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = rt.address
+    _protect_token_file()
+    log.info(
+        "ray: embedded cluster at %s, dashboard http://%s, started in %.1fs",
+        rt.address, rt.dashboard_url, time.monotonic() - t0,
+    )
+    if rt.job_submit_hint:
+        log.info("ray: submit to it with: %s", rt.job_submit_hint)
+    return rt

@@ -1,0 +1,427 @@
+"""JobSpec: the whole DaMoC job as strict pydantic v2 models, loaded from YAML.
+
+Every model forbids unknown keys, so a typo is an error rather than a silently
+ignored knob. Defaults suit the local demo on the embedded cluster.
+`load_spec` never touches the network and never starts Ray: it is what
+`damoc validate` runs, and what every other command runs first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+URI_RE = re.compile(r"^[a-z][a-z0-9+.-]*://")
+
+
+class SpecError(Exception):
+    """A spec that cannot be used; `problems` holds one 'key.path: message' per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def is_uri(path: str) -> bool:
+    return bool(URI_RE.match(path))
+
+
+def resolve_path(path: str, base_dir: str | os.PathLike | None) -> str:
+    """Relative local paths are taken against base_dir (the working directory by default)."""
+    if is_uri(path) or os.path.isabs(path):
+        return path
+    return str(Path(base_dir or os.getcwd()) / path)
+
+
+def _check_exists(path: str | None, info: ValidationInfo, want_dir: bool = False) -> str | None:
+    """Fail validation for a missing local path (URIs are checked where they are read)."""
+    ctx = info.context or {}
+    if path is None or not ctx.get("check_files", False) or is_uri(path):
+        return path
+    full = resolve_path(path, ctx.get("base_dir"))
+    if not os.path.exists(full):
+        raise ValueError(f"no such file: {full}")
+    if want_dir and not os.path.isdir(full):
+        raise ValueError(f"not a directory: {full}")
+    return path
+
+
+# ---------------------------------------------------------------- data
+
+
+class DataSource(Strict):
+    """A local file/folder (jsonl | json | parquet | csv) or a Hugging Face dataset."""
+
+    path: str | None = None
+    hf: str | None = None
+    split: str = "train"
+    format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _check_exists(v, info)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSource:
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of 'path' or 'hf'")
+        return self
+
+
+class EvalSource(DataSource):
+    """Held-out rows: a source of their own, or a seeded split of the train rows."""
+
+    split_ratio: float | None = Field(default=None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalSource:
+        given = [k for k in ("path", "hf", "split_ratio") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'path', 'hf' or 'split_ratio'")
+        return self
+
+
+class Fields(Strict):
+    """Column names in the user's data, mapped onto instruction / input / output."""
+
+    instruction: str = "instruction"
+    input: str | None = "input"
+    output: str = "output"
+
+
+class OperatorSpec(Strict):
+    """One data operator by registered name, with its parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class FilterSpec(Strict):
+    method: Literal["none", "distribution", "quality", "hybrid"] = "hybrid"
+    keep_ratio: float = Field(default=0.2, gt=0, le=1)
+    # An explicit chain replaces the method's default chain.
+    operators: list[OperatorSpec] | None = None
+
+
+class CompressSpec(Strict):
+    enabled: bool = True
+    ratio: float = Field(default=0.6, gt=0, le=1)  # fraction of prompt tokens kept
+    forced_tokens: list[str] = Field(default_factory=list)
+    compress_answer: bool = False
+
+
+class RewriteSpec(Strict):
+    enabled: bool = False
+    model: str | None = None
+    endpoint: str | None = None
+    rounds: int = Field(default=2, ge=1, le=10)
+
+    @model_validator(mode="after")
+    def _needs_a_writer(self) -> RewriteSpec:
+        if self.enabled and not (self.model or self.endpoint):
+            raise ValueError("rewrite.enabled needs 'model' or 'endpoint'")
+        return self
+
+
+class DataSpec(Strict):
+    train: DataSource
+    eval: EvalSource = Field(default_factory=lambda: EvalSource(split_ratio=0.1))
+    fields: Fields = Field(default_factory=Fields)
+    task: Literal["qa", "reading_comprehension", "multiple_choice"] = "qa"
+    filter: FilterSpec = Field(default_factory=FilterSpec)
+    compress: CompressSpec = Field(default_factory=CompressSpec)
+    rewrite: RewriteSpec = Field(default_factory=RewriteSpec)
+    batch_size: int = Field(default=64, gt=0)
+    num_gpus_per_actor: float = Field(default=0, ge=0)
+
+
+# ---------------------------------------------------------------- candidates
+
+
+class Candidate(Strict):
+    """A model on the shortlist: a local HF folder or a hub id (hub ids are never checked offline)."""
+
+    name: str = Field(pattern=NAME_PATTERN, max_length=64)
+    path: str | None = None
+    hf: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _folder_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        v = _check_exists(v, info, want_dir=True)
+        ctx = info.context or {}
+        if v is not None and ctx.get("check_files") and not is_uri(v):
+            cfg = Path(resolve_path(v, ctx.get("base_dir"))) / "config.json"
+            if not cfg.is_file():
+                raise ValueError(f"no config.json in {cfg.parent}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Candidate:
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of 'path' or 'hf'")
+        return self
+
+
+# ---------------------------------------------------------------- model stage
+
+
+class MergeSpec(Strict):
+    method: Literal["none", "ties", "dare", "task_arithmetic", "sign_agree"] = "ties"
+    density: float = Field(default=0.2, gt=0, le=1)
+    scale: float = Field(default=1.0, gt=0)
+
+
+class CalibrationSpec(Strict):
+    rows: int = Field(default=64, gt=0)
+    max_length: int = Field(default=256, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+
+
+class ModelSpec(Strict):
+    enabled: bool = True
+    score: Literal["block_influence", "angular"] = "block_influence"
+    prune: Literal["discrete", "contiguous"] = "discrete"
+    prune_ratio: float = Field(default=0.5, ge=0, lt=1)
+    protect_first_last: bool = True
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    num_cpus: float = Field(default=1, gt=0)
+    num_gpus: float = Field(default=0, ge=0)
+
+
+# ---------------------------------------------------------------- finetune stage
+
+
+class LoraSpec(Strict):
+    r: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    # "auto": per-family attention/MLP projections; "all-linear": every linear layer.
+    target_modules: Literal["auto", "all-linear"] | list[str] = "auto"
+
+
+class DeepSpeedSpec(Strict):
+    enabled: bool = True
+    zero_stage: Literal[0, 1, 2, 3] = 2
+
+
+class FinetuneSpec(Strict):
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    num_workers: int = Field(default=2, gt=0)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    max_steps: int = Field(default=200, gt=0)
+    batch_size: int = Field(default=8, gt=0)  # per worker, per micro-step
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=2e-4, gt=0)
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    max_length: int = Field(default=512, gt=0)
+    eval_every: int = Field(default=20, gt=0)
+    max_failures: int = Field(default=1, ge=0)
+    storage_path: str | None = None  # shared mount or URI on multi-node clusters
+
+    @model_validator(mode="after")
+    def _precision_fits_device(self) -> FinetuneSpec:
+        # DeepSpeed refuses fp16 on CPU ("not supported on your device").
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision fp16 needs use_gpu: true (use bf16 on CPU)")
+        return self
+
+
+class TuneSpec(Strict):
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(default=20, gt=0)  # steps before ASHA may stop a trial
+    reduction_factor: float = Field(default=2, gt=1)
+    max_concurrent_trials: int | None = Field(default=None, gt=0)
+
+
+class SelectSpec(Strict):
+    metric: Literal["eval_loss", "exact_match", "rouge_l", "accuracy"] = "eval_loss"
+    max_new_tokens: int = Field(default=32, gt=0)
+
+    @property
+    def mode(self) -> Literal["min", "max"]:
+        return "min" if self.metric == "eval_loss" else "max"
+
+
+# ---------------------------------------------------------------- the job
+
+
+class JobSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN, max_length=64)
+    output_dir: str | None = None  # default: runs/<name>
+    seed: int = Field(default=0, ge=0)
+    data: DataSpec
+    candidates: list[Candidate] = Field(min_length=1)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    tune: TuneSpec = Field(default_factory=TuneSpec)
+    select: SelectSpec = Field(default_factory=SelectSpec)
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique_names(cls, v: list[Candidate]) -> list[Candidate]:
+        seen: set[str] = set()
+        for c in v:
+            if c.name in seen:
+                raise ValueError(f"duplicate candidate name '{c.name}'")
+            seen.add(c.name)
+        return v
+
+    @model_validator(mode="after")
+    def _defaults_and_cross_checks(self) -> JobSpec:
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.name}"
+        if self.tune.scheduler == "asha" and self.tune.grace_period > self.finetune.max_steps:
+            raise ValueError(
+                f"tune.grace_period ({self.tune.grace_period}) exceeds "
+                f"finetune.max_steps ({self.finetune.max_steps})"
+            )
+        return self
+
+    def section(self, *keys: str) -> dict[str, Any]:
+        """The named top-level sections as plain data (what a stage's fingerprint covers)."""
+        dumped = self.model_dump(mode="json")
+        return {k: dumped[k] for k in keys}
+
+
+# ---------------------------------------------------------------- loading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (first on line {seen[key] + 1})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith(("function-", "literal[", "list[", "dict[", "union[")):
+            continue  # pydantic's union-branch tags say nothing to a user
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _message(err: dict[str, Any]) -> str:
+    """Pydantic's messages, phrased as the spec's contract reads: `must be > 0`."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    simple = {
+        "greater_than": "must be > {gt}",
+        "greater_than_equal": "must be >= {ge}",
+        "less_than": "must be < {lt}",
+        "less_than_equal": "must be <= {le}",
+        "extra_forbidden": "unknown key",
+        "missing": "required key is missing",
+        "int_type": "must be an integer",
+        "int_parsing": "must be an integer",
+        "int_from_float": "must be an integer",
+        "float_type": "must be a number",
+        "float_parsing": "must be a number",
+        "bool_type": "must be true or false",
+        "bool_parsing": "must be true or false",
+        "string_type": "must be a string",
+        "list_type": "must be a list",
+        "dict_type": "must be a mapping",
+        "model_type": "must be a mapping",
+        "model_attributes_type": "must be a mapping",
+        "too_short": "must have at least {min_length} item(s)",
+        "string_too_short": "must have at least {min_length} character(s)",
+        "string_too_long": "must have at most {max_length} characters",
+        "string_pattern_mismatch": "must match {pattern} (letters, digits, '.', '_', '-')",
+    }
+    if kind in simple:
+        return simple[kind].format(**ctx)
+    if kind == "literal_error":
+        return f"must be one of: {ctx.get('expected', '')}".replace("'", "")
+    if kind in ("value_error", "assertion_error"):
+        return str(ctx.get("error", err["msg"]))
+    return err["msg"]
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    lines: list[str] = []
+    for err in exc.errors(include_url=False):
+        line = f"{_loc_to_path(err['loc'])}: {_message(err)}"
+        if line not in lines:  # a union reports one problem once per branch
+            lines.append(line)
+    return lines
+
+
+def parse_yaml(text: str, source: str = "<spec>") -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(source, [f"(yaml) {where}{problem}"]) from None
+
+
+def spec_from_data(
+    data: Any, source: str = "<spec>", base_dir: str | None = None, check_files: bool = True
+) -> JobSpec:
+    if not isinstance(data, dict):
+        raise SpecError(source, ["(top level): must be a mapping of keys (name, data, candidates, ...)"])
+    try:
+        return JobSpec.model_validate(
+            data, context={"base_dir": base_dir or os.getcwd(), "check_files": check_files}
+        )
+    except ValidationError as exc:
+        raise SpecError(source, format_validation_error(exc)) from None
+
+
+def load_spec(path: str | os.PathLike, base_dir: str | None = None, check_files: bool = True) -> JobSpec:
+    """Load and validate a job spec file; raise SpecError listing every problem found."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(source, [f"(file) cannot read: {exc}"]) from None
+    return spec_from_data(parse_yaml(text, source), source, base_dir, check_files)

@@ -1,0 +1,89 @@
+"""Shared fixtures: a tokenizer trained locally and tiny HF models built from configs.
+
+Nothing is downloaded. Builders are session-scoped: a model folder is built once and
+copied by tests that change it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from damoc.zoo.tiny import local_corpus, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(local_corpus(max_files=30, max_chars=200_000), vocab_size=384).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer_dir):
+    """Factory: tiny_model("llama", hidden=32, layers=4) -> folder, built once per shape."""
+    from transformers import AutoTokenizer
+
+    from damoc.zoo.tiny import build_tiny_model
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    root = tmp_path_factory.mktemp("models")
+    built: dict[tuple, Path] = {}
+
+    def make(family: str = "llama", hidden: int = 32, layers: int = 4, seed: int = 0) -> Path:
+        key = (family, hidden, layers, seed)
+        if key not in built:
+            built[key] = build_tiny_model(family, root / f"{family}-h{hidden}-l{layers}-s{seed}", tok,
+                                          hidden=hidden, layers=layers, seed=seed)
+        return built[key]
+
+    return make
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+QA_ROWS = [
+    {"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a + b)}
+    for a in range(6) for b in range(5)
+]
+
+
+@pytest.fixture
+def job_dir(tmp_path, tiny_model) -> Path:
+    """A folder with a small QA set and one candidate: a valid job's surroundings."""
+    write_jsonl(tmp_path / "data" / "train.jsonl", QA_ROWS)
+    (tmp_path / "zoo").mkdir()
+    os.symlink(tiny_model("llama"), tmp_path / "zoo" / "llama-s")
+    return tmp_path
+
+
+def spec_dict(**overrides) -> dict:
+    spec = {
+        "name": "t",
+        "output_dir": "runs/t",
+        "data": {"train": {"path": "data/train.jsonl"}},
+        "candidates": [{"name": "llama-s", "path": "zoo/llama-s"}],
+    }
+    for dotted, value in overrides.items():
+        node = spec
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return spec
+
+
+def write_spec(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
