@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+# The zoo is built once (seconds to check afterwards), then the job runs end to end.
 demo: setup
+	$(BIN)/damoc zoo build --out zoo/demo --preset demo
 	$(BIN)/damoc validate jobs/demo.yaml
 	$(BIN)/damoc select jobs/demo.yaml
 
@@ -34,4 +36,4 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs zoo .pytest_cache

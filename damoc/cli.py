@@ -71,6 +71,24 @@ def cmd_select(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from damoc.runtime import connect
+    from damoc.zoo.build import PRESETS, build_zoo, is_current
+
+    if args.preset not in PRESETS:
+        print(f"damoc zoo build: unknown preset '{args.preset}'; known: {', '.join(PRESETS)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not args.force and is_current(args.out, args.preset, args.seed):
+        log.info("zoo %s: up to date (preset %s, seed %d)", args.out, args.preset, args.seed)
+        return EXIT_OK
+    with connect(args.address):
+        info = build_zoo(args.out, args.preset, args.seed, force=args.force)
+    for c in info["candidates"]:
+        print(f"  {c['name']:<10} {c['family']:<9} {c['params']:>9,d} params  {c['steps']:>4d} steps  "
+              f"loss {c['final_loss']:.3f}  ({c['mix']})")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="damoc", description="Select the best LLM to fine-tune, cheaply.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -86,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stages", default=None, help="comma-separated subset of data,models,finetune,report")
     s.add_argument("--resume", action="store_true", help="skip stages whose inputs are unchanged")
     s.set_defaults(func=cmd_select)
+
+    z = sub.add_parser("zoo", help="local candidate models and domain sets")
+    zsub = z.add_subparsers(dest="zoo_command", required=True)
+    zb = zsub.add_parser("build", help="pretrain the zoo's candidates and build its domain sets")
+    zb.add_argument("--out", type=Path, required=True)
+    zb.add_argument("--preset", default="demo")
+    zb.add_argument("--seed", type=int, default=0)
+    zb.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    zb.add_argument("--address", default=None, help="Ray cluster to use (default: embedded)")
+    zb.set_defaults(func=cmd_zoo_build)
     return p
 
 

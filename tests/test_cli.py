@@ -1,0 +1,70 @@
+"""The `damoc` console script: exit codes and messages, and bad specs caught before any Ray work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import spec_dict, write_spec
+
+from damoc.spec import load_spec
+from damoc.zoo.build import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
+DAMOC = str(Path(sys.executable).parent / "damoc")
+
+
+def damoc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([DAMOC, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_validate_ok(job_dir):
+    write_spec(job_dir / "job.yaml", spec_dict())
+    r = damoc("validate", "job.yaml", cwd=job_dir)
+    assert r.returncode == 0 and "job.yaml: ok (job 't', 1 candidate(s)" in r.stdout
+
+
+def test_validate_three_errors_three_lines(job_dir):
+    write_spec(job_dir / "job.yaml", spec_dict(**{
+        "finetune.lora.r": 0, "model.merge.method": "slerp", "data.train.path": "data/none.jsonl"}))
+    r = damoc("validate", "job.yaml", cwd=job_dir)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 3, r.stderr
+    assert "job.yaml: finetune.lora.r: must be > 0" in lines
+    assert f"job.yaml: data.train.path: no such file: {job_dir}/data/none.jsonl" in lines
+    assert any(line.startswith("job.yaml: model.merge.method: must be one of:") for line in lines)
+
+
+def test_validate_yaml_syntax_error(tmp_path):
+    (tmp_path / "job.yaml").write_text("name: demo\ncandidates: [\n")
+    r = damoc("validate", "job.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("job.yaml: (yaml) line 3, column 1:")
+
+
+def test_select_bad_spec_fails_before_ray(job_dir):
+    write_spec(job_dir / "job.yaml", spec_dict(**{"tune.scheduler": "hyperband"}))
+    t0 = time.monotonic()
+    r = damoc("select", "job.yaml", cwd=job_dir)
+    assert r.returncode == 2 and "job.yaml: tune.scheduler: must be one of: asha or none" in r.stderr
+    assert "ray" not in r.stderr.lower().replace("job.yaml", "")
+    assert not (job_dir / "runs").exists()
+    assert time.monotonic() - t0 < 60  # nothing was started (a generous bound, not a benchmark)
+
+
+def test_select_unknown_stage(job_dir):
+    write_spec(job_dir / "job.yaml", spec_dict())
+    r = damoc("select", "job.yaml", "--stages", "data,pretrain", cwd=job_dir)
+    assert r.returncode == 2 and "unknown stage(s) pretrain" in r.stderr
+
+
+def test_demo_spec_matches_the_demo_zoo_layout():
+    spec = load_spec(REPO / "jobs" / "demo.yaml", base_dir=str(REPO), check_files=False)
+    assert spec.data.train.path == "zoo/demo/data/api_qa/train.jsonl"
+    assert {c.name for c in spec.candidates} == {c.name for c in PRESETS["demo"]["candidates"]}
+    assert all(c.path == f"zoo/demo/models/{c.name}" for c in spec.candidates)
+    assert spec.model.enabled and spec.data.filter.method != "none" and spec.data.compress.enabled

@@ -1,0 +1,66 @@
+"""Tiny models from configs, and the demo zoo built end to end on the embedded cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from damoc.zoo.corpus import api_qa_rows, split_rows
+from damoc.zoo.tiny import FAMILIES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_model_from_config_loads_and_generates(tiny_model, family):
+    path = tiny_model(family, hidden=32, layers=2)
+    assert {p.name for p in path.glob("*.safetensors")} == {"model.safetensors"}
+    assert not list(path.glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    batch = tok("def main():", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 4
+    assert sum(p.numel() for p in model.parameters()) < 200_000
+
+
+def test_api_qa_rows_are_real_docstrings():
+    rows = api_qa_rows(("json", "math"))
+    by_source = {r["source"]: r for r in rows}
+    assert by_source["json.dumps"]["instruction"] == "What does the Python function json.dumps do?"
+    assert by_source["math.dist"]["output"] == "Return the Euclidean distance between two points p and q."
+    train, evals = split_rows(rows, 0.2, seed=0)
+    assert len(train) + len(evals) == len(rows) and not {r["source"] for r in train} & {r["source"] for r in evals}
+    assert split_rows(rows, 0.2, seed=0) == (train, evals)
+
+
+@pytest.mark.slow
+def test_demo_zoo_build_then_demo_spec_validates(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    damoc = str(Path(sys.executable).parent / "damoc")
+    r = subprocess.run([damoc, "zoo", "build", "--out", "zoo/demo", "--preset", "demo"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((tmp_path / "zoo/demo/zoo.json").read_text())
+    assert [c["name"] for c in info["candidates"]] == ["gpt2-s", "llama-s", "neox-m"]
+    for c in info["candidates"]:
+        folder = tmp_path / "zoo/demo/models" / c["name"]
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert sum(p.numel() for p in model.parameters()) == c["params"]
+        assert c["final_loss"] < 6.0  # pretraining moved it well below uniform (ln 1024 = 6.93)
+    assert info["data"]["api_qa"]["train"] > 300
+    again = subprocess.run([damoc, "zoo", "build", "--out", "zoo/demo"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 0 and "up to date" in again.stderr
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "demo.yaml").write_text((REPO / "jobs" / "demo.yaml").read_text())
+    v = subprocess.run([damoc, "validate", "jobs/demo.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr
