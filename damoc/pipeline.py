@@ -170,10 +170,10 @@ def read_marker(run_dir: Path, stage: type[Stage] | Stage) -> dict[str, Any] | N
 
 
 def stage_fingerprint(stage: Stage, spec: JobSpec, run_dir: Path, base_dir: Path,
-                      registry: dict[str, type[Stage]]) -> str:
+                      upstream_classes: dict[str, type[Stage]]) -> str:
     upstream = {}
-    for up in stage.needs:
-        marker = read_marker(run_dir, registry[up])
+    for up, cls in upstream_classes.items():
+        marker = read_marker(run_dir, cls)
         upstream[up] = marker["fingerprint"] if marker else None
     payload = {
         "stage": stage.name,
@@ -231,8 +231,8 @@ class Pipeline:
             return self._registry[name]
         return builtin_stage(name)
 
-    def _all_classes(self, names: Iterable[str]) -> dict[str, type[Stage]]:
-        return {n: self.stage_class(n) for n in names}
+    def _upstream(self, cls: type[Stage]) -> dict[str, type[Stage]]:
+        return {n: self.stage_class(n) for n in cls.needs}
 
     def _get_runtime(self) -> Any:
         if self._runtime is None:
@@ -265,8 +265,7 @@ class Pipeline:
         atomic_write_text(self.run_dir / "spec.yaml", text)
 
     def _check_upstream(self, stage: Stage, selected: list[str]) -> None:
-        classes = self._all_classes(stage.needs)
-        for up, cls in classes.items():
+        for up, cls in self._upstream(type(stage)).items():
             if up in selected:
                 continue  # it ran (or was skipped as cached) earlier in this invocation
             marker = read_marker(self.run_dir, cls)
@@ -275,20 +274,17 @@ class Pipeline:
                     f"stage {stage.name} needs the output of stage {up} "
                     f"({self.run_dir / cls.output}); add '{up}' to --stages"
                 )
-            current = stage_fingerprint(cls(), self.spec, self.run_dir, self.base_dir, self._registry_view(cls))
+            current = stage_fingerprint(cls(), self.spec, self.run_dir, self.base_dir, self._upstream(cls))
             if current != marker["fingerprint"]:
                 log.warning("stage %s: output of %s is stale (its inputs changed since it ran); "
                             "rerun with --stages %s,%s", stage.name, up, up, stage.name)
-
-    def _registry_view(self, cls: type[Stage]) -> dict[str, type[Stage]]:
-        return self._all_classes(cls.needs)
 
     def _run_one(self, name: str, selected: list[str], resume: bool) -> StageOutcome:
         cls = self.stage_class(name)
         stage = cls()
         self._check_upstream(stage, selected)
         final = self.run_dir / cls.output
-        fp = stage_fingerprint(stage, self.spec, self.run_dir, self.base_dir, self._registry_view(cls))
+        fp = stage_fingerprint(stage, self.spec, self.run_dir, self.base_dir, self._upstream(cls))
         marker = read_marker(self.run_dir, cls)
         if resume and marker is not None and marker["fingerprint"] == fp:
             log.info("stage %s: skipped, output is current (fingerprint %s, ran %.1fs on %s)",

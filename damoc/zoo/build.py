@@ -1,0 +1,163 @@
+"""`damoc zoo build`: local candidates pretrained as parallel Ray tasks, and a domain set.
+
+Layout of the output folder (what jobs/demo.yaml points at):
+    OUT/tokenizer/                    one BPE tokenizer shared by the zoo, trained here
+    OUT/models/<name>/                HF folder (config, model.safetensors, tokenizer)
+    OUT/data/api_qa/{train,eval}.jsonl
+    OUT/zoo.json                      what was built: preset, seed, per-candidate figures
+The folder is built under a temporary name and swapped in whole, so an interrupted
+build is never mistaken for a finished one; an up-to-date zoo is not rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from damoc.rundir import atomic_write_json, clean_leftovers, new_temp_dir, read_json, swap_in_dir
+from damoc.zoo.corpus import api_qa_rows, split_rows, stdlib_docstrings, stdlib_source
+from damoc.zoo.tiny import local_corpus, tiny_config, train_tokenizer
+
+log = logging.getLogger("damoc.zoo")
+ZOO_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CandidatePlan:
+    name: str
+    family: str
+    hidden: int
+    layers: int
+    heads: int
+    steps: int  # pretraining budget
+    mix: str  # "code" (stdlib source) or "prose" (stdlib docstrings)
+
+
+# Sizes, budgets and corpus mixes differ on purpose: a real shortlist is not uniform.
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {
+        "vocab_size": 1024, "seq_len": 128, "batch_size": 8, "lr": 3e-3, "corpus_chars": 600_000,
+        "candidates": [
+            CandidatePlan("llama-s", "llama", 64, 4, 4, steps=240, mix="prose"),
+            CandidatePlan("gpt2-s", "gpt2", 48, 4, 4, steps=360, mix="code"),
+            CandidatePlan("neox-m", "gpt_neox", 96, 4, 4, steps=120, mix="prose"),
+        ],
+    },
+}
+
+
+def _token_blocks(tokenizer, texts: list[str], seq_len: int):
+    import torch
+
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def pretrain_candidate(plan: CandidatePlan, tokenizer_dir: str, out_dir: str, texts: list[str],
+                       seq_len: int, batch_size: int, lr: float, seed: int) -> dict[str, Any]:
+    """Pretrain one tiny causal LM from scratch; save it as an HF folder with the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.monotonic()
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)  # one task per core
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    blocks = _token_blocks(tok, texts, seq_len)
+    ids = {"pad": tok.pad_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id}
+    config = tiny_config(plan.family, len(tok), plan.hidden, plan.layers, plan.heads,
+                         max_positions=max(512, seq_len), special_ids=ids)
+    model = AutoModelForCausalLM.from_config(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / plan.steps)))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for _ in range(plan.steps):
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    tail = losses[-20:]
+    return {**asdict(plan), "params": sum(p.numel() for p in model.parameters()),
+            "train_tokens": plan.steps * batch_size * seq_len,
+            "final_loss": round(sum(tail) / len(tail), 4), "seconds": round(time.monotonic() - t0, 1)}
+
+
+def is_current(out: Path, preset: str, seed: int) -> bool:
+    info = read_json(out / "zoo.json")
+    return bool(info) and info.get("preset") == preset and info.get("seed") == seed \
+        and info.get("version") == ZOO_VERSION
+
+
+def build_zoo(out: str | Path, preset: str = "demo", seed: int = 0, force: bool = False) -> dict[str, Any]:
+    """Build (or reuse) the zoo at `out`. Needs a connected Ray runtime."""
+    import ray
+
+    out = Path(out)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset '{preset}'; known: {', '.join(PRESETS)}")
+    if not force and is_current(out, preset, seed):
+        log.info("zoo %s: up to date (preset %s, seed %d)", out, preset, seed)
+        return read_json(out / "zoo.json")
+    cfg = PRESETS[preset]
+    t0 = time.monotonic()
+    clean_leftovers(out)
+    tmp = new_temp_dir(out)
+    try:
+        tokenizer = train_tokenizer(local_corpus(max_files=200, max_chars=cfg["corpus_chars"]), cfg["vocab_size"])
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        rows = api_qa_rows()
+        train, evals = split_rows(rows, eval_fraction=0.2, seed=seed)
+        for split, part in (("train", train), ("eval", evals)):
+            path = tmp / "data" / "api_qa" / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+        log.info("zoo: tokenizer (%d tokens) and api_qa set (%d train, %d eval rows) ready",
+                 len(tokenizer), len(train), len(evals))
+
+        mixes = {"code": stdlib_source(cfg["corpus_chars"]), "prose": stdlib_docstrings(cfg["corpus_chars"])}
+        task = ray.remote(num_cpus=1)(pretrain_candidate)
+        pending = {
+            task.remote(plan, str(tmp / "tokenizer"), str(tmp / "models" / plan.name), mixes[plan.mix],
+                        cfg["seq_len"], cfg["batch_size"], cfg["lr"], seed + i): plan.name
+            for i, plan in enumerate(cfg["candidates"])
+        }
+        log.info("zoo: pretraining %d candidates as Ray tasks", len(pending))
+        results = []
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            pending.pop(ref)
+            r = ray.get(ref)
+            results.append(r)
+            log.info("zoo: %s done (%s, %d params, %d steps, loss %.3f, %.0fs) [%d/%d]", r["name"], r["family"],
+                     r["params"], r["steps"], r["final_loss"], r["seconds"], len(results), len(cfg["candidates"]))
+        info = {"version": ZOO_VERSION, "preset": preset, "seed": seed,
+                "candidates": sorted(results, key=lambda r: r["name"]),
+                "data": {"api_qa": {"train": len(train), "eval": len(evals)}},
+                "seconds": round(time.monotonic() - t0, 1)}
+        atomic_write_json(tmp / "zoo.json", info)
+        swap_in_dir(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("zoo %s: built in %.0fs", out, info["seconds"])
+    return info
