@@ -18,8 +18,10 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import socket
 import stat
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ class Runtime:
     address: str
     dashboard_url: str | None
     embedded: bool
+    temp_dir: str | None = None  # the embedded cluster's private Ray temp dir
     _saved_env: dict[str, str | None] = field(default_factory=dict, repr=False)
 
     @property
@@ -58,6 +61,8 @@ class Runtime:
             else:
                 os.environ[key] = old
         self._saved_env.clear()
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
         log.info("ray: %s", "embedded cluster stopped" if self.embedded else "disconnected")
 
     def __enter__(self) -> Runtime:
@@ -131,16 +136,30 @@ def connect(
         log.info("ray: connected to %s in %.1fs", rt.address, time.monotonic() - t0)
         return rt
 
-    with _agent_port_override(_free_port()):
-        ctx = ray.init(
-            address="local",  # a new instance, even if another one runs on this host
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=include_dashboard,
-            dashboard_host="127.0.0.1",
-            log_to_driver=log_to_driver,
-        )
-    rt = Runtime(address=ctx.address_info["address"], dashboard_url=ctx.dashboard_url or None, embedded=True)
+    # A private temp dir (short: Ray's unix sockets live under it). Ray's job supervisor finds
+    # its own cluster through `ray_current_cluster` in the node's temp dir and, without one,
+    # falls back to *any* Ray instance on the host, so jobs submitted to us could run on
+    # somebody else's cluster. Recording our address there misdirects nobody else.
+    temp_dir = tempfile.mkdtemp(prefix="damoc-ray-", dir="/tmp")
+    try:
+        with _agent_port_override(_free_port()):
+            ctx = ray.init(
+                address="local",  # a new instance, even if another one runs on this host
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                include_dashboard=include_dashboard,
+                dashboard_host="127.0.0.1",
+                log_to_driver=log_to_driver,
+                _temp_dir=temp_dir,
+            )
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    rt = Runtime(address=ctx.address_info["address"], dashboard_url=ctx.dashboard_url or None, embedded=True,
+                 temp_dir=temp_dir)
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(rt.address, temp_dir)
     # Stages launched from this driver (Tune trials build their own trainers) must find
     # this cluster, not another one on the host.
     rt._saved_env["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS")

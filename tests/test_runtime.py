@@ -7,6 +7,8 @@ import socket
 import stat
 import subprocess
 import sys
+import time
+import uuid
 
 import psutil
 import pytest
@@ -38,17 +40,23 @@ def port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def submit(dashboard_url: str, code: str) -> subprocess.CompletedProcess:
-    """`ray job submit` from a clean client environment, as a user's shell would run it."""
+def submit(dashboard_url: str, code: str) -> tuple[subprocess.CompletedProcess, str]:
+    """`ray job submit` from a clean client environment, as a user's shell would run it; then
+    the job's whole log (`submit` follows the log as it streams and can miss its last line)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_AUTH_MODE"] = "token"
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    cmd = [ray_bin, "job", "submit", "--address", f"http://{dashboard_url}", "--", sys.executable, "-c", code]
-    for _ in range(60):  # the job agent registers a few seconds after the head is up
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    address = f"http://{dashboard_url}"
+    for attempt in range(60):  # the job agent registers a few seconds after the head is up
+        job_id = f"damoc-test-{uuid.uuid4().hex[:8]}"
+        r = subprocess.run([ray_bin, "job", "submit", "--address", address, "--submission-id", job_id, "--",
+                            sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
         if r.returncode == 0 or "No available agent" not in r.stderr:
-            return r
-    return r
+            break
+        time.sleep(1)
+    logs = subprocess.run([ray_bin, "job", "logs", "--address", address, job_id],
+                          capture_output=True, text=True, timeout=120, env=env)
+    return r, logs.stdout
 
 
 def test_embedded_cluster_lifecycle(no_ray_address, other_head):
@@ -64,13 +72,13 @@ def test_embedded_cluster_lifecycle(no_ray_address, other_head):
         assert os.environ["RAY_ADDRESS"] == rt.address  # trials started from here find this cluster
         if DEFAULT_TOKEN_PATH.exists():
             assert stat.S_IMODE(DEFAULT_TOKEN_PATH.stat().st_mode) & 0o077 == 0
-        r = submit(rt.dashboard_url, "import ray; ray.init(); print('JOB-CPU', ray.cluster_resources()['CPU'])")
+        r, logs = submit(rt.dashboard_url, "import ray; ray.init(); print('JOB-CPU', ray.cluster_resources()['CPU'])")
         assert r.returncode == 0, r.stderr[-2000:]
-        assert "JOB-CPU 2.0" in r.stdout
+        assert "JOB-CPU 2.0" in logs
     finally:
         rt.shutdown()
     assert not port_open("127.0.0.1", int(port))
-    assert "RAY_ADDRESS" not in os.environ
+    assert "RAY_ADDRESS" not in os.environ and not os.path.exists(rt.temp_dir)
     assert other_head.alive(), "stopping our cluster must leave the other instance running"
 
 
