@@ -19,10 +19,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from damoc.zoo.tiny import local_corpus, train_tokenizer
+    from damoc.zoo.corpus import stdlib_source
+    from damoc.zoo.tiny import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(local_corpus(max_files=30, max_chars=200_000), vocab_size=384).save_pretrained(out)
+    train_tokenizer(stdlib_source(max_chars=200_000), vocab_size=384).save_pretrained(out)
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from damoc.rundir import atomic_write_json, clean_leftovers, new_temp_dir, read_json, swap_in_dir
 from damoc.zoo.corpus import api_qa_rows, split_rows, stdlib_docstrings, stdlib_source
-from damoc.zoo.tiny import local_corpus, tiny_config, train_tokenizer
+from damoc.zoo.tiny import tiny_config, train_tokenizer
 
 log = logging.getLogger("damoc.zoo")
 ZOO_VERSION = 1
@@ -121,7 +121,7 @@ def build_zoo(out: str | Path, preset: str = "demo", seed: int = 0, force: bool 
     clean_leftovers(out)
     tmp = new_temp_dir(out)
     try:
-        tokenizer = train_tokenizer(local_corpus(max_files=200, max_chars=cfg["corpus_chars"]), cfg["vocab_size"])
+        tokenizer = train_tokenizer(stdlib_source(cfg["corpus_chars"]), cfg["vocab_size"])
         tokenizer.save_pretrained(tmp / "tokenizer")
         rows = api_qa_rows()
         train, evals = split_rows(rows, eval_fraction=0.2, seed=seed)

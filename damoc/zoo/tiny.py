@@ -1,30 +1,15 @@
 """Tiny causal LMs built from configs, and a tokenizer trained locally: nothing is downloaded.
 
-Used by the test fixtures and by `damoc zoo build`. The text is the standard library's
-own source, which every machine with Python has.
+Used by the test fixtures and by `damoc zoo build` (text: damoc.zoo.corpus).
 """
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 from typing import Any
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt")
-
-
-def local_corpus(max_files: int = 60, max_chars: int = 400_000) -> list[str]:
-    """Deterministic text from the standard library's top-level modules."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts, total = [], 0
-    for path in sorted(stdlib.glob("*.py"))[:max_files]:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        texts.append(text)
-        total += len(text)
-        if total >= max_chars:
-            break
-    return texts
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 512):
