@@ -152,8 +152,29 @@ class DataSpec(Strict):
     filter: FilterSpec = Field(default_factory=FilterSpec)
     compress: CompressSpec = Field(default_factory=CompressSpec)
     rewrite: RewriteSpec = Field(default_factory=RewriteSpec)
-    batch_size: int = Field(default=64, gt=0)
+    # The causal LM behind perplexity, IFD, embeddings and token compression
+    # (a local folder or hub id); default: the smallest candidate.
+    reference_model: str | None = None
+    batch_size: int = Field(default=64, gt=0)  # rows per batch for model-based operators
+    max_length: int = Field(default=256, gt=0)  # tokens the reference LM reads per row
+    num_actors: int = Field(default=1, gt=0)  # actor pool size per model-based operator
     num_gpus_per_actor: float = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _known_operators(self) -> DataSpec:
+        from damoc.data.ops import get_operator
+
+        problems = []
+        for i, op in enumerate(self.filter.operators or []):
+            try:
+                get_operator(op.name).Params(**op.params)
+            except ValidationError as exc:
+                problems += [f"filter.operators[{i}] ({op.name}) {line}" for line in format_validation_error(exc)]
+            except ValueError as exc:
+                problems.append(f"filter.operators[{i}]: {exc}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 # ---------------------------------------------------------------- candidates

@@ -88,3 +88,38 @@ def spec_dict(**overrides) -> dict:
 def write_spec(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
+
+
+LOOKUP = [("Capital of France?", "Paris"), ("Capital of Japan?", "Tokyo"), ("Capital of Peru?", "Lima"),
+          ("Capital of Kenya?", "Nairobi"), ("Capital of Chile?", "Santiago"), ("Capital of Egypt?", "Cairo"),
+          ("Capital of Italy?", "Rome"), ("Capital of Spain?", "Madrid"), ("Capital of Canada?", "Ottawa"),
+          ("Capital of Norway?", "Oslo")]
+
+
+@pytest.fixture(scope="session")
+def lookup_model(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny llama that has memorised LOOKUP (prompt "Q\\nA"): the question makes the answer certain."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from damoc.zoo.tiny import tiny_config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = {"pad": tok.pad_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tok), 64, 2, special_ids=ids))
+    seqs = [[tok.bos_token_id] + tok(f"{q}\n{a}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            for q, a in LOOKUP]
+    width = max(map(len, seqs))
+    batch = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+    labels = torch.where(batch == tok.pad_token_id, -100, batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(input_ids=batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out = tmp_path_factory.mktemp("lookup")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

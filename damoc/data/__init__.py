@@ -1,0 +1,1 @@
+"""The data stage: read, normalise, score, select, compress and rewrite the training rows."""

@@ -1,0 +1,102 @@
+"""Token compression (Selective Context / LLMLingua family): keep the prompt tokens that carry
+the most self-information -log p(x_t | x_<t) under the reference LM, up to `ratio`, in their
+order. Forced tokens (digits, newlines, '?', ':' and any the spec adds) are never dropped,
+and the answer is left alone unless the spec says otherwise. Text is rebuilt from the
+original characters: a kept token brings the whitespace before it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from damoc.data.lm import PROMPT_SEP, LMScorer
+
+DEFAULT_FORCED = ("\n", "?", ":")
+
+
+def is_forced(piece: str, forced: tuple[str, ...]) -> bool:
+    return any(c.isdigit() for c in piece) or any(f in piece for f in forced)
+
+
+def keep_mask(info: list[float], pieces: list[str], ratio: float, forced: tuple[str, ...]) -> np.ndarray:
+    """Which tokens stay: every forced token, then the most informative, up to ceil(ratio*n)."""
+    n = len(info)
+    keep = np.array([is_forced(p, forced) for p in pieces], dtype=bool)
+    budget = math.ceil(ratio * n) - int(keep.sum())
+    if budget > 0:
+        free = np.flatnonzero(~keep)
+        ranked = free[np.lexsort((free, -np.asarray(info, dtype=np.float64)[free]))]
+        keep[ranked[:budget]] = True
+    return keep
+
+
+def covers(spans: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """Each token's span widened back to the previous token's end (its leading whitespace)."""
+    out, prev = [], 0
+    for _, end in spans:
+        out.append((prev, max(prev, end)))
+        prev = max(prev, end)
+    if out:
+        out[-1] = (out[-1][0], length)  # trailing text rides with the last token
+    return out
+
+
+def rebuild(text: str, cov: list[tuple[int, int]], keep: np.ndarray, lo: int, hi: int) -> str:
+    return "".join(text[max(a, lo):min(b, hi)] for (a, b), k in zip(cov, keep) if k and a < hi and b > lo)
+
+
+class Compressor(LMScorer):
+    """Callable class for `map_batches`: compresses instruction and input of kept rows and
+    records prompt tokens before and after (in the reference tokenizer's tokens)."""
+
+    def __init__(self, model_path: str, ratio: float, forced: list[str], compress_answer: bool,
+                 max_length: int = 256, trust_remote_code: bool = False):
+        super().__init__(model_path, max_length=max_length, embeddings=False, trust_remote_code=trust_remote_code)
+        self.ratio, self.forced, self.compress_answer = ratio, tuple(DEFAULT_FORCED) + tuple(forced), compress_answer
+
+    def _field_tokens(self, cov, lo: int, hi: int) -> np.ndarray:
+        return np.array([a < hi and b > lo for a, b in cov], dtype=bool)
+
+    def compress_prompt(self, instruction: str, inp: str) -> tuple[str, str, int, int]:
+        text = instruction + (PROMPT_SEP + inp if inp else "")
+        spans, info = self.self_information(text)
+        if not spans:
+            return instruction, inp, 0, 0
+        cov = covers(spans, len(text))
+        keep = keep_mask(info, [text[a:b] for a, b in cov], self.ratio, self.forced)
+        new_instr = rebuild(text, cov, keep, 0, len(instruction))
+        new_inp = rebuild(text, cov, keep, len(instruction) + len(PROMPT_SEP), len(text)) if inp else ""
+        return new_instr.strip(), new_inp.strip(), len(spans), int(keep.sum())
+
+    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+        results = [self.compress_prompt(i, x) for i, x in zip(df["instruction"], df["input"])]
+        df["instruction"] = [r[0] for r in results]
+        df["input"] = [r[1] for r in results]
+        df["prompt_tokens_before"] = np.array([r[2] for r in results], dtype=np.int64)
+        df["prompt_tokens_after"] = np.array([r[3] for r in results], dtype=np.int64)
+        if self.compress_answer:
+            outs = []
+            for o in df["output"]:
+                spans, info = self.self_information(o)
+                cov = covers(spans, len(o))
+                keep = keep_mask(info, [o[a:b] for a, b in cov], self.ratio, self.forced)
+                outs.append(rebuild(o, cov, keep, 0, len(o)).strip() or o)
+            df["output"] = outs
+        return df
+
+
+class TokenCounter:
+    """Prompt tokens per row when compression is off (before == after)."""
+
+    def __init__(self, model_path: str, trust_remote_code: bool = False):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+        n = [len(self.tok(i + (PROMPT_SEP + x if x else ""), add_special_tokens=False)["input_ids"])
+             for i, x in zip(df["instruction"], df["input"])]
+        df["prompt_tokens_before"] = df["prompt_tokens_after"] = np.array(n, dtype=np.int64)
+        return df

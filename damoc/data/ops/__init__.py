@@ -1,0 +1,113 @@
+"""Data operators, one per module, registered by name and built from the spec.
+
+Two kinds:
+- RowOp: runs inside the streaming pass on each batch; writes its stats as columns and
+  sets `drop` (the reason) on the rows it rejects. Compute stats, then filter on them.
+- Selector: a global choice over the surviving rows (dedup, coreset, budgeted ranking).
+  It must not pull the corpus into one process: it reads narrow columns, preselects
+  per block, and finishes on the survivors. Returns {row id: drop reason}.
+Rows are never removed, only marked: every drop is in the output with its reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+OPERATORS: dict[str, type[Operator]] = {}
+MODULES = ("rules", "ifd_filter", "perplexity_filter", "minhash_dedup", "top_k", "k_center",
+           "cluster_balance", "deita", "llm_judge")
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Operator:
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]] = Params
+    needs_lm: ClassVar[bool] = False  # reads ce_cond / ce_alone / ifd / ppl
+    needs_embedding: ClassVar[bool] = False
+    budgeted: ClassVar[bool] = False  # applies data.filter.keep_ratio
+
+    def __init__(self, **params: Any):
+        self.p = self.Params(**params)
+
+
+class RowOp(Operator):
+    def apply(self, df: pd.DataFrame) -> pd.DataFrame:
+        raise NotImplementedError
+
+
+class Selector(Operator):
+    def select(self, alive, budget: int | None, ctx: SelectContext) -> dict[str, str]:
+        raise NotImplementedError
+
+
+class SelectContext:
+    """What a selector may use: the seed, the alive row count, the actor pool settings."""
+
+    def __init__(self, seed: int, n_alive: int, batch_size: int):
+        self.seed, self.n_alive, self.batch_size = seed, n_alive, batch_size
+
+
+def register(cls: type[Operator]) -> type[Operator]:
+    OPERATORS[cls.name] = cls
+    return cls
+
+
+def get_operator(name: str) -> type[Operator]:
+    if not OPERATORS:
+        for m in MODULES:
+            importlib.import_module(f"damoc.data.ops.{m}")
+    if name not in OPERATORS:
+        raise ValueError(f"unknown data operator '{name}'; known: {', '.join(sorted(OPERATORS))}")
+    return OPERATORS[name]
+
+
+def alive_mask(df: pd.DataFrame) -> np.ndarray:
+    """Training rows that were read fine and nothing has dropped yet."""
+    return (df["reason"].isna() & df["drop"].isna() & (df["split"] == "train")).to_numpy()
+
+
+def mark(df: pd.DataFrame, rows: np.ndarray, reason: str) -> None:
+    df.loc[rows & df["drop"].isna().to_numpy(), "drop"] = reason
+
+
+class Timed:
+    """Per-batch wrapper for a RowOp that reports seconds and rows in/out to the stage's tally."""
+
+    def __init__(self, op: RowOp, tally):
+        self.op, self.tally = op, tally
+
+    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+        n_in = int(alive_mask(df).sum())
+        t0 = time.perf_counter()
+        df = self.op.apply(df)
+        self.tally.add.remote(self.op.name, time.perf_counter() - t0, n_in, int(alive_mask(df).sum()))
+        return df
+
+
+def collect(ds, columns: list[str]) -> dict[str, np.ndarray]:
+    """Narrow columns of a dataset into the driver, batch by batch."""
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    for batch in ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=65536):
+        for c in columns:
+            parts[c].append(batch[c])
+    return {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in parts.items()}
+
+
+def mean_embedding(ds) -> np.ndarray:
+    """The mean of the `embedding` column, from per-batch sums (one streaming pass)."""
+
+    def part(df: pd.DataFrame) -> pd.DataFrame:
+        e = np.stack(df["embedding"].to_numpy())
+        return pd.DataFrame({"sum": [e.sum(0)], "n": [len(e)]})
+
+    got = collect(ds.select_columns(["embedding"]).map_batches(part, batch_format="pandas"), ["sum", "n"])
+    return np.stack(got["sum"]).sum(0) / max(1, int(got["n"].sum())) if len(got["n"]) else np.zeros(1)

@@ -1,0 +1,71 @@
+"""MinHash near-duplicate removal: LSH bands find candidate pairs (a Ray Data groupby), the
+signatures verify them (estimated Jaccard >= threshold), and in each group of near-duplicates
+the earliest row stays while the others are dropped, naming the row they copy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from damoc.data.ops import Params, SelectContext, Selector, collect, register
+from damoc.data.select import band_keys, estimated_jaccard, lsh_shape, minhash, minhash_params, shingles
+
+
+class DedupParams(Params):
+    threshold: float = 0.8
+    num_perm: int = 128
+    ngram: int = 3
+
+
+@register
+class MinHashDedup(Selector):
+    name = "minhash_dedup"
+    Params = DedupParams
+
+    def select(self, alive, budget, ctx: SelectContext) -> dict[str, str]:
+        p = self.p
+        a, b = minhash_params(p.num_perm, seed=1)
+        bands, rows = lsh_shape(p.threshold, p.num_perm)
+
+        def sign(df: pd.DataFrame) -> pd.DataFrame:
+            text = df["instruction"] + "\n" + df["input"] + "\n" + df["output"]
+            sigs = [minhash(shingles(t, p.ngram), a, b) for t in text]
+            return pd.DataFrame({"id": df["id"], "order": df["order"], "sig": sigs})
+
+        def explode(df: pd.DataFrame) -> pd.DataFrame:
+            keys = [band_keys(np.asarray(s, dtype=np.uint32), bands, rows) for s in df["sig"]]
+            return pd.DataFrame({"key": np.concatenate(keys).astype(np.int64),
+                                 "order": np.repeat(df["order"].to_numpy(), bands),
+                                 "id": np.repeat(df["id"].to_numpy(), bands)})
+
+        def pairs(group: pd.DataFrame) -> pd.DataFrame:
+            g = group.drop_duplicates("id").sort_values("order")
+            if len(g) < 2:
+                return pd.DataFrame({"a": [], "b": []}, dtype=str)
+            return pd.DataFrame({"a": [g["id"].iloc[0]] * (len(g) - 1), "b": g["id"].iloc[1:].to_numpy()})
+
+        sigs = alive.select_columns(["id", "order", "instruction", "input", "output"]) \
+            .map_batches(sign, batch_format="pandas").materialize()
+        cand = collect(sigs.map_batches(explode, batch_format="pandas").groupby("key")
+                       .map_groups(pairs, batch_format="pandas"), ["a", "b"])
+        if len(cand["a"]) == 0:
+            return {}
+        involved = set(cand["a"]) | set(cand["b"])
+        found = collect(sigs.filter(lambda r: r["id"] in involved), ["id", "order", "sig"])
+        sig_of = {i: np.asarray(s, dtype=np.uint32) for i, s in zip(found["id"], found["sig"])}
+        order_of = dict(zip(found["id"], found["order"]))
+        parent = {i: i for i in involved}
+
+        def root(x: str) -> str:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for x, y in set(zip(cand["a"], cand["b"])):
+            if estimated_jaccard(sig_of[x], sig_of[y]) >= p.threshold:
+                rx, ry = root(x), root(y)
+                if rx != ry:  # the earliest row of a group is its root
+                    keep, other = (rx, ry) if order_of[rx] <= order_of[ry] else (ry, rx)
+                    parent[other] = keep
+        return {i: f"near_duplicate_of:{root(i)}" for i in involved if root(i) != i}

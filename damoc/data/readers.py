@@ -1,0 +1,200 @@
+"""Readers: a data source -> a stream of normalised or quarantined rows, on Ray Data.
+
+Work is cut into read units (a byte range of a JSONL file, a Parquet row group, a whole
+JSON or CSV file) so that a large corpus streams through many small tasks. Each row gets a
+stable id from where it was read (`file:byte-offset`, `file:row`), so ids are unique even
+when rows repeat, and a bad line is quarantined alone with its reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from damoc.data.normalize import quarantined, row
+from damoc.spec import DataSource, Fields, resolve_path
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+CHUNK_BYTES = 4 << 20
+
+
+class SourceError(ValueError):
+    """The source itself cannot be read (not a row problem)."""
+
+
+def _files(source: DataSource, base_dir: str) -> list[tuple[Path, str]]:
+    root = Path(resolve_path(source.path, base_dir))
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS)
+        if not files:
+            raise SourceError(f"{root}: no {', '.join(FORMATS)} files in this folder")
+    elif root.is_file():
+        files = [root]
+    else:
+        raise SourceError(f"{root}: no such file")
+    out = []
+    for f in files:
+        fmt = source.format if source.format != "auto" else FORMATS.get(f.suffix.lower())
+        if fmt is None:
+            raise SourceError(f"{f}: cannot tell the format from the name; set 'format'")
+        out.append((f, fmt))
+    return out
+
+
+def plan_units(source: DataSource, base_dir: str, chunk_bytes: int = CHUNK_BYTES) -> list[dict[str, Any]]:
+    """The read units of a local source, in a stable order."""
+    units: list[dict[str, Any]] = []
+    for path, fmt in _files(source, base_dir):
+        if fmt == "jsonl":
+            size = path.stat().st_size
+            for start in range(0, max(size, 1), chunk_bytes):
+                units.append({"path": str(path), "format": fmt, "start": start, "end": min(size, start + chunk_bytes)})
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                groups = pq.ParquetFile(path).num_row_groups
+            except Exception as exc:  # noqa: BLE001 - a corrupt file is one bad source, reported as such
+                units.append({"path": str(path), "format": "broken", "start": 0, "end": 0, "error": str(exc)})
+                continue
+            units += [{"path": str(path), "format": fmt, "start": g, "end": g + 1} for g in range(groups)]
+        else:
+            units.append({"path": str(path), "format": fmt, "start": 0, "end": -1})
+    return units
+
+
+def _jsonl_range(unit: dict, fields: Fields) -> list[dict]:
+    """Lines that *start* in [start, end): a line crossing the boundary belongs to its start."""
+    path, start, end = unit["path"], unit["start"], unit["end"]
+    stem = Path(path).name
+    out = []
+    with open(path, "rb") as fh:
+        if start > 0:
+            fh.seek(start - 1)
+            if fh.read(1) != b"\n":
+                fh.readline()  # finish the line the previous unit owns
+        while True:
+            offset = fh.tell()
+            if offset >= end > 0:
+                break
+            line = fh.readline()
+            if not line:
+                break
+            if offset == 0 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            if not line.strip():
+                continue  # a blank line is not a row
+            rid = f"{stem}:{offset}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                out.append(quarantined(rid, path, f"not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                                       line.decode("utf-8", "replace")))
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                out.append(quarantined(rid, path, f"malformed JSON: {exc.msg} (column {exc.colno})", text))
+                continue
+            out.append(row(rid, path, record, fields))
+    return out
+
+
+def _json_file(unit: dict, fields: Fields) -> list[dict]:
+    path = unit["path"]
+    stem = Path(path).name
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return [quarantined(f"{stem}:file", path, f"file is not valid JSON: {exc}", "")]
+    if isinstance(data, dict):  # {"data": [...]} and similar wrappers
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else [data]
+    if not isinstance(data, list):
+        return [quarantined(f"{stem}:file", path, f"JSON file holds a {type(data).__name__}, not rows", data)]
+    return [row(f"{stem}:{i}", path, rec, fields) for i, rec in enumerate(data)]
+
+
+def _csv_file(unit: dict, fields: Fields) -> list[dict]:
+    path = unit["path"]
+    stem = Path(path).name
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return [quarantined(f"{stem}:file", path, f"file is not valid UTF-8: {exc}", "")]
+    out = []
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error):
+        return out
+    try:
+        for values in reader:
+            rid = f"{stem}:{reader.line_num}"
+            if not any(v.strip() for v in values):
+                continue
+            if len(values) != len(header):
+                out.append(quarantined(rid, path, f"CSV row has {len(values)} fields, header has {len(header)}",
+                                       ",".join(values)))
+                continue
+            out.append(row(rid, path, dict(zip(header, values)), fields))
+    except csv.Error as exc:
+        out.append(quarantined(f"{stem}:{reader.line_num}", path, f"CSV error: {exc}; rest of file unread", ""))
+    return out
+
+
+def _parquet_group(unit: dict, fields: Fields) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    path, g = unit["path"], unit["start"]
+    stem = Path(path).name
+    table = pq.ParquetFile(path).read_row_group(g)
+    return [row(f"{stem}:{g}:{i}", path, rec, fields) for i, rec in enumerate(table.to_pylist())]
+
+
+def read_unit(unit: dict, fields: Fields) -> list[dict]:
+    if unit["format"] == "broken":
+        return [quarantined(f"{Path(unit['path']).name}:file", unit["path"],
+                            f"unreadable file: {unit.get('error', '')}", "")]
+    reader = {"jsonl": _jsonl_range, "json": _json_file, "csv": _csv_file, "parquet": _parquet_group}
+    return reader[unit["format"]](unit, fields)
+
+
+def read_rows(source: DataSource, fields: Fields, base_dir: str):
+    """A Ray Dataset of normalised rows (reason=None) and quarantined rows (reason set)."""
+    import ray.data
+
+    if source.hf:
+        return _read_hf(source, fields)
+    units = plan_units(source, base_dir)
+    for i, unit in enumerate(units):
+        unit["index"] = i
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    return ds.flat_map(lambda unit: read_unit_ordered(unit, fields))
+
+
+def read_unit_ordered(unit: dict, fields: Fields) -> list[dict]:
+    """Rows of a unit with `order`: their position in the whole source (for stable tie-breaks)."""
+    rows = read_unit(unit, fields)
+    for j, r in enumerate(rows):
+        r["order"] = (unit["index"] << 32) + j
+    return rows
+
+
+def _read_hf(source: DataSource, fields: Fields):
+    """A Hugging Face dataset by name and split (token from HF_TOKEN in the environment)."""
+    import datasets
+    import ray.data
+
+    hf = datasets.load_dataset(source.hf, split=source.split, token=os.environ.get("HF_TOKEN") or None)
+    hf = hf.map(lambda _, i: {"__row": i}, with_indices=True)
+    name = f"{source.hf}:{source.split}"
+    def convert(rec: dict) -> dict:
+        i = rec.pop("__row")
+        return {**row(f"{name}:{i}", name, rec, fields), "order": i}
+
+    return ray.data.from_huggingface(hf).map(convert)

@@ -1,0 +1,318 @@
+"""The data stage on Ray Data: read -> normalise -> score -> select -> compress -> write.
+
+Pass 1 streams the corpus once: read units, normalise (bad rows quarantined with their
+reason), hold out eval rows, run the row operators and the reference-LM scorer on an actor
+pool, and write every row with its stats to a work folder. The selectors then read narrow
+columns of it. Pass 2 marks their drops, compresses the kept rows and writes the outputs of
+the run-directory contract. No row is ever removed without a reason:
+input == kept + quarantined + sum(dropped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+
+from damoc.data.compress import Compressor, TokenCounter
+from damoc.data.lm import LMScorer, smallest_model
+from damoc.data.ops import (
+    Operator,
+    RowOp,
+    SelectContext,
+    Selector,
+    Timed,
+    alive_mask,
+    collect,
+    get_operator,
+)
+from damoc.data.readers import read_rows
+from damoc.pipeline import Stage, StageContext, register_stage
+from damoc.rundir import atomic_write_json
+from damoc.spec import DataSpec, JobSpec
+
+log = logging.getLogger("damoc.data")
+
+# What `filter.method` means when the spec lists no operators explicitly.
+DEFAULT_CHAINS: dict[str, list[tuple[str, dict]]] = {
+    "none": [],
+    "distribution": [("minhash_dedup", {}), ("k_center", {})],
+    "quality": [("rules", {}), ("ifd_filter", {}), ("top_k", {"score": "ifd"})],
+    "hybrid": [("rules", {}), ("ifd_filter", {}), ("minhash_dedup", {}), ("deita", {"score": "ifd"})],
+}
+TEXT_COLUMNS = ["id", "source", "instruction", "input", "output"]
+
+
+def build_chain(data: DataSpec) -> list[Operator]:
+    steps = ([(o.name, o.params) for o in data.filter.operators] if data.filter.operators is not None
+             else DEFAULT_CHAINS[data.filter.method])
+    return [get_operator(name)(**params) for name, params in steps]
+
+
+def drop_key(reason: str) -> str:
+    """Manifest key of a drop reason (the copied row's id is detail, not a category)."""
+    return "near_duplicate" if reason.startswith("near_duplicate_of:") else reason
+
+
+@ray.remote(num_cpus=0)
+class Tally:
+    """Seconds and rows in/out per operator, reported by the batches as they run."""
+
+    def __init__(self):
+        self.ops: dict[str, list[float]] = {}
+
+    def add(self, name: str, seconds: float, n_in: int, n_out: int) -> None:
+        acc = self.ops.setdefault(name, [0.0, 0, 0])
+        acc[0] += seconds
+        acc[1] += n_in
+        acc[2] += n_out
+
+    def get(self) -> dict[str, list[float]]:
+        return self.ops
+
+
+class SplitRows:
+    """Adds `split` (train | eval, a seeded hash of the id when eval is a split) and `drop`."""
+
+    def __init__(self, eval_ratio: float | None, seed: int):
+        self.ratio, self.seed = eval_ratio, seed
+
+    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+        df["drop"] = pd.Series([None] * len(df), dtype=object, index=df.index)
+        if self.ratio is None:
+            df["split"] = "train"
+        else:
+            u = [int.from_bytes(hashlib.blake2b(f"{self.seed}:{i}".encode(), digest_size=8).digest(), "big") / 2**64
+                 for i in df["id"]]
+            df["split"] = np.where(np.asarray(u) < self.ratio, "eval", "train")
+        return df
+
+
+class AliveScorer(LMScorer):
+    """The reference-LM scorer applied to alive rows only; other rows get empty stats."""
+
+    def __init__(self, tally, **kwargs):
+        super().__init__(**kwargs)
+        self.tally = tally
+
+    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+        t0 = time.perf_counter()
+        alive = alive_mask(df)
+        for c in ("ce_cond", "ce_alone", "ifd", "ppl"):
+            df[c] = np.float32("nan")
+        df["embedding"] = pd.Series([None] * len(df), dtype=object, index=df.index)
+        if alive.any():
+            sub = {c: df.loc[alive, c].to_numpy() for c in ("instruction", "input", "output")}
+            out = super().__call__(sub)
+            for c in ("ce_cond", "ce_alone", "ifd", "ppl"):
+                df.loc[alive, c] = out[c]
+            if self.embeddings:
+                df.loc[alive, "embedding"] = pd.Series(out["embedding"], index=df.index[alive], dtype=object)
+        n = int(alive.sum())
+        self.tally.add.remote("lm_stats", time.perf_counter() - t0, n, n)
+        return df
+
+
+class ApplyDrops:
+    def __init__(self, drops_ref):
+        self.drops = ray.get(drops_ref) if isinstance(drops_ref, ray.ObjectRef) else drops_ref
+
+    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+        hit = df["id"].map(self.drops)
+        df["drop"] = df["drop"].where(df["drop"].notna(), hit)
+        return df
+
+
+def write_parquet_file(ds, path: Path, columns: list[str]) -> int:
+    """Stream a dataset into one Parquet file (the contract names a file, not a folder)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer, n = None, 0
+    try:
+        for batch in ds.iter_batches(batch_format="pandas", batch_size=8192):
+            table = pa.Table.from_pandas(batch[[c for c in columns if c in batch]], preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table.cast(writer.schema))
+            n += len(batch)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        pq.write_table(pa.table({c: pa.array([], pa.string()) for c in TEXT_COLUMNS}), path)
+    return n
+
+
+def write_quarantine(ds, path: Path, split: str) -> int:
+    n = 0
+    with open(path, "a", encoding="utf-8") as fh:
+        for batch in ds.select_columns(["id", "source", "reason", "raw"]).iter_batches(
+                batch_format="pandas", batch_size=8192):
+            for r in batch.itertuples(index=False):
+                fh.write(json.dumps({"id": r.id, "source": r.source, "split": split, "reason": r.reason,
+                                     "raw": r.raw}, ensure_ascii=False) + "\n")
+                n += 1
+    return n
+
+
+def is_alive(r: dict) -> bool:
+    return r["reason"] is None and r["drop"] is None and r["split"] == "train"
+
+
+@register_stage
+class DataStage(Stage):
+    name = "data"
+    output = "data"
+    spec_keys = ("data", "candidates")  # the default reference LM is the smallest candidate
+    version = "1"
+
+    def external_inputs(self, spec: JobSpec) -> list[str]:
+        d = spec.data
+        paths = [s.path for s in (d.train, d.eval) if s.path]
+        if d.reference_model:
+            paths.append(d.reference_model)
+        return paths
+
+    def reference_model(self, ctx: StageContext) -> str:
+        d = ctx.spec.data
+        if d.reference_model:  # a local folder if one exists there, else a hub id
+            local = ctx.resolve(d.reference_model)
+            return local if Path(local).exists() else d.reference_model
+        local = [ctx.resolve(c.path) for c in ctx.spec.candidates if c.path]
+        if not local:
+            raise ValueError("data.reference_model: needed when no candidate is a local folder")
+        return smallest_model(local)
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        ctx.runtime  # noqa: B018 - start (or join) Ray
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # keep the progress bars, not the chatter
+        d, t0 = ctx.spec.data, time.monotonic()
+        chain = build_chain(d)
+        rowops = [op for op in chain if isinstance(op, RowOp)]
+        selectors = [op for op in chain if isinstance(op, Selector)]
+        needs_emb = any(op.needs_embedding for op in chain)
+        needs_lm = needs_emb or any(op.needs_lm for op in chain)
+        ref = self.reference_model(ctx)  # also counts prompt tokens when nothing else needs it
+        tally = Tally.remote()
+        pool = dict(compute=ray.data.ActorPoolStrategy(size=d.num_actors), batch_size=d.batch_size,
+                    num_gpus=d.num_gpus_per_actor, batch_format="pandas")
+        work = ctx.out / "_work"
+
+        # Pass 1: stream the corpus once, every row with its stats.
+        ds = read_rows(d.train, d.fields, str(ctx.base_dir))
+        ds = ds.map_batches(SplitRows(d.eval.split_ratio, ctx.spec.seed), batch_format="pandas")
+        lm_added = False
+        for op in rowops:
+            if op.needs_lm and not lm_added:
+                ds, lm_added = self._add_lm(ds, ref, d, needs_emb, tally, pool), True
+            if getattr(op, "actor_class", None):
+                ds = ds.map_batches(op.actor_class, fn_constructor_kwargs={"params": op.p.model_dump()}, **pool)
+            else:
+                ds = ds.map_batches(Timed(op, tally), batch_format="pandas")
+        if needs_lm and not lm_added:
+            ds = self._add_lm(ds, ref, d, needs_emb, tally, pool)
+        ds.write_parquet(str(work / "scored"))
+        scored = ray.data.read_parquet(str(work / "scored"))
+        cols = collect(scored, ["reason", "split", "drop"])
+        quarantined = int(pd.notna(cols["reason"]).sum())
+        held_out = int(((cols["split"] == "eval") & pd.isna(cols["reason"])).sum())
+        readable = len(cols["reason"]) - quarantined - held_out
+        log.info("data: read %d rows (%d quarantined, %d held out for eval) in %.1fs",
+                 len(cols["reason"]), quarantined, held_out, time.monotonic() - t0)
+
+        # Selection: each selector sees the rows still alive.
+        budget = round(d.filter.keep_ratio * readable) if any(s.budgeted for s in selectors) else None
+        drops: dict[str, str] = {}
+        timings: list[dict[str, Any]] = []
+        for sel in selectors:
+            ts = time.monotonic()
+            ref_drops = ray.put(drops)
+            alive = scored.map_batches(ApplyDrops(ref_drops), batch_format="pandas").filter(is_alive)
+            n_alive = alive.count()
+            new = sel.select(alive, budget, SelectContext(ctx.spec.seed, n_alive, d.batch_size))
+            drops.update(new)
+            timings.append({"name": sel.name, "seconds": round(time.monotonic() - ts, 3),
+                            "in": n_alive, "out": n_alive - len(new)})
+            log.info("data: %s kept %d of %d rows in %.1fs", sel.name, n_alive - len(new), n_alive,
+                     time.monotonic() - ts)
+
+        # Pass 2: apply drops, compress what is kept, write the contract's files.
+        final = scored.map_batches(ApplyDrops(ray.put(drops)), batch_format="pandas")
+        kept_ds = final.filter(is_alive).drop_columns(["embedding"] if needs_lm and needs_emb else [])
+        tc = time.monotonic()
+        if d.compress.enabled:
+            kept_ds = kept_ds.map_batches(Compressor, fn_constructor_kwargs=dict(
+                model_path=ref, ratio=d.compress.ratio, forced=d.compress.forced_tokens,
+                compress_answer=d.compress.compress_answer, max_length=d.max_length), **pool)
+        else:
+            kept_ds = kept_ds.map_batches(TokenCounter, fn_constructor_kwargs=dict(model_path=ref), **pool)
+        stats_cols = [c for c in ("chars", "repetition", "special_ratio", "ce_cond", "ce_alone", "ifd", "ppl",
+                                  "judge") if c in scored.schema().names]
+        kept_path = ctx.out / "train.parquet"
+        kept = write_parquet_file(kept_ds, kept_path,
+                                  TEXT_COLUMNS + stats_cols + ["prompt_tokens_before", "prompt_tokens_after"])
+        import pyarrow.parquet as pq
+
+        tok_tab = pq.read_table(kept_path, columns=["prompt_tokens_before", "prompt_tokens_after"]) if kept else None
+        tokens_before = int(tok_tab["prompt_tokens_before"].to_numpy().sum()) if kept else 0
+        tokens_after = int(tok_tab["prompt_tokens_after"].to_numpy().sum()) if kept else 0
+        timings.append({"name": "compress" if d.compress.enabled else "count_tokens",
+                        "seconds": round(time.monotonic() - tc, 3), "in": kept, "out": kept})
+
+        dropped_ds = final.filter(lambda r: r["drop"] is not None)
+        write_parquet_file(dropped_ds, ctx.out / "dropped.parquet", TEXT_COLUMNS + ["drop"] + stats_cols)
+        qpath = ctx.out / "quarantine.jsonl"
+        qpath.write_text("")
+        write_quarantine(final.filter(lambda r: r["reason"] is not None), qpath, "train")
+        eval_info = self._write_eval(ctx, final, qpath)
+
+        dropped: dict[str, int] = {}
+        for reason in collect(dropped_ds, ["drop"])["drop"]:
+            dropped[drop_key(reason)] = dropped.get(drop_key(reason), 0) + 1
+        if held_out:
+            dropped["held_out_eval"] = held_out
+        n_input = len(cols["reason"])
+        if n_input != kept + quarantined + sum(dropped.values()):
+            raise RuntimeError(f"row accounting broke: input {n_input} != kept {kept} + quarantined "
+                               f"{quarantined} + dropped {sum(dropped.values())}")
+        ops = ray.get(tally.get.remote())
+        operators = [{"name": "read", "seconds": None, "in": n_input, "out": n_input - quarantined}]
+        operators += [{"name": k, "seconds": round(v[0], 3), "in": int(v[1]), "out": int(v[2])} for k, v in ops.items()]
+        operators += timings
+        manifest = {
+            "input": n_input, "kept": kept, "quarantined": quarantined, "dropped": dropped,
+            "readable": readable, "keep_ratio": d.filter.keep_ratio, "budget": budget,
+            "tokens_before": tokens_before, "tokens_after": tokens_after,
+            "reference_model": ref, "operators": operators, "eval": eval_info,
+            "seconds": round(time.monotonic() - t0, 3),
+        }
+        atomic_write_json(ctx.out / "manifest.json", manifest)
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        return {"input": n_input, "kept": kept, "quarantined": quarantined, "dropped": sum(dropped.values()),
+                "eval": eval_info["rows"], "tokens_before": tokens_before, "tokens_after": tokens_after}
+
+    def _add_lm(self, ds, ref: str, d: DataSpec, embeddings: bool, tally, pool: dict):
+        return ds.map_batches(AliveScorer, fn_constructor_kwargs=dict(
+            tally=tally, model_path=ref, max_length=d.max_length, embeddings=embeddings), **pool)
+
+    def _write_eval(self, ctx: StageContext, final, qpath: Path) -> dict[str, int]:
+        """Eval rows are never filtered, compressed or rewritten."""
+        d = ctx.spec.data
+        if d.eval.split_ratio is not None:
+            rows = final.filter(lambda r: r["reason"] is None and r["split"] == "eval")
+            n = write_parquet_file(rows, ctx.out / "eval.parquet", TEXT_COLUMNS)
+            return {"input": n, "rows": n, "quarantined": 0}
+        ev = read_rows(d.eval, d.fields, str(ctx.base_dir)).materialize()
+        n = write_parquet_file(ev.filter(lambda r: r["reason"] is None), ctx.out / "eval.parquet", TEXT_COLUMNS)
+        q = write_quarantine(ev.filter(lambda r: r["reason"] is not None), qpath, "eval")
+        return {"input": n + q, "rows": n, "quarantined": q}

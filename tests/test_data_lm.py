@@ -1,0 +1,37 @@
+"""The reference-LM scorer and the judge, on tiny models built here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from conftest import LOOKUP
+
+from damoc.data.lm import LMScorer
+from damoc.data.ops.llm_judge import DIGITS, JudgeScorer
+
+
+def test_ifd_below_one_when_the_instruction_makes_the_answer_certain(lookup_model):
+    scorer = LMScorer(str(lookup_model), max_length=64)
+    qs, answers = zip(*LOOKUP[:4])
+    out = scorer({"instruction": np.array(qs), "input": np.array([""] * 4), "output": np.array(answers)})
+    assert (out["ifd"] < 0.5).all(), out["ifd"]
+    assert (out["ce_cond"] < out["ce_alone"]).all()
+    assert np.allclose(out["ppl"], np.exp(out["ce_cond"]), rtol=1e-5)
+    emb = np.stack(out["embedding"])
+    assert emb.shape[0] == 4 and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_judge_reads_the_digit_distribution(lookup_model, tmp_path):
+    prompt = tmp_path / "judge.txt"
+    prompt.write_text("Rate: {instruction} / {input} / {output}\nScore:")
+    judge = JudgeScorer({"model": str(lookup_model), "prompt_file": str(prompt)})
+    df = pd.DataFrame({"instruction": ["Capital of Peru?"], "input": [""], "output": ["Lima"],
+                       "reason": [None], "drop": [None], "split": ["train"]})
+    got = judge(df)["judge"].iloc[0]
+    text = "Rate: Capital of Peru? /  / Lima\nScore:"
+    with torch.no_grad():
+        logits = judge.model(**judge.tok([text], return_tensors="pt")).logits[0, -1]
+    ids = [judge.tok(d, add_special_tokens=False)["input_ids"][0] for d in DIGITS]
+    p = torch.softmax(logits[ids].double(), 0).numpy()
+    assert abs(got - float((p * np.arange(1, 6)).sum())) < 1e-6 and 1.0 <= got <= 5.0

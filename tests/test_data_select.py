@@ -1,0 +1,102 @@
+"""Selection functions, tested exactly on small arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from damoc.data.compress import covers, keep_mask, rebuild
+from damoc.data.ops.llm_judge import expected_digit
+from damoc.data.ops.rules import repetition_ratio, special_ratio
+from damoc.data.select import (
+    balanced_quota,
+    deita_admit,
+    estimated_jaccard,
+    k_center,
+    kmeans,
+    lsh_shape,
+    minhash,
+    minhash_params,
+    shingles,
+    top_k,
+)
+
+
+def test_k_center_picks_the_known_farthest_points():
+    pts = np.array([[0, 0], [1, 0], [0, 1], [10, 0], [0, 11], [5, 5], [-20, 0]], dtype=float)
+    # From the earliest row (0,0): farthest is (-20,0); then (0,11) at 11; then (10,0) at 10.
+    assert k_center(pts, 4).tolist() == [0, 6, 4, 3]
+
+
+def test_k_center_ties_go_to_the_earlier_row():
+    pts = np.array([[0.0], [1.0], [-1.0]])
+    assert k_center(pts, 2).tolist() == [0, 1]
+    assert k_center(pts, 2, order=np.array([0, 9, 5])).tolist() == [0, 2]
+
+
+def test_deita_admits_by_score_and_rejects_the_similar():
+    emb = np.array([[1, 0], [0.99, 0.14], [0, 1], [0.7, 0.7], [-1, 0]], dtype=float)
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.1])
+    admitted, similar = deita_admit(scores, emb, tau=0.9, k=3)
+    assert admitted.tolist() == [0, 2, 3]  # row 1 is ~row 0 (cos 0.99): rejected
+    assert similar.tolist() == [1]
+    admitted, _ = deita_admit(scores, emb, tau=0.9, k=10)
+    assert admitted.tolist() == [0, 2, 3, 4]
+
+
+def test_top_k_breaks_ties_by_order_and_ranks_nan_last():
+    scores = np.array([0.5, np.nan, 0.9, 0.5, 0.9])
+    assert top_k(scores, np.array([4, 0, 3, 1, 2]), 4).tolist() == [4, 2, 3, 0]
+
+
+def test_balanced_quota_gives_leftovers_to_large_clusters():
+    assert balanced_quota(np.array([10, 1, 10]), 9).tolist() == [4, 1, 4]
+    assert balanced_quota(np.array([2, 2, 2]), 6).tolist() == [2, 2, 2]
+    assert balanced_quota(np.array([5, 0, 5]), 3).sum() == 3
+
+
+def test_kmeans_separates_two_blobs():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, (50, 2)), rng.normal(5, 0.1, (50, 2))])
+    _, labels = kmeans(x, 2)
+    assert len(set(labels[:50])) == 1 and len(set(labels[50:])) == 1 and labels[0] != labels[-1]
+
+
+def test_minhash_estimates_jaccard():
+    a, b = minhash_params(256)
+    base = "the quick brown fox jumps over the lazy dog near the river bank today"
+    same = minhash(shingles(base.upper() + "  "), a, b)  # case and spacing do not matter
+    assert estimated_jaccard(minhash(shingles(base), a, b), same) == 1.0
+    other = minhash(shingles("an entirely different sentence about ray clusters and models"), a, b)
+    assert estimated_jaccard(minhash(shingles(base), a, b), other) < 0.1
+    bands, rows = lsh_shape(0.8, 128)
+    assert bands * rows == 128 and (1 / bands) ** (1 / rows) < 0.8
+
+
+def test_rule_stats():
+    assert repetition_ratio("a b c a b c a b c") == 1 - 3 / 7
+    assert repetition_ratio("one two") == 0.0
+    assert special_ratio("ab!!") == 0.5
+
+
+def test_judge_score_is_the_expectation_over_digits():
+    logits = np.zeros((2, 10))
+    logits[0, [3, 4, 5, 6, 7]] = [0, 0, 0, 0, 0]  # uniform over 1..5 -> 3
+    logits[1, [3, 4, 5, 6, 7]] = [-50, -50, -50, np.log(1.0), np.log(3.0)]  # p(4)=.25, p(5)=.75
+    got = expected_digit(logits, [3, 4, 5, 6, 7])
+    assert np.allclose(got, [3.0, 4.75])
+
+
+def test_token_compression_keeps_forced_tokens_and_order():
+    text = "Compute 12 plus 7: what is it?"
+    pieces = ["Compute", " 12", " plus", " 7", ":", " what", " is", " it", "?"]
+    spans, pos = [], 0
+    for p in pieces:
+        start = text.index(p.strip(), pos)
+        spans.append((start, start + len(p.strip())))
+        pos = start + len(p.strip())
+    info = [9.0, 1.0, 5.0, 1.0, 0.1, 0.2, 0.3, 6.0, 0.1]
+    cov = covers(spans, len(text))
+    keep = keep_mask(info, [text[a:b] for a, b in cov], 0.67, ("\n", "?", ":"))
+    # ceil(0.67*9)=7: forced " 12", " 7", ":", "?" plus the 3 most informative others.
+    assert keep.tolist() == [True, True, True, True, True, False, False, True, True]
+    assert rebuild(text, cov, keep, 0, len(text)) == "Compute 12 plus 7: it?"

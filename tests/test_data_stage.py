@@ -1,0 +1,92 @@
+"""The data stage end to end on the embedded cluster: counts conserve, drops are explained."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import spec_dict
+from datagen import write_corpus
+
+from damoc.pipeline import Pipeline, read_marker
+from damoc.runtime import connect
+from damoc.spec import spec_from_data
+
+import damoc.data.stage  # noqa: F401  (registers the stage)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_address(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def run_data(job_dir, resume=False, **overrides):
+    spec = spec_from_data(spec_dict(**overrides), base_dir=str(job_dir))
+    p = Pipeline(spec, base_dir=job_dir, runtime_factory=lambda: connect(None, num_cpus=2))
+    out = p.run(["data"], resume=resume)
+    return out[0], p.run_dir / "data"
+
+
+def manifest(data_dir):
+    return json.loads((data_dir / "manifest.json").read_text())
+
+
+def ids(path):
+    return set(pq.read_table(path, columns=["id"])["id"].to_pylist())
+
+
+def conserves(m):
+    return m["input"] == m["kept"] + m["quarantined"] + sum(m["dropped"].values())
+
+
+def test_quality_chain_then_none_with_resume(job_dir, tiny_model):
+    planted = write_corpus(job_dir / "data" / "corpus.jsonl", 150, malformed=0.05, dups=0.05, seed=3)
+    common = {"data.train.path": "data/corpus.jsonl", "data.eval": {"split_ratio": 0.1},
+              "data.reference_model": str(tiny_model("llama")), "data.batch_size": 32}
+    outcome, data = run_data(job_dir, **common, **{"data.filter": {"method": "quality", "keep_ratio": 0.3},
+                                                  "data.compress": {"ratio": 0.5}})
+    m = manifest(data)
+    assert outcome.status == "ran" and conserves(m)
+    assert m["dropped"]["held_out_eval"] == len(ids(data / "eval.parquet")) > 0
+    assert m["kept"] == m["budget"] == round(0.3 * m["readable"]) == len(ids(data / "train.parquet"))
+    assert set(m["dropped"]) <= {"held_out_eval", "ifd>1", "top_k:below_budget(ifd)", "rules:too_short",
+                                 "rules:repetitive", "rules:special_chars", "rules:too_long"}
+    quarantine = [json.loads(x) for x in (data / "quarantine.jsonl").read_text().splitlines()]
+    assert {q["id"] for q in quarantine} == planted.malformed and all(q["reason"] for q in quarantine)
+    assert not ids(data / "eval.parquet") & ids(data / "train.parquet")
+    dropped = pq.read_table(data / "dropped.parquet").to_pandas()
+    assert dropped["drop"].notna().all() and {"ifd", "ppl", "chars"} <= set(dropped.columns)
+    assert abs(m["tokens_after"] / m["tokens_before"] - 0.5) <= 0.1
+    assert [o["name"] for o in m["operators"]] == ["read", "rules", "lm_stats", "ifd_filter", "top_k", "compress"]
+
+    again, _ = run_data(job_dir, resume=True, **common, **{"data.filter": {"method": "quality", "keep_ratio": 0.3},
+                                                           "data.compress": {"ratio": 0.5}})
+    assert again.status == "skipped"
+
+    outcome, data = run_data(job_dir, resume=True, **common, **{"data.filter": {"method": "none"},
+                                                                "data.compress": {"enabled": False}})
+    m = manifest(data)
+    assert outcome.status == "ran" and conserves(m)
+    assert m["kept"] == m["readable"] and m["tokens_before"] == m["tokens_after"] > 0
+    assert set(m["dropped"]) == {"held_out_eval"}
+
+
+@pytest.mark.slow
+def test_20k_rows_with_malformed_lines_and_planted_duplicates(job_dir, tiny_model):
+    planted = write_corpus(job_dir / "data" / "big.jsonl", 20_000, malformed=0.02, dups=0.05, seed=0)
+    outcome, data = run_data(job_dir, **{
+        "data.train.path": "data/big.jsonl", "data.eval": {"path": "data/train.jsonl"},
+        "data.reference_model": str(tiny_model("llama")), "data.batch_size": 256,
+        "data.filter": {"method": "hybrid", "keep_ratio": 0.2}, "data.compress": {"ratio": 0.6}})
+    m = manifest(data)
+    assert conserves(m) and m["input"] == 20_000
+    quarantine = {json.loads(x)["id"]: json.loads(x)["reason"]
+                  for x in (data / "quarantine.jsonl").read_text().splitlines()}
+    train_q = {k for k in quarantine if k.startswith("big.jsonl")}
+    assert train_q == planted.malformed and all(quarantine.values())
+    kept = ids(data / "train.parquet")
+    assert not [p for p in planted.pairs if p[0] in kept and p[1] in kept]
+    assert abs(m["kept"] - 0.2 * m["readable"]) <= 0.01 * 0.2 * m["readable"]
+    assert abs(m["tokens_after"] / m["tokens_before"] - 0.6) <= 0.1
+    assert read_marker(data.parent, damoc.data.stage.DataStage)["counts"]["kept"] == m["kept"]
