@@ -34,6 +34,7 @@ from damoc.data.ops import (
     get_operator,
 )
 from damoc.data.readers import read_rows
+from damoc.data.rewrite import Rewriter
 from damoc.pipeline import Stage, StageContext, register_stage
 from damoc.rundir import atomic_write_json
 from damoc.spec import DataSpec, JobSpec
@@ -114,7 +115,8 @@ class AliveScorer(LMScorer):
             for c in ("ce_cond", "ce_alone", "ifd", "ppl"):
                 df.loc[alive, c] = out[c]
             if self.embeddings:
-                df.loc[alive, "embedding"] = pd.Series(out["embedding"], index=df.index[alive], dtype=object)
+                df.loc[alive, "embedding"] = pd.Series([e.tobytes() for e in out["embedding"]],
+                                                       index=df.index[alive], dtype=object)
         n = int(alive.sum())
         self.tally.add.remote("lm_stats", time.perf_counter() - t0, n, n)
         return df
@@ -177,15 +179,19 @@ class DataStage(Stage):
     def external_inputs(self, spec: JobSpec) -> list[str]:
         d = spec.data
         paths = [s.path for s in (d.train, d.eval) if s.path]
-        if d.reference_model:
-            paths.append(d.reference_model)
+        paths += [m for m in (d.reference_model, d.rewrite.model) if m]
         return paths
+
+    @staticmethod
+    def local_or_hub(ctx: StageContext, name: str) -> str:
+        """A local folder if one exists at that path, else a hub id."""
+        local = ctx.resolve(name)
+        return local if Path(local).exists() else name
 
     def reference_model(self, ctx: StageContext) -> str:
         d = ctx.spec.data
-        if d.reference_model:  # a local folder if one exists there, else a hub id
-            local = ctx.resolve(d.reference_model)
-            return local if Path(local).exists() else d.reference_model
+        if d.reference_model:
+            return self.local_or_hub(ctx, d.reference_model)
         local = [ctx.resolve(c.path) for c in ctx.spec.candidates if c.path]
         if not local:
             raise ValueError("data.reference_model: needed when no candidate is a local folder")
@@ -247,6 +253,11 @@ class DataStage(Stage):
         # Pass 2: apply drops, compress what is kept, write the contract's files.
         final = scored.map_batches(ApplyDrops(ray.put(drops)), batch_format="pandas")
         kept_ds = final.filter(is_alive).drop_columns(["embedding"] if needs_lm and needs_emb else [])
+        if d.rewrite.enabled:  # before compression: the writer sees whole sentences
+            writer = d.rewrite.model and self.local_or_hub(ctx, d.rewrite.model)
+            kept_ds = kept_ds.map_batches(Rewriter, fn_constructor_kwargs=dict(
+                reference=ref, model=writer, endpoint=d.rewrite.endpoint, rounds=d.rewrite.rounds,
+                max_length=d.max_length), **pool)
         tc = time.monotonic()
         if d.compress.enabled:
             kept_ds = kept_ds.map_batches(Compressor, fn_constructor_kwargs=dict(
@@ -258,14 +269,22 @@ class DataStage(Stage):
                                   "judge") if c in scored.schema().names]
         kept_path = ctx.out / "train.parquet"
         kept = write_parquet_file(kept_ds, kept_path,
-                                  TEXT_COLUMNS + stats_cols + ["prompt_tokens_before", "prompt_tokens_after"])
+                                  TEXT_COLUMNS + stats_cols + ["rewrite_rounds", "prompt_tokens_before",
+                                                               "prompt_tokens_after"])
         import pyarrow.parquet as pq
 
-        tok_tab = pq.read_table(kept_path, columns=["prompt_tokens_before", "prompt_tokens_after"]) if kept else None
-        tokens_before = int(tok_tab["prompt_tokens_before"].to_numpy().sum()) if kept else 0
-        tokens_after = int(tok_tab["prompt_tokens_after"].to_numpy().sum()) if kept else 0
-        timings.append({"name": "compress" if d.compress.enabled else "count_tokens",
-                        "seconds": round(time.monotonic() - tc, 3), "in": kept, "out": kept})
+        names = set(pq.read_schema(kept_path).names)
+        written = pq.read_table(kept_path, columns=[c for c in ("prompt_tokens_before", "prompt_tokens_after",
+                                                                "rewrite_rounds") if c in names]).to_pandas()
+        tokens_before = int(written["prompt_tokens_before"].sum()) if kept else 0
+        tokens_after = int(written["prompt_tokens_after"].sum()) if kept else 0
+        steps = (["rewrite"] if d.rewrite.enabled else []) + ["compress" if d.compress.enabled else "count_tokens"]
+        timings.append({"name": "+".join(steps), "seconds": round(time.monotonic() - tc, 3), "in": kept, "out": kept})
+        rewrite = None
+        if d.rewrite.enabled:
+            rounds = written["rewrite_rounds"].to_numpy() if kept else np.zeros(0, dtype=int)
+            rewrite = {"rows_rewritten": int((rounds > 0).sum()), "rounds_accepted": int(rounds.sum()),
+                       "rows_by_rounds": {str(r): int((rounds == r).sum()) for r in range(d.rewrite.rounds + 1)}}
 
         dropped_ds = final.filter(lambda r: r["drop"] is not None)
         write_parquet_file(dropped_ds, ctx.out / "dropped.parquet", TEXT_COLUMNS + ["drop"] + stats_cols)
@@ -291,7 +310,7 @@ class DataStage(Stage):
             "input": n_input, "kept": kept, "quarantined": quarantined, "dropped": dropped,
             "readable": readable, "keep_ratio": d.filter.keep_ratio, "budget": budget,
             "tokens_before": tokens_before, "tokens_after": tokens_after,
-            "reference_model": ref, "operators": operators, "eval": eval_info,
+            "reference_model": ref, "operators": operators, "eval": eval_info, "rewrite": rewrite,
             "seconds": round(time.monotonic() - t0, 3),
         }
         atomic_write_json(ctx.out / "manifest.json", manifest)

@@ -93,6 +93,11 @@ class Timed:
         return df
 
 
+def embeddings(values) -> np.ndarray:
+    """The `embedding` column (float32 bytes: a plain Arrow binary, never a pickle) as a matrix."""
+    return np.stack([np.frombuffer(v, dtype=np.float32) for v in values])
+
+
 def collect(ds, columns: list[str]) -> dict[str, np.ndarray]:
     """Narrow columns of a dataset into the driver, batch by batch."""
     parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
@@ -106,7 +111,7 @@ def mean_embedding(ds) -> np.ndarray:
     """The mean of the `embedding` column, from per-batch sums (one streaming pass)."""
 
     def part(df: pd.DataFrame) -> pd.DataFrame:
-        e = np.stack(df["embedding"].to_numpy())
+        e = embeddings(df["embedding"])
         return pd.DataFrame({"sum": [e.sum(0)], "n": [len(e)]})
 
     got = collect(ds.select_columns(["embedding"]).map_batches(part, batch_format="pandas"), ["sum", "n"])

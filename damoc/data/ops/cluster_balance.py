@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import Params, SelectContext, Selector, collect, register
+from damoc.data.ops import Params, SelectContext, Selector, collect, embeddings, register
 from damoc.data.select import assign, balanced_quota, kmeans, top_k
 
 
@@ -31,12 +31,12 @@ class ClusterBalance(Selector):
         sample = alive.select_columns(["embedding"])
         if n > p.sample:
             sample = sample.random_sample(p.sample / n, seed=ctx.seed)
-        emb = np.stack(collect(sample, ["embedding"])["embedding"])
+        emb = embeddings(collect(sample, ["embedding"])["embedding"])
         centers, _ = kmeans(emb, p.clusters, seed=ctx.seed)
 
         def label(df: pd.DataFrame) -> pd.DataFrame:
             out = df[["id", "order"] + ([p.score] if p.score else [])].copy()
-            out["cluster"] = assign(np.stack(df["embedding"].to_numpy()), centers)
+            out["cluster"] = assign(embeddings(df["embedding"]), centers)
             return out
 
         cols = collect(alive.map_batches(label, batch_format="pandas"),

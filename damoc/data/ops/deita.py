@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import Params, SelectContext, Selector, collect, mean_embedding, register
+from damoc.data.ops import Params, SelectContext, Selector, collect, embeddings, mean_embedding, register
 from damoc.data.select import deita_admit
 
 
@@ -43,7 +43,7 @@ class Deita(Selector):
 
         def pre(df: pd.DataFrame) -> pd.DataFrame:
             q = quality(df, p.score)
-            adm, sim = deita_admit(q, np.stack(df["embedding"].to_numpy()) - center, p.tau,
+            adm, sim = deita_admit(q, embeddings(df["embedding"]) - center, p.tau,
                                    math.ceil(share * len(df)), df["order"].to_numpy())
             out = df.iloc[np.concatenate([adm, sim])][["id", "order", "embedding"]].copy()
             out["q"] = np.concatenate([q[adm], q[sim]])
@@ -59,7 +59,7 @@ class Deita(Selector):
             pre, batch_format="pandas", batch_size=p.block_rows).materialize()
         surv = collect(pre_ds.filter(lambda r: not r["similar"]), cols)
         similar = set(collect(pre_ds.filter(lambda r: r["similar"]), ["id"])["id"])
-        emb = np.stack(surv["embedding"]) - center if len(surv["id"]) else np.zeros((0, 1))
+        emb = embeddings(surv["embedding"]) - center if len(surv["id"]) else np.zeros((0, 1))
         adm, sim = deita_admit(surv["q"], emb, p.tau, k, surv["order"])
         keep = set(surv["id"][adm])
         similar |= set(surv["id"][sim])

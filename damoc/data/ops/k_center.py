@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import Params, SelectContext, Selector, collect, register
+from damoc.data.ops import Params, SelectContext, Selector, collect, embeddings, register
 from damoc.data.select import k_center
 
 
@@ -32,12 +32,12 @@ class KCenter(Selector):
 
         def pre(df: pd.DataFrame) -> pd.DataFrame:
             q = math.ceil(share * len(df))
-            idx = k_center(np.stack(df["embedding"].to_numpy()), q, df["order"].to_numpy())
+            idx = k_center(embeddings(df["embedding"]), q, df["order"].to_numpy())
             return df.iloc[np.sort(idx)][["id", "order", "embedding"]]
 
         surv = collect(alive.select_columns(["id", "order", "embedding"])
                        .map_batches(pre, batch_format="pandas", batch_size=self.p.block_rows),
                        ["id", "order", "embedding"])
-        chosen = k_center(np.stack(surv["embedding"]), budget, surv["order"])
+        chosen = k_center(embeddings(surv["embedding"]), budget, surv["order"])
         keep = set(surv["id"][chosen])
         return {i: "k_center:not_selected" for i in ids if i not in keep}
