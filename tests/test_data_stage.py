@@ -44,7 +44,9 @@ def test_quality_chain_then_none_with_resume(job_dir, tiny_model):
     planted = write_corpus(job_dir / "data" / "corpus.jsonl", 150, malformed=0.05, dups=0.05, seed=3)
     common = {"data.train.path": "data/corpus.jsonl", "data.eval": {"split_ratio": 0.1},
               "data.reference_model": str(tiny_model("llama")), "data.batch_size": 32}
-    outcome, data = run_data(job_dir, **common, **{"data.filter": {"method": "quality", "keep_ratio": 0.3},
+    chain = [{"name": "rules"}, {"name": "llm_judge", "params": {"model": "zoo/llama-s"}},
+             {"name": "ifd_filter"}, {"name": "top_k", "params": {"score": "ifd"}}]
+    outcome, data = run_data(job_dir, **common, **{"data.filter": {"keep_ratio": 0.3, "operators": chain},
                                                   "data.compress": {"ratio": 0.5}})
     m = manifest(data)
     assert outcome.status == "ran" and conserves(m)
@@ -56,11 +58,15 @@ def test_quality_chain_then_none_with_resume(job_dir, tiny_model):
     assert {q["id"] for q in quarantine} == planted.malformed and all(q["reason"] for q in quarantine)
     assert not ids(data / "eval.parquet") & ids(data / "train.parquet")
     dropped = pq.read_table(data / "dropped.parquet").to_pandas()
-    assert dropped["drop"].notna().all() and {"ifd", "ppl", "chars"} <= set(dropped.columns)
+    assert dropped["drop"].notna().all() and {"ifd", "ppl", "chars", "judge"} <= set(dropped.columns)
+    judged = pq.read_table(data / "train.parquet", columns=["judge"])["judge"].to_numpy()
+    assert ((judged >= 1) & (judged <= 5)).all()
     assert abs(m["tokens_after"] / m["tokens_before"] - 0.5) <= 0.1
-    assert [o["name"] for o in m["operators"]] == ["read", "rules", "lm_stats", "ifd_filter", "top_k", "compress"]
+    assert [o["name"] for o in m["operators"]] == [
+        "read", "rules", "llm_judge", "lm_stats", "ifd_filter", "top_k", "compress"]
+    assert all(o["seconds"] is not None for o in m["operators"][1:])
 
-    again, _ = run_data(job_dir, resume=True, **common, **{"data.filter": {"method": "quality", "keep_ratio": 0.3},
+    again, _ = run_data(job_dir, resume=True, **common, **{"data.filter": {"keep_ratio": 0.3, "operators": chain},
                                                            "data.compress": {"ratio": 0.5}})
     assert again.status == "skipped"
 
@@ -72,12 +78,29 @@ def test_quality_chain_then_none_with_resume(job_dir, tiny_model):
     assert set(m["dropped"]) == {"held_out_eval"}
 
 
+def test_minhash_drops_the_planted_copy_and_keeps_the_original(job_dir, tiny_model):
+    planted = write_corpus(job_dir / "data" / "dups.jsonl", 200, malformed=0.0, dups=0.1, seed=5)
+    _, data = run_data(job_dir, **{
+        "data.train.path": "data/dups.jsonl", "data.eval": {"split_ratio": 0.05},
+        "data.reference_model": str(tiny_model("llama")), "data.compress": {"enabled": False},
+        "data.filter": {"operators": [{"name": "minhash_dedup", "params": {"threshold": 0.8}}]}})
+    m = manifest(data)
+    dropped = pq.read_table(data / "dropped.parquet").to_pandas().set_index("id")["drop"].to_dict()
+    kept, held_out = ids(data / "train.parquet"), ids(data / "eval.parquet")
+    assert planted.pairs and conserves(m)
+    for orig, copy in planted.pairs:
+        if copy in held_out or orig in held_out:
+            continue  # eval rows are never filtered
+        assert copy not in kept and dropped[copy].startswith("near_duplicate_of:")
+        assert dropped[copy].split(":", 1)[1] not in dropped  # the root of its group was kept
+
+
 @pytest.mark.slow
 def test_20k_rows_with_malformed_lines_and_planted_duplicates(job_dir, tiny_model):
     planted = write_corpus(job_dir / "data" / "big.jsonl", 20_000, malformed=0.02, dups=0.05, seed=0)
     outcome, data = run_data(job_dir, **{
         "data.train.path": "data/big.jsonl", "data.eval": {"path": "data/train.jsonl"},
-        "data.reference_model": str(tiny_model("llama")), "data.batch_size": 256,
+        "data.reference_model": str(tiny_model("llama")), "data.batch_size": 256, "data.num_actors": 2,
         "data.filter": {"method": "hybrid", "keep_ratio": 0.2}, "data.compress": {"ratio": 0.6}})
     m = manifest(data)
     assert conserves(m) and m["input"] == 20_000

@@ -59,9 +59,9 @@ class Compressor(LMScorer):
     def _field_tokens(self, cov, lo: int, hi: int) -> np.ndarray:
         return np.array([a < hi and b > lo for a, b in cov], dtype=bool)
 
-    def compress_prompt(self, instruction: str, inp: str) -> tuple[str, str, int, int]:
+    def compress_prompt(self, instruction: str, inp: str, scored=None) -> tuple[str, str, int, int]:
         text = instruction + (PROMPT_SEP + inp if inp else "")
-        spans, info = self.self_information(text)
+        spans, info = scored if scored is not None else self.self_information(text)
         if not spans:
             return instruction, inp, 0, 0
         cov = covers(spans, len(text))
@@ -71,7 +71,9 @@ class Compressor(LMScorer):
         return new_instr.strip(), new_inp.strip(), len(spans), int(keep.sum())
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        results = [self.compress_prompt(i, x) for i, x in zip(df["instruction"], df["input"])]
+        texts = [i + (PROMPT_SEP + x if x else "") for i, x in zip(df["instruction"], df["input"])]
+        scored = self.self_information_batch(texts)
+        results = [self.compress_prompt(i, x, sc) for i, x, sc in zip(df["instruction"], df["input"], scored)]
         df["instruction"] = [r[0] for r in results]
         df["input"] = [r[1] for r in results]
         df["prompt_tokens_before"] = np.array([r[2] for r in results], dtype=np.int64)

@@ -106,6 +106,24 @@ class LMScorer:
             batch["embedding"] = list(emb.numpy().astype(np.float32))
         return batch
 
+    def self_information_batch(self, texts: list[str]) -> list[tuple[list[tuple[int, int]], list[float]]]:
+        """`self_information` for many texts: those that fit one window share a forward pass."""
+        encs = [self.tok(t, add_special_tokens=False, return_offsets_mapping=True) for t in texts]
+        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        out: list = [None] * len(texts)
+        short = [i for i, e in enumerate(encs) if 0 < len(e["input_ids"]) and len(bos) + len(e["input_ids"]) <= self.max_length]
+        if short:
+            seqs = [bos + encs[i]["input_ids"] for i in short]
+            _, nll, _, _ = self._forward(seqs, [[0] * len(q) for q in seqs], hidden=False)
+            for row, i in enumerate(short):
+                n = len(encs[i]["input_ids"])
+                info = ([] if bos else [math.inf]) + [float(v) for v in nll[row][: len(seqs[row]) - 1]]
+                out[i] = ([tuple(s) for s in encs[i]["offset_mapping"]], info[:n])
+        for i, e in enumerate(encs):
+            if out[i] is None:
+                out[i] = self.self_information(texts[i]) if e["input_ids"] else ([], [])
+        return out
+
     def self_information(self, text: str) -> tuple[list[tuple[int, int]], list[float]]:
         """Character spans of `text`'s tokens and each token's -log p(x_t | x_<t) in nats.
         The first token has no context: it gets +inf (never the first to be dropped)."""

@@ -32,6 +32,7 @@ from damoc.data.ops import (
     alive_mask,
     collect,
     get_operator,
+    report,
 )
 from damoc.data.readers import read_rows
 from damoc.data.rewrite import Rewriter
@@ -118,7 +119,7 @@ class AliveScorer(LMScorer):
                 df.loc[alive, "embedding"] = pd.Series([e.tobytes() for e in out["embedding"]],
                                                        index=df.index[alive], dtype=object)
         n = int(alive.sum())
-        self.tally.add.remote("lm_stats", time.perf_counter() - t0, n, n)
+        report(self.tally, "lm_stats", time.perf_counter() - t0, n, n)
         return df
 
 
@@ -127,9 +128,19 @@ class ApplyDrops:
         self.drops = ray.get(drops_ref) if isinstance(drops_ref, ray.ObjectRef) else drops_ref
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        hit = df["id"].map(self.drops)
-        df["drop"] = df["drop"].where(df["drop"].notna(), hit)
+        merged = df["drop"].where(df["drop"].notna(), df["id"].map(self.drops)).astype(object)
+        # A batch without drops would come out as float NaN; the column holds text or null.
+        df["drop"] = merged.where(merged.notna(), None)
         return df
+
+
+def actor_pool(d: DataSpec, concurrent_pools: int) -> dict[str, Any]:
+    """map_batches arguments for a model actor pool. Actors that hold every CPU starve the read
+    and map tasks feeding them (the stream then hangs), so one CPU is always left for tasks."""
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    per_actor = min(1.0, max(0.05, (cpus - 1) / max(1, concurrent_pools * d.num_actors)))
+    return dict(compute=ray.data.ActorPoolStrategy(size=d.num_actors), batch_size=d.batch_size,
+                num_cpus=per_actor, num_gpus=d.num_gpus_per_actor, batch_format="pandas")
 
 
 def write_parquet_file(ds, path: Path, columns: list[str]) -> int:
@@ -165,8 +176,12 @@ def write_quarantine(ds, path: Path, split: str) -> int:
     return n
 
 
+def missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
+
+
 def is_alive(r: dict) -> bool:
-    return r["reason"] is None and r["drop"] is None and r["split"] == "train"
+    return missing(r["reason"]) and missing(r["drop"]) and r["split"] == "train"
 
 
 @register_stage
@@ -180,6 +195,8 @@ class DataStage(Stage):
         d = spec.data
         paths = [s.path for s in (d.train, d.eval) if s.path]
         paths += [m for m in (d.reference_model, d.rewrite.model) if m]
+        for op in d.filter.operators or []:  # a judge's model and prompt are inputs too
+            paths += [op.params[k] for k in ("model", "prompt_file") if isinstance(op.params.get(k), str)]
         return paths
 
     @staticmethod
@@ -208,23 +225,31 @@ class DataStage(Stage):
         needs_lm = needs_emb or any(op.needs_lm for op in chain)
         ref = self.reference_model(ctx)  # also counts prompt tokens when nothing else needs it
         tally = Tally.remote()
-        pool = dict(compute=ray.data.ActorPoolStrategy(size=d.num_actors), batch_size=d.batch_size,
-                    num_gpus=d.num_gpus_per_actor, batch_format="pandas")
+        n_pools = int(needs_lm) + sum(1 for op in rowops if getattr(op, "actor_class", None))
+        pool = actor_pool(d, n_pools)
         work = ctx.out / "_work"
 
         # Pass 1: stream the corpus once, every row with its stats.
         ds = read_rows(d.train, d.fields, str(ctx.base_dir))
         ds = ds.map_batches(SplitRows(d.eval.split_ratio, ctx.spec.seed), batch_format="pandas")
-        lm_added = False
+        lm_added, streamed = False, []  # the streamed operators, in pipeline order
         for op in rowops:
             if op.needs_lm and not lm_added:
                 ds, lm_added = self._add_lm(ds, ref, d, needs_emb, tally, pool), True
+                streamed.append("lm_stats")
             if getattr(op, "actor_class", None):
-                ds = ds.map_batches(op.actor_class, fn_constructor_kwargs={"params": op.p.model_dump()}, **pool)
+                params = op.p.model_dump()  # paths resolved here: actors need not share our cwd
+                params["model"] = self.local_or_hub(ctx, params["model"])
+                if params.get("prompt_file"):
+                    params["prompt_file"] = ctx.resolve(params["prompt_file"])
+                ds = ds.map_batches(op.actor_class, fn_constructor_kwargs={"params": params, "tally": tally},
+                                    **pool)
             else:
                 ds = ds.map_batches(Timed(op, tally), batch_format="pandas")
+            streamed.append(op.name)
         if needs_lm and not lm_added:
             ds = self._add_lm(ds, ref, d, needs_emb, tally, pool)
+            streamed.append("lm_stats")
         ds.write_parquet(str(work / "scored"))
         scored = ray.data.read_parquet(str(work / "scored"))
         cols = collect(scored, ["reason", "split", "drop"])
@@ -273,9 +298,9 @@ class DataStage(Stage):
                                                                "prompt_tokens_after"])
         import pyarrow.parquet as pq
 
-        names = set(pq.read_schema(kept_path).names)
+        have = set(pq.read_schema(kept_path).names)
         written = pq.read_table(kept_path, columns=[c for c in ("prompt_tokens_before", "prompt_tokens_after",
-                                                                "rewrite_rounds") if c in names]).to_pandas()
+                                                                "rewrite_rounds") if c in have]).to_pandas()
         tokens_before = int(written["prompt_tokens_before"].sum()) if kept else 0
         tokens_after = int(written["prompt_tokens_after"].sum()) if kept else 0
         steps = (["rewrite"] if d.rewrite.enabled else []) + ["compress" if d.compress.enabled else "count_tokens"]
@@ -286,11 +311,11 @@ class DataStage(Stage):
             rewrite = {"rows_rewritten": int((rounds > 0).sum()), "rounds_accepted": int(rounds.sum()),
                        "rows_by_rounds": {str(r): int((rounds == r).sum()) for r in range(d.rewrite.rounds + 1)}}
 
-        dropped_ds = final.filter(lambda r: r["drop"] is not None)
+        dropped_ds = final.filter(lambda r: not missing(r["drop"]))
         write_parquet_file(dropped_ds, ctx.out / "dropped.parquet", TEXT_COLUMNS + ["drop"] + stats_cols)
         qpath = ctx.out / "quarantine.jsonl"
         qpath.write_text("")
-        write_quarantine(final.filter(lambda r: r["reason"] is not None), qpath, "train")
+        write_quarantine(final.filter(lambda r: not missing(r["reason"])), qpath, "train")
         eval_info = self._write_eval(ctx, final, qpath)
 
         dropped: dict[str, int] = {}
@@ -304,7 +329,8 @@ class DataStage(Stage):
                                f"{quarantined} + dropped {sum(dropped.values())}")
         ops = ray.get(tally.get.remote())
         operators = [{"name": "read", "seconds": None, "in": n_input, "out": n_input - quarantined}]
-        operators += [{"name": k, "seconds": round(v[0], 3), "in": int(v[1]), "out": int(v[2])} for k, v in ops.items()]
+        operators += [{"name": k, "seconds": round(ops[k][0], 3), "in": int(ops[k][1]), "out": int(ops[k][2])}
+                      for k in streamed if k in ops]
         operators += timings
         manifest = {
             "input": n_input, "kept": kept, "quarantined": quarantined, "dropped": dropped,
@@ -328,10 +354,10 @@ class DataStage(Stage):
         """Eval rows are never filtered, compressed or rewritten."""
         d = ctx.spec.data
         if d.eval.split_ratio is not None:
-            rows = final.filter(lambda r: r["reason"] is None and r["split"] == "eval")
+            rows = final.filter(lambda r: missing(r["reason"]) and r["split"] == "eval")
             n = write_parquet_file(rows, ctx.out / "eval.parquet", TEXT_COLUMNS)
             return {"input": n, "rows": n, "quarantined": 0}
         ev = read_rows(d.eval, d.fields, str(ctx.base_dir)).materialize()
-        n = write_parquet_file(ev.filter(lambda r: r["reason"] is None), ctx.out / "eval.parquet", TEXT_COLUMNS)
-        q = write_quarantine(ev.filter(lambda r: r["reason"] is not None), qpath, "eval")
+        n = write_parquet_file(ev.filter(lambda r: missing(r["reason"])), ctx.out / "eval.parquet", TEXT_COLUMNS)
+        q = write_quarantine(ev.filter(lambda r: not missing(r["reason"])), qpath, "eval")
         return {"input": n + q, "rows": n, "quarantined": q}

@@ -79,6 +79,14 @@ def mark(df: pd.DataFrame, rows: np.ndarray, reason: str) -> None:
     df.loc[rows & df["drop"].isna().to_numpy(), "drop"] = reason
 
 
+def report(tally, name: str, seconds: float, n_in: int, n_out: int) -> None:
+    """Tell the stage's tally what a batch cost. Waits for the acknowledgement: Ray Data ends
+    pools and tasks before fire-and-forget calls are delivered, and the figures were lost."""
+    import ray
+
+    ray.get(tally.add.remote(name, seconds, n_in, n_out))
+
+
 class Timed:
     """Per-batch wrapper for a RowOp that reports seconds and rows in/out to the stage's tally."""
 
@@ -89,7 +97,7 @@ class Timed:
         n_in = int(alive_mask(df).sum())
         t0 = time.perf_counter()
         df = self.op.apply(df)
-        self.tally.add.remote(self.op.name, time.perf_counter() - t0, n_in, int(alive_mask(df).sum()))
+        report(self.tally, self.op.name, time.perf_counter() - t0, n_in, int(alive_mask(df).sum()))
         return df
 
 

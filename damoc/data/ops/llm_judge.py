@@ -4,12 +4,13 @@ The prompt is a file users can edit ({instruction}, {input}, {output} are filled
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import Params, RowOp, alive_mask, mark, register
+from damoc.data.ops import Params, RowOp, alive_mask, mark, register, report
 
 DEFAULT_PROMPT = Path(__file__).resolve().parents[1] / "prompts" / "judge.txt"
 DIGITS = "12345"
@@ -35,10 +36,10 @@ def expected_digit(logits: np.ndarray, digit_ids: list[int]) -> np.ndarray:
 class JudgeScorer:
     """Callable class for `map_batches` on an actor pool: the judge is loaded once per actor."""
 
-    def __init__(self, params: dict):
+    def __init__(self, params: dict, tally=None):
         from damoc.data.lm import load_causal_lm
 
-        self.p = JudgeParams(**params)
+        self.p, self.tally = JudgeParams(**params), tally
         self.template = Path(self.p.prompt_file or DEFAULT_PROMPT).read_text(encoding="utf-8")
         self.tok, self.model = load_causal_lm(self.p.model, self.p.trust_remote_code)
         self.digit_ids = []
@@ -59,6 +60,7 @@ class JudgeScorer:
         return expected_digit(logits, self.digit_ids)
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+        t0 = time.perf_counter()
         alive = alive_mask(df)
         df["judge"] = np.nan
         if alive.any():
@@ -68,6 +70,8 @@ class JudgeScorer:
             df.loc[alive, "judge"] = self.scores(prompts)
         if self.p.min_score is not None:
             mark(df, alive & (df["judge"] < self.p.min_score).to_numpy(), f"judge<{self.p.min_score:g}")
+        if self.tally is not None:
+            report(self.tally, "llm_judge", time.perf_counter() - t0, int(alive.sum()), int(alive_mask(df).sum()))
         return df
 
 

@@ -1,5 +1,5 @@
-"""MinHash near-duplicate removal: LSH bands find candidate pairs (a Ray Data groupby), the
-signatures verify them (estimated Jaccard >= threshold), and in each group of near-duplicates
+"""MinHash near-duplicate removal: LSH bands find candidate pairs (band by band, narrow
+columns only), the signatures verify them (estimated Jaccard >= threshold), and in each group of near-duplicates
 the earliest row stays while the others are dropped, naming the row they copy."""
 
 from __future__ import annotations
@@ -32,22 +32,26 @@ class MinHashDedup(Selector):
             sigs = [minhash(shingles(t, p.ngram), a, b) for t in text]
             return pd.DataFrame({"id": df["id"], "order": df["order"], "sig": sigs})
 
-        def explode(df: pd.DataFrame) -> pd.DataFrame:
-            keys = [band_keys(np.asarray(s, dtype=np.uint32), bands, rows) for s in df["sig"]]
-            return pd.DataFrame({"key": np.concatenate(keys).astype(np.int64),
-                                 "order": np.repeat(df["order"].to_numpy(), bands),
-                                 "id": np.repeat(df["id"].to_numpy(), bands)})
-
-        def pairs(group: pd.DataFrame) -> pd.DataFrame:
-            g = group.drop_duplicates("id").sort_values("order")
-            if len(g) < 2:
-                return pd.DataFrame({"a": [], "b": []}, dtype=str)
-            return pd.DataFrame({"a": [g["id"].iloc[0]] * (len(g) - 1), "b": g["id"].iloc[1:].to_numpy()})
+        def keys(df: pd.DataFrame) -> pd.DataFrame:
+            k = np.array([band_keys(np.asarray(sg, dtype=np.uint32), bands, rows) for sg in df["sig"]], dtype=np.int64)
+            out = pd.DataFrame({"id": df["id"], "order": df["order"]})
+            for i in range(bands):
+                out[f"k{i}"] = k[:, i] if len(k) else np.zeros(0, dtype=np.int64)
+            return out
 
         sigs = alive.select_columns(["id", "order", "instruction", "input", "output"]) \
             .map_batches(sign, batch_format="pandas").materialize()
-        cand = collect(sigs.map_batches(explode, batch_format="pandas").groupby("key")
-                       .map_groups(pairs, batch_format="pandas"), ["a", "b"])
+        keyed = sigs.map_batches(keys, batch_format="pandas").materialize()
+        # One band at a time: only (key, order, id) of that band comes to the driver; rows sharing
+        # a key are candidates, paired with the earliest row of their bucket.
+        found_a, found_b = [], []
+        for i in range(bands):
+            band = pd.DataFrame(collect(keyed, [f"k{i}", "order", "id"])).sort_values([f"k{i}", "order"])
+            first = band.groupby(f"k{i}", sort=False)["id"].transform("first")
+            hit = (band["id"] != first).to_numpy()
+            found_a.append(first.to_numpy()[hit])
+            found_b.append(band["id"].to_numpy()[hit])
+        cand = {"a": np.concatenate(found_a), "b": np.concatenate(found_b)}
         if len(cand["a"]) == 0:
             return {}
         involved = set(cand["a"]) | set(cand["b"])
