@@ -100,3 +100,11 @@ def test_token_compression_keeps_forced_tokens_and_order():
     # ceil(0.67*9)=7: forced " 12", " 7", ":", "?" plus the 3 most informative others.
     assert keep.tolist() == [True, True, True, True, True, False, False, True, True]
     assert rebuild(text, cov, keep, 0, len(text)) == "Compute 12 plus 7: it?"
+
+
+def test_every_operator_is_registered_whatever_was_imported_first():
+    import damoc.data.ops.rules  # noqa: F401  (a direct import must not hide the others)
+    from damoc.data.ops import MODULES, OPERATORS, get_operator
+
+    get_operator("rules")
+    assert set(MODULES) == set(OPERATORS)

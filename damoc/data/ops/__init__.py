@@ -62,9 +62,10 @@ def register(cls: type[Operator]) -> type[Operator]:
 
 
 def get_operator(name: str) -> type[Operator]:
-    if not OPERATORS:
-        for m in MODULES:
-            importlib.import_module(f"damoc.data.ops.{m}")
+    # Import every operator module, not just "when the registry is empty": a module imported
+    # directly elsewhere would otherwise hide all the others.
+    for m in MODULES:
+        importlib.import_module(f"damoc.data.ops.{m}")
     if name not in OPERATORS:
         raise ValueError(f"unknown data operator '{name}'; known: {', '.join(sorted(OPERATORS))}")
     return OPERATORS[name]
