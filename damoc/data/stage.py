@@ -13,12 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from damoc.data.compress import Compressor, TokenCounter
@@ -145,9 +148,6 @@ def actor_pool(d: DataSpec, concurrent_pools: int) -> dict[str, Any]:
 
 def write_parquet_file(ds, path: Path, columns: list[str]) -> int:
     """Stream a dataset into one Parquet file (the contract names a file, not a folder)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     writer, n = None, 0
     try:
         for batch in ds.iter_batches(batch_format="pandas", batch_size=8192):
@@ -277,7 +277,7 @@ class DataStage(Stage):
 
         # Pass 2: apply drops, compress what is kept, write the contract's files.
         final = scored.map_batches(ApplyDrops(ray.put(drops)), batch_format="pandas")
-        kept_ds = final.filter(is_alive).drop_columns(["embedding"] if needs_lm and needs_emb else [])
+        kept_ds = final.filter(is_alive).drop_columns(["embedding"] if needs_emb else [])
         if d.rewrite.enabled:  # before compression: the writer sees whole sentences
             writer = d.rewrite.model and self.local_or_hub(ctx, d.rewrite.model)
             kept_ds = kept_ds.map_batches(Rewriter, fn_constructor_kwargs=dict(
@@ -296,8 +296,6 @@ class DataStage(Stage):
         kept = write_parquet_file(kept_ds, kept_path,
                                   TEXT_COLUMNS + stats_cols + ["rewrite_rounds", "prompt_tokens_before",
                                                                "prompt_tokens_after"])
-        import pyarrow.parquet as pq
-
         have = set(pq.read_schema(kept_path).names)
         written = pq.read_table(kept_path, columns=[c for c in ("prompt_tokens_before", "prompt_tokens_after",
                                                                 "rewrite_rounds") if c in have]).to_pandas()
@@ -340,8 +338,6 @@ class DataStage(Stage):
             "seconds": round(time.monotonic() - t0, 3),
         }
         atomic_write_json(ctx.out / "manifest.json", manifest)
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
         return {"input": n_input, "kept": kept, "quarantined": quarantined, "dropped": sum(dropped.values()),
                 "eval": eval_info["rows"], "tokens_before": tokens_before, "tokens_after": tokens_after}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -155,8 +156,6 @@ def build_zoo(out: str | Path, preset: str = "demo", seed: int = 0, force: bool 
         atomic_write_json(tmp / "zoo.json", info)
         swap_in_dir(tmp, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("zoo %s: built in %.0fs", out, info["seconds"])
