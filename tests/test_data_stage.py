@@ -113,3 +113,15 @@ def test_20k_rows_with_malformed_lines_and_planted_duplicates(job_dir, tiny_mode
     assert abs(m["kept"] - 0.2 * m["readable"]) <= 0.01 * 0.2 * m["readable"]
     assert abs(m["tokens_after"] / m["tokens_before"] - 0.6) <= 0.1
     assert read_marker(data.parent, damoc.data.stage.DataStage)["counts"]["kept"] == m["kept"]
+
+
+def test_drop_table_looks_up_reasons_by_exact_id():
+    import pandas as pd
+
+    from damoc.data.stage import DropTable
+
+    table = DropTable({"a:1": "x", "b:22": "near_duplicate_of:a:1", "a:10": "x", "é:3": "y"})
+    got = table.lookup(pd.Series(["a:1", "a:2", "b:22", "a:10", "a:100", "a", "é:3"], index=range(5, 12)))
+    assert got.tolist() == ["x", None, "near_duplicate_of:a:1", "x", None, None, "y"]
+    assert list(got.index) == list(range(5, 12))
+    assert DropTable({}).lookup(pd.Series(["a"])).tolist() == [None]

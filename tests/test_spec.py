@@ -19,7 +19,8 @@ def test_valid_spec_gets_demo_defaults(job_dir):
     assert spec.output_dir == "runs/t"
     assert spec.data.filter.method == "hybrid" and spec.data.filter.keep_ratio == 0.2
     assert spec.data.eval.split_ratio == 0.1
-    assert spec.model.merge.method == "ties" and spec.finetune.deepspeed.zero_stage == 2
+    assert spec.model.merge.method == "sign_agree" and spec.model.merge.scale == 0.1
+    assert spec.finetune.deepspeed.zero_stage == 2
     assert spec.finetune.use_gpu is False and spec.tune.scheduler == "asha"
     assert spec.select.mode == "min"
     assert spec.candidates[0].trust_remote_code is False

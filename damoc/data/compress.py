@@ -6,6 +6,7 @@ original characters: a kept token brings the whitespace before it."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -89,16 +90,18 @@ class Compressor(LMScorer):
         return df
 
 
-class TokenCounter:
-    """Prompt tokens per row when compression is off (before == after)."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_path: str):
+    from transformers import AutoTokenizer
 
-    def __init__(self, model_path: str, trust_remote_code: bool = False):
-        from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_path)
 
-        self.tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
 
-    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        n = [len(self.tok(i + (PROMPT_SEP + x if x else ""), add_special_tokens=False)["input_ids"])
-             for i, x in zip(df["instruction"], df["input"])]
-        df["prompt_tokens_before"] = df["prompt_tokens_after"] = np.array(n, dtype=np.int64)
-        return df
+def count_prompt_tokens(df: pd.DataFrame, model_path: str) -> pd.DataFrame:
+    """Prompt tokens per row when compression is off (before == after). A plain task, not an
+    actor pool: the tokenizer is cached per worker process, so no process is started for it."""
+    tok = _tokenizer(model_path)
+    prompts = [i + (PROMPT_SEP + x if x else "") for i, x in zip(df["instruction"], df["input"])]
+    n = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+    df["prompt_tokens_before"] = df["prompt_tokens_after"] = np.array(n, dtype=np.int64)
+    return df

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from damoc.data.compress import Compressor, TokenCounter
+from damoc.data.compress import Compressor, count_prompt_tokens
 from damoc.data.lm import LMScorer, smallest_model
 from damoc.data.ops import (
     Operator,
@@ -35,6 +35,7 @@ from damoc.data.ops import (
     alive_mask,
     collect,
     get_operator,
+    keep_where,
     report,
 )
 from damoc.data.readers import read_rows
@@ -126,12 +127,46 @@ class AliveScorer(LMScorer):
         return df
 
 
+class DropTable:
+    """The selectors' drops ({row id: reason}) as arrays: sorted UTF-8 ids and reason codes. Arrays
+    cross the object store without a copy per worker; a dict of a million strings would be
+    unpickled whole in every process that applies it."""
+
+    def __init__(self, drops: dict[str, str]):
+        self.reasons = sorted(set(drops.values()))
+        code = {r: i for i, r in enumerate(self.reasons)}
+        ids = np.array([k.encode() for k in drops], dtype=bytes) if drops else np.zeros(0, dtype="S1")
+        order = np.argsort(ids, kind="stable")
+        self.ids = ids[order]
+        self.codes = np.fromiter((code[v] for v in drops.values()), dtype=np.int32, count=len(drops))[order]
+
+    def lookup(self, ids: pd.Series) -> pd.Series:
+        """The drop reason of each id, or None."""
+        out = pd.Series([None] * len(ids), dtype=object, index=ids.index)
+        if len(self.ids) == 0 or len(ids) == 0:
+            return out
+        q = np.array([i.encode() for i in ids], dtype=bytes)
+        pos = np.minimum(np.searchsorted(self.ids, q), len(self.ids) - 1)
+        hit = self.ids[pos] == q
+        out[hit] = [self.reasons[c] for c in self.codes[pos[hit]]]
+        return out
+
+
+_TABLES: dict[str, DropTable] = {}  # per worker process: each table is fetched once
+
+
 class ApplyDrops:
-    def __init__(self, drops_ref):
-        self.drops = ray.get(drops_ref) if isinstance(drops_ref, ray.ObjectRef) else drops_ref
+    """Per batch: set `drop` from the selectors' table (rows already dropped keep their reason)."""
+
+    def __init__(self, table_ref: ray.ObjectRef):
+        self.ref = table_ref
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        merged = df["drop"].where(df["drop"].notna(), df["id"].map(self.drops)).astype(object)
+        key = self.ref.hex()
+        if key not in _TABLES:
+            _TABLES.clear()
+            _TABLES[key] = ray.get(self.ref)
+        merged = df["drop"].where(df["drop"].notna(), _TABLES[key].lookup(df["id"])).astype(object)
         # A batch without drops would come out as float NaN; the column holds text or null.
         df["drop"] = merged.where(merged.notna(), None)
         return df
@@ -174,14 +209,6 @@ def write_quarantine(ds, path: Path, split: str) -> int:
                                      "raw": r.raw}, ensure_ascii=False) + "\n")
                 n += 1
     return n
-
-
-def missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and v != v)
-
-
-def is_alive(r: dict) -> bool:
-    return missing(r["reason"]) and missing(r["drop"]) and r["split"] == "train"
 
 
 @register_stage
@@ -256,6 +283,8 @@ class DataStage(Stage):
         quarantined = int(pd.notna(cols["reason"]).sum())
         held_out = int(((cols["split"] == "eval") & pd.isna(cols["reason"])).sum())
         readable = len(cols["reason"]) - quarantined - held_out
+        # Selectors only drop rows that are alive, so the alive count follows without another pass.
+        alive_after_rows = int((pd.isna(cols["reason"]) & pd.isna(cols["drop"]) & (cols["split"] == "train")).sum())
         log.info("data: read %d rows (%d quarantined, %d held out for eval) in %.1fs",
                  len(cols["reason"]), quarantined, held_out, time.monotonic() - t0)
 
@@ -265,10 +294,11 @@ class DataStage(Stage):
         timings: list[dict[str, Any]] = []
         for sel in selectors:
             ts = time.monotonic()
-            ref_drops = ray.put(drops)
-            alive = scored.map_batches(ApplyDrops(ref_drops), batch_format="pandas").filter(is_alive)
-            n_alive = alive.count()
-            new = sel.select(alive, budget, SelectContext(ctx.spec.seed, n_alive, d.batch_size))
+            table = ray.put(DropTable(drops))
+            alive = keep_where(scored.map_batches(ApplyDrops(table), batch_format="pandas"), alive_mask)
+            n_alive = alive_after_rows - len(drops)
+            new = sel.select(alive, budget, SelectContext(ctx.spec.seed, n_alive, d.batch_size,
+                                                                 str(work / sel.name)))
             drops.update(new)
             timings.append({"name": sel.name, "seconds": round(time.monotonic() - ts, 3),
                             "in": n_alive, "out": n_alive - len(new)})
@@ -276,8 +306,8 @@ class DataStage(Stage):
                      time.monotonic() - ts)
 
         # Pass 2: apply drops, compress what is kept, write the contract's files.
-        final = scored.map_batches(ApplyDrops(ray.put(drops)), batch_format="pandas")
-        kept_ds = final.filter(is_alive).drop_columns(["embedding"] if needs_emb else [])
+        final = scored.map_batches(ApplyDrops(ray.put(DropTable(drops))), batch_format="pandas")
+        kept_ds = keep_where(final, alive_mask).drop_columns(["embedding"] if needs_emb else [])
         if d.rewrite.enabled:  # before compression: the writer sees whole sentences
             writer = d.rewrite.model and self.local_or_hub(ctx, d.rewrite.model)
             kept_ds = kept_ds.map_batches(Rewriter, fn_constructor_kwargs=dict(
@@ -289,7 +319,7 @@ class DataStage(Stage):
                 model_path=ref, ratio=d.compress.ratio, forced=d.compress.forced_tokens,
                 compress_answer=d.compress.compress_answer, max_length=d.max_length), **pool)
         else:
-            kept_ds = kept_ds.map_batches(TokenCounter, fn_constructor_kwargs=dict(model_path=ref), **pool)
+            kept_ds = kept_ds.map_batches(count_prompt_tokens, fn_kwargs=dict(model_path=ref), batch_format="pandas")
         stats_cols = [c for c in ("chars", "repetition", "special_ratio", "ce_cond", "ce_alone", "ifd", "ppl",
                                   "judge") if c in scored.schema().names]
         kept_path = ctx.out / "train.parquet"
@@ -309,15 +339,16 @@ class DataStage(Stage):
             rewrite = {"rows_rewritten": int((rounds > 0).sum()), "rounds_accepted": int(rounds.sum()),
                        "rows_by_rounds": {str(r): int((rounds == r).sum()) for r in range(d.rewrite.rounds + 1)}}
 
-        dropped_ds = final.filter(lambda r: not missing(r["drop"]))
-        write_parquet_file(dropped_ds, ctx.out / "dropped.parquet", TEXT_COLUMNS + ["drop"] + stats_cols)
+        dropped_ds = keep_where(final, lambda df: df["drop"].notna())
+        n_dropped = write_parquet_file(dropped_ds, ctx.out / "dropped.parquet", TEXT_COLUMNS + ["drop"] + stats_cols)
         qpath = ctx.out / "quarantine.jsonl"
         qpath.write_text("")
-        write_quarantine(final.filter(lambda r: not missing(r["reason"])), qpath, "train")
+        write_quarantine(keep_where(final, lambda df: df["reason"].notna()), qpath, "train")
         eval_info = self._write_eval(ctx, final, qpath)
 
         dropped: dict[str, int] = {}
-        for reason in collect(dropped_ds, ["drop"])["drop"]:
+        reasons = pq.read_table(ctx.out / "dropped.parquet", columns=["drop"])["drop"].to_pylist() if n_dropped else []
+        for reason in reasons:
             dropped[drop_key(reason)] = dropped.get(drop_key(reason), 0) + 1
         if held_out:
             dropped["held_out_eval"] = held_out
@@ -350,10 +381,10 @@ class DataStage(Stage):
         """Eval rows are never filtered, compressed or rewritten."""
         d = ctx.spec.data
         if d.eval.split_ratio is not None:
-            rows = final.filter(lambda r: missing(r["reason"]) and r["split"] == "eval")
+            rows = keep_where(final, lambda df: df["reason"].isna() & (df["split"] == "eval"))
             n = write_parquet_file(rows, ctx.out / "eval.parquet", TEXT_COLUMNS)
             return {"input": n, "rows": n, "quarantined": 0}
         ev = read_rows(d.eval, d.fields, str(ctx.base_dir)).materialize()
-        n = write_parquet_file(ev.filter(lambda r: missing(r["reason"])), ctx.out / "eval.parquet", TEXT_COLUMNS)
-        q = write_quarantine(ev.filter(lambda r: not missing(r["reason"])), qpath, "eval")
+        n = write_parquet_file(keep_where(ev, lambda df: df["reason"].isna()), ctx.out / "eval.parquet", TEXT_COLUMNS)
+        q = write_quarantine(keep_where(ev, lambda df: df["reason"].notna()), qpath, "eval")
         return {"input": n + q, "rows": n, "quarantined": q}

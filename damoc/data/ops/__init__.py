@@ -50,10 +50,25 @@ class Selector(Operator):
 
 
 class SelectContext:
-    """What a selector may use: the seed, the alive row count, the actor pool settings."""
+    """What a selector may use: the seed, the alive row count, the actor pool settings, and a
+    work folder for intermediate columns (on disk, so memory stays flat as the corpus grows)."""
 
-    def __init__(self, seed: int, n_alive: int, batch_size: int):
+    def __init__(self, seed: int, n_alive: int, batch_size: int, work_dir: str | None = None):
         self.seed, self.n_alive, self.batch_size = seed, n_alive, batch_size
+        self.work_dir = work_dir
+        self._spills = 0
+
+    def spill(self, ds):
+        """Write a dataset to the work folder and read it back: a reusable intermediate that lives
+        on disk instead of in the object store (`materialize()` when there is no work folder)."""
+        if self.work_dir is None:
+            return ds.materialize()
+        import ray.data
+
+        self._spills += 1
+        path = f"{self.work_dir}/spill-{self._spills}"
+        ds.write_parquet(path)
+        return ray.data.read_parquet(path)
 
 
 def register(cls: type[Operator]) -> type[Operator]:
@@ -105,6 +120,12 @@ class Timed:
 def embeddings(values) -> np.ndarray:
     """The `embedding` column (float32 bytes: a plain Arrow binary, never a pickle) as a matrix."""
     return np.stack([np.frombuffer(v, dtype=np.float32) for v in values])
+
+
+def keep_where(ds, mask):
+    """Rows of a dataset where `mask(batch) -> bool array` holds: vectorised per batch, where a
+    row-wise `Dataset.filter(fn)` would turn every row into a dict first."""
+    return ds.map_batches(lambda df: df[np.asarray(mask(df), dtype=bool)], batch_format="pandas")
 
 
 def collect(ds, columns: list[str]) -> dict[str, np.ndarray]:

@@ -9,7 +9,16 @@ import math
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import Params, SelectContext, Selector, collect, embeddings, mean_embedding, register
+from damoc.data.ops import (
+    Params,
+    SelectContext,
+    Selector,
+    collect,
+    embeddings,
+    keep_where,
+    mean_embedding,
+    register,
+)
 from damoc.data.select import deita_admit
 
 
@@ -56,9 +65,10 @@ class Deita(Selector):
 
         need = ["id", "order", "embedding"] + (["judge", "ifd"] if p.score == "judge_x_ifd" else [p.score])
         pre_ds = alive.select_columns(sorted(set(need))).map_batches(
-            pre, batch_format="pandas", batch_size=p.block_rows).materialize()
-        surv = collect(pre_ds.filter(lambda r: not r["similar"]), cols)
-        similar = set(collect(pre_ds.filter(lambda r: r["similar"]), ["id"])["id"])
+            pre, batch_format="pandas", batch_size=p.block_rows)
+        pre_ds = ctx.spill(pre_ds)
+        surv = collect(keep_where(pre_ds, lambda df: ~df["similar"]), cols)
+        similar = set(collect(keep_where(pre_ds, lambda df: df["similar"]), ["id"])["id"])
         emb = embeddings(surv["embedding"]) - center if len(surv["id"]) else np.zeros((0, 1))
         adm, sim = deita_admit(surv["q"], emb, p.tau, k, surv["order"])
         keep = set(surv["id"][adm])

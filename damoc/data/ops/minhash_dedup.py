@@ -7,8 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import Params, SelectContext, Selector, collect, register
+from damoc.data.ops import Params, SelectContext, Selector, collect, keep_where, register
 from damoc.data.select import band_keys, estimated_jaccard, lsh_shape, minhash, minhash_params, shingles
+
+BANDS_PER_PASS = 4
 
 
 class DedupParams(Params):
@@ -40,22 +42,27 @@ class MinHashDedup(Selector):
             return out
 
         sigs = alive.select_columns(["id", "order", "instruction", "input", "output"]) \
-            .map_batches(sign, batch_format="pandas").materialize()
-        keyed = sigs.map_batches(keys, batch_format="pandas").materialize()
-        # One band at a time: only (key, order, id) of that band comes to the driver; rows sharing
-        # a key are candidates, paired with the earliest row of their bucket.
+            .map_batches(sign, batch_format="pandas")
+        sigs = ctx.spill(sigs)
+        keyed = ctx.spill(sigs.map_batches(keys, batch_format="pandas"))
+        # A few bands per pass: only (keys, order, id) of those bands come to the driver (memory
+        # stays narrow, passes stay few); rows sharing a key are candidates, paired with the
+        # earliest row of their bucket.
         found_a, found_b = [], []
-        for i in range(bands):
-            band = pd.DataFrame(collect(keyed, [f"k{i}", "order", "id"])).sort_values([f"k{i}", "order"])
-            first = band.groupby(f"k{i}", sort=False)["id"].transform("first")
-            hit = (band["id"] != first).to_numpy()
-            found_a.append(first.to_numpy()[hit])
-            found_b.append(band["id"].to_numpy()[hit])
+        for g in range(0, bands, BANDS_PER_PASS):
+            group = [f"k{i}" for i in range(g, min(bands, g + BANDS_PER_PASS))]
+            cols = collect(keyed, [*group, "order", "id"])
+            for k in group:
+                band = pd.DataFrame({k: cols[k], "order": cols["order"], "id": cols["id"]}).sort_values([k, "order"])
+                first = band.groupby(k, sort=False)["id"].transform("first")
+                hit = (band["id"] != first).to_numpy()
+                found_a.append(first.to_numpy()[hit])
+                found_b.append(band["id"].to_numpy()[hit])
         cand = {"a": np.concatenate(found_a), "b": np.concatenate(found_b)}
         if len(cand["a"]) == 0:
             return {}
         involved = set(cand["a"]) | set(cand["b"])
-        found = collect(sigs.filter(lambda r: r["id"] in involved), ["id", "order", "sig"])
+        found = collect(keep_where(sigs, lambda df: df["id"].isin(involved)), ["id", "order", "sig"])
         sig_of = {i: np.asarray(s, dtype=np.uint32) for i, s in zip(found["id"], found["sig"])}
         order_of = dict(zip(found["id"], found["order"]))
         parent = {i: i for i in involved}

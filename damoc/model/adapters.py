@@ -1,0 +1,79 @@
+"""Architecture adapters: where a decoder-only family keeps its layers and how to shrink them.
+
+Each adapter knows the dotted path of the decoder-layer list, the config key holding the layer
+count, and which per-layer config lists (`layer_types`) must follow a deletion. After layers
+are removed, every module attribute `layer_idx` in the kept layers is renumbered: the KV cache
+is indexed by it, so a stale index breaks `generate()` with the cache on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Adapter:
+    layers: str  # dotted path of the decoder-layer ModuleList on the *ForCausalLM model
+    count_key: str = "num_hidden_layers"
+    per_layer_keys: tuple[str, ...] = ("layer_types",)
+
+    def layer_list(self, model) -> torch.nn.ModuleList:
+        obj = model
+        for part in self.layers.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def set_layer_list(self, model, layers: torch.nn.ModuleList) -> None:
+        parent_path, _, last = self.layers.rpartition(".")
+        parent = model
+        for part in parent_path.split(".") if parent_path else []:
+            parent = getattr(parent, part)
+        setattr(parent, last, layers)
+
+    def num_layers(self, config) -> int:
+        return int(getattr(config, self.count_key))
+
+
+LLAMA_LIKE = Adapter("model.layers")
+ADAPTERS: dict[str, Adapter] = {
+    **{t: LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
+                               "gemma3_text", "phi3", "olmo", "olmo2", "granite", "cohere", "smollm3")},
+    "gpt2": Adapter("transformer.h", count_key="n_layer"),
+    "gpt_neox": Adapter("gpt_neox.layers"),
+    "opt": Adapter("model.decoder.layers"),
+}
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def adapter_for(config) -> Adapter:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise UnsupportedArchitecture(
+            f"unsupported architecture: model_type '{model_type}'; supported: {', '.join(sorted(ADAPTERS))}")
+    return ADAPTERS[model_type]
+
+
+def remove_layers(model, removed: list[int]) -> int:
+    """Delete the layers at `removed` in place; fix the config and layer indices. Returns the new count."""
+    adapter = adapter_for(model.config)
+    layers = adapter.layer_list(model)
+    drop = set(removed)
+    kept = [layer for i, layer in enumerate(layers) if i not in drop]
+    if not kept:
+        raise ValueError("cannot remove every layer")
+    adapter.set_layer_list(model, torch.nn.ModuleList(kept))
+    setattr(model.config, adapter.count_key, len(kept))
+    for key in adapter.per_layer_keys:
+        values = getattr(model.config, key, None)
+        if isinstance(values, list) and len(values) == len(layers):
+            setattr(model.config, key, [v for i, v in enumerate(values) if i not in drop])
+    for new_idx, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    return len(kept)

@@ -1,0 +1,34 @@
+"""Which layers to remove, from the layer scores."""
+
+from __future__ import annotations
+
+
+def n_to_remove(num_layers: int, ratio: float, protect_first_last: bool) -> int:
+    """round(ratio · L) layers, leaving the protected ones and at least one layer."""
+    keep_min = 2 if protect_first_last and num_layers > 2 else 1
+    return max(0, min(round(ratio * num_layers), num_layers - keep_min))
+
+
+def eligible(num_layers: int, protect_first_last: bool) -> list[int]:
+    if protect_first_last and num_layers > 2:
+        return list(range(1, num_layers - 1))
+    return list(range(num_layers))
+
+
+def choose_discrete(scores: list[float], n: int, protect_first_last: bool) -> list[int]:
+    """The n lowest-scoring layers (on a tie, the deeper one goes first)."""
+    pool = eligible(len(scores), protect_first_last)
+    return sorted(sorted(pool, key=lambda i: (scores[i], -i))[:n])
+
+
+def choose_contiguous(angular: list[list[float]], n: int, protect_first_last: bool) -> list[int]:
+    """The n-layer block whose input and output are closest in angle (Gromov et al.)."""
+    if n == 0:
+        return []
+    num_layers = len(angular)
+    pool = set(eligible(num_layers, protect_first_last))
+    starts = [s for s in range(num_layers - n + 1) if all(i in pool for i in range(s, s + n))]
+    if not starts:
+        raise ValueError(f"no block of {n} layers avoids the protected first and last layers")
+    best = min(starts, key=lambda s: (angular[n - 1][s], -s))
+    return list(range(best, best + n))

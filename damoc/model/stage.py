@@ -1,0 +1,126 @@
+"""The model stage: one Ray actor per candidate, all in parallel.
+
+Each actor loads its candidate, scores the layers on calibration rows from the data stage's
+output, removes the least important ones, merges them into their kept neighbours and saves an
+HF folder (safetensors + tokenizer) with compression.json under RUN/models/<name>/. A
+candidate that fails (bad path, unsupported architecture, out of memory) is recorded as failed
+with its reason; the others finish. RUN/models/models.json lists every candidate's outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import ray
+
+from damoc.data.lm import prompt_of
+from damoc.model.compress import Source, compress_candidate
+from damoc.pipeline import Stage, StageContext, register_stage
+from damoc.rundir import atomic_write_json
+from damoc.spec import JobSpec, ModelSpec
+
+log = logging.getLogger("damoc.model")
+
+
+@ray.remote
+class CandidateCompressor:
+    """Holds one candidate for its whole compression; torch uses the CPUs Ray gave it."""
+
+    def __init__(self, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+
+    def run(self, src: Source, texts: list[str], m: ModelSpec, out: str, seed: int) -> dict[str, Any]:
+        return compress_candidate(src, texts, m, Path(out), seed)
+
+
+def calibration_texts(train_parquet: Path, rows: int, seed: int) -> list[str]:
+    """A seeded sample of the selected training rows, as prompt + answer text."""
+    table = pq.read_table(train_parquet, columns=["instruction", "input", "output"]).to_pylist()
+    if not table:
+        raise ValueError(f"{train_parquet} has no rows to calibrate on")
+    picked = random.Random(seed).sample(table, min(rows, len(table)))
+    return [prompt_of(r["instruction"], r["input"]) + "\n" + r["output"] for r in picked]
+
+
+def failure_reason(err: BaseException) -> str:
+    """The root cause of an actor's failure in one line (Ray wraps it in RayTaskError)."""
+    cause = getattr(err, "cause", None) or err
+    if isinstance(err, ray.exceptions.RayActorError):
+        return f"actor died (out of memory or killed): {str(err).splitlines()[0]}"
+    first = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {first[0] if first else ''}"
+
+
+@register_stage
+class ModelStage(Stage):
+    name = "models"
+    output = "models"
+    needs = ("data",)
+    spec_keys = ("model", "candidates")
+    version = "1"
+
+    def external_inputs(self, spec: JobSpec) -> list[str]:
+        return [c.path for c in spec.candidates if c.path]
+
+    @staticmethod
+    def source(ctx: StageContext, cand) -> Source:
+        location = ctx.resolve(cand.path) if cand.path else cand.hf
+        return Source(cand.name, location, cand.revision, cand.trust_remote_code, cand.allow_pickle_weights)
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        spec, m = ctx.spec, ctx.spec.model
+        entries: list[dict[str, Any]] = []
+        if not m.enabled:  # the finetune stage then trains the candidates as they are
+            for cand in spec.candidates:
+                entries.append({"name": cand.name, "status": "original", "path": self.source(ctx, cand).location})
+            atomic_write_json(ctx.out / "models.json", {"enabled": False, "candidates": entries})
+            return {"candidates": len(entries), "compressed": 0, "failed": 0}
+
+        ctx.runtime  # noqa: B018 - start (or join) Ray
+        texts = calibration_texts(ctx.input("data") / "train.parquet", m.calibration.rows, spec.seed)
+        texts_ref = ray.put(texts)
+        # All actors are asked for at once; Ray starts as many as the cluster's resources allow and
+        # the rest as earlier ones are killed on finishing (a finished actor would hold its CPUs).
+        pending: dict[ray.ObjectRef, tuple[str, Any, float]] = {}
+        for cand in spec.candidates:
+            actor = CandidateCompressor.options(num_cpus=m.num_cpus, num_gpus=m.num_gpus,
+                                                max_restarts=0).remote(max(1, int(m.num_cpus)))
+            ref = actor.run.remote(self.source(ctx, cand), texts_ref, m, str(ctx.out / cand.name), spec.seed)
+            pending[ref] = (cand.name, actor, time.monotonic())
+        log.info("models: compressing %d candidates, %d calibration rows each", len(pending), len(texts))
+        results: dict[str, dict[str, Any]] = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name, actor, t0 = pending.pop(done[0])
+            try:
+                r = ray.get(done[0])
+                results[name] = {"name": name, "status": "compressed", "path": str(ctx.out / name),
+                                 "seconds": r["seconds"]}
+                log.info("models: %s %d -> %d layers, %.2fM -> %.2fM params, calibration loss "
+                         "%.3f original / %.3f pruned / %.3f merged, %.1fs", name, r["layers_before"],
+                         r["layers_after"], r["params_before"] / 1e6, r["params_after"] / 1e6,
+                         r["calibration_loss"]["original"], r["calibration_loss"]["pruned"],
+                         r["calibration_loss"]["merged"], r["seconds"])
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as err:
+                reason = failure_reason(err)
+                seconds = round(time.monotonic() - t0, 3)
+                results[name] = {"name": name, "status": "failed", "reason": reason, "seconds": seconds}
+                (ctx.out / name).mkdir(parents=True, exist_ok=True)
+                atomic_write_json(ctx.out / name / "compression.json",
+                                  {"name": name, "status": "failed", "reason": reason, "seconds": seconds})
+                log.error("models: %s failed: %s", name, reason)
+            finally:
+                ray.kill(actor)
+        entries = [results[c.name] for c in spec.candidates]
+        atomic_write_json(ctx.out / "models.json", {"enabled": True, "candidates": entries})
+        n_failed = sum(e["status"] == "failed" for e in entries)
+        if n_failed == len(entries):
+            raise RuntimeError("every candidate failed: " + "; ".join(f"{e['name']}: {e['reason']}" for e in entries))
+        return {"candidates": len(entries), "compressed": len(entries) - n_failed, "failed": n_failed}

@@ -1,0 +1,1 @@
+"""Ranking, run comparison, plots and the report."""
