@@ -1,0 +1,1 @@
+"""The model stage: architecture adapters, layer scores, pruning, sparse merging, the per-candidate actor."""
