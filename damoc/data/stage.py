@@ -27,6 +27,8 @@ import ray
 from damoc.data.compress import Compressor, count_prompt_tokens
 from damoc.data.lm import LMScorer, smallest_model
 from damoc.data.ops import (
+    BATCH_ROWS,
+    FILE_ROWS,
     Operator,
     RowOp,
     SelectContext,
@@ -258,7 +260,8 @@ class DataStage(Stage):
 
         # Pass 1: stream the corpus once, every row with its stats.
         ds = read_rows(d.train, d.fields, str(ctx.base_dir))
-        ds = ds.map_batches(SplitRows(d.eval.split_ratio, ctx.spec.seed), batch_format="pandas")
+        ds = ds.map_batches(SplitRows(d.eval.split_ratio, ctx.spec.seed), batch_format="pandas",
+                            batch_size=BATCH_ROWS)
         lm_added, streamed = False, []  # the streamed operators, in pipeline order
         for op in rowops:
             if op.needs_lm and not lm_added:
@@ -272,12 +275,12 @@ class DataStage(Stage):
                 ds = ds.map_batches(op.actor_class, fn_constructor_kwargs={"params": params, "tally": tally},
                                     **pool)
             else:
-                ds = ds.map_batches(Timed(op, tally), batch_format="pandas")
+                ds = ds.map_batches(Timed(op, tally), batch_format="pandas", batch_size=BATCH_ROWS)
             streamed.append(op.name)
         if needs_lm and not lm_added:
             ds = self._add_lm(ds, ref, d, needs_emb, tally, pool)
             streamed.append("lm_stats")
-        ds.write_parquet(str(work / "scored"))
+        ds.write_parquet(str(work / "scored"), max_rows_per_file=FILE_ROWS)
         scored = ray.data.read_parquet(str(work / "scored"))
         cols = collect(scored, ["reason", "split", "drop"])
         quarantined = int(pd.notna(cols["reason"]).sum())
@@ -295,7 +298,7 @@ class DataStage(Stage):
         for sel in selectors:
             ts = time.monotonic()
             table = ray.put(DropTable(drops))
-            alive = keep_where(scored.map_batches(ApplyDrops(table), batch_format="pandas"), alive_mask)
+            alive = keep_where(scored.map_batches(ApplyDrops(table), batch_format="pandas", batch_size=BATCH_ROWS), alive_mask)
             n_alive = alive_after_rows - len(drops)
             new = sel.select(alive, budget, SelectContext(ctx.spec.seed, n_alive, d.batch_size,
                                                                  str(work / sel.name)))
@@ -306,7 +309,8 @@ class DataStage(Stage):
                      time.monotonic() - ts)
 
         # Pass 2: apply drops, compress what is kept, write the contract's files.
-        final = scored.map_batches(ApplyDrops(ray.put(DropTable(drops))), batch_format="pandas")
+        final = scored.map_batches(ApplyDrops(ray.put(DropTable(drops))), batch_format="pandas",
+                                   batch_size=BATCH_ROWS)
         kept_ds = keep_where(final, alive_mask).drop_columns(["embedding"] if needs_emb else [])
         if d.rewrite.enabled:  # before compression: the writer sees whole sentences
             writer = d.rewrite.model and self.local_or_hub(ctx, d.rewrite.model)
@@ -319,7 +323,8 @@ class DataStage(Stage):
                 model_path=ref, ratio=d.compress.ratio, forced=d.compress.forced_tokens,
                 compress_answer=d.compress.compress_answer, max_length=d.max_length), **pool)
         else:
-            kept_ds = kept_ds.map_batches(count_prompt_tokens, fn_kwargs=dict(model_path=ref), batch_format="pandas")
+            kept_ds = kept_ds.map_batches(count_prompt_tokens, fn_kwargs=dict(model_path=ref), batch_format="pandas",
+                                          batch_size=BATCH_ROWS)
         stats_cols = [c for c in ("chars", "repetition", "special_ratio", "ce_cond", "ce_alone", "ifd", "ppl",
                                   "judge") if c in scored.schema().names]
         kept_path = ctx.out / "train.parquet"

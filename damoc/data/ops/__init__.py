@@ -20,6 +20,11 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 OPERATORS: dict[str, type[Operator]] = {}
+# Rows per pandas batch for CPU work, and per file for intermediates. map_batches' default batch
+# is a whole block, and blocks read back from a big file are the whole file: one task, one core,
+# memory growing with the corpus.
+BATCH_ROWS = 4096
+FILE_ROWS = 20_000
 MODULES = ("rules", "ifd_filter", "perplexity_filter", "minhash_dedup", "top_k", "k_center",
            "cluster_balance", "deita", "llm_judge")
 
@@ -67,7 +72,7 @@ class SelectContext:
 
         self._spills += 1
         path = f"{self.work_dir}/spill-{self._spills}"
-        ds.write_parquet(path)
+        ds.write_parquet(path, max_rows_per_file=FILE_ROWS)
         return ray.data.read_parquet(path)
 
 
@@ -125,7 +130,8 @@ def embeddings(values) -> np.ndarray:
 def keep_where(ds, mask):
     """Rows of a dataset where `mask(batch) -> bool array` holds: vectorised per batch, where a
     row-wise `Dataset.filter(fn)` would turn every row into a dict first."""
-    return ds.map_batches(lambda df: df[np.asarray(mask(df), dtype=bool)], batch_format="pandas")
+    return ds.map_batches(lambda df: df[np.asarray(mask(df), dtype=bool)], batch_format="pandas",
+                          batch_size=BATCH_ROWS)
 
 
 def collect(ds, columns: list[str]) -> dict[str, np.ndarray]:
@@ -144,5 +150,6 @@ def mean_embedding(ds) -> np.ndarray:
         e = embeddings(df["embedding"])
         return pd.DataFrame({"sum": [e.sum(0)], "n": [len(e)]})
 
-    got = collect(ds.select_columns(["embedding"]).map_batches(part, batch_format="pandas"), ["sum", "n"])
+    got = collect(ds.select_columns(["embedding"]).map_batches(part, batch_format="pandas", batch_size=BATCH_ROWS),
+                  ["sum", "n"])
     return np.stack(got["sum"]).sum(0) / max(1, int(got["n"].sum())) if len(got["n"]) else np.zeros(1)

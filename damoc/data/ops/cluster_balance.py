@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import Params, SelectContext, Selector, collect, embeddings, register
+from damoc.data.ops import BATCH_ROWS, Params, SelectContext, Selector, collect, embeddings, register
 from damoc.data.select import assign, balanced_quota, kmeans, top_k
 
 
@@ -39,7 +39,7 @@ class ClusterBalance(Selector):
             out["cluster"] = assign(embeddings(df["embedding"]), centers)
             return out
 
-        cols = collect(alive.map_batches(label, batch_format="pandas"),
+        cols = collect(alive.map_batches(label, batch_format="pandas", batch_size=BATCH_ROWS),
                        ["id", "order", "cluster"] + ([p.score] if p.score else []))
         labels = cols["cluster"]
         quota = balanced_quota(np.bincount(labels, minlength=len(centers)), budget)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import Params, SelectContext, Selector, collect, keep_where, register
+from damoc.data.ops import BATCH_ROWS, Params, SelectContext, Selector, collect, keep_where, register
 from damoc.data.select import band_keys, estimated_jaccard, lsh_shape, minhash, minhash_params, shingles
 
 BANDS_PER_PASS = 4
@@ -42,9 +42,9 @@ class MinHashDedup(Selector):
             return out
 
         sigs = alive.select_columns(["id", "order", "instruction", "input", "output"]) \
-            .map_batches(sign, batch_format="pandas")
+            .map_batches(sign, batch_format="pandas", batch_size=BATCH_ROWS)
         sigs = ctx.spill(sigs)
-        keyed = ctx.spill(sigs.map_batches(keys, batch_format="pandas"))
+        keyed = ctx.spill(sigs.map_batches(keys, batch_format="pandas", batch_size=BATCH_ROWS))
         # A few bands per pass: only (keys, order, id) of those bands come to the driver (memory
         # stays narrow, passes stay few); rows sharing a key are candidates, paired with the
         # earliest row of their bucket.
