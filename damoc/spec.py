@@ -155,10 +155,23 @@ class DataSpec(Strict):
     # The causal LM behind perplexity, IFD, embeddings and token compression
     # (a local folder or hub id); default: the smallest candidate.
     reference_model: str | None = None
+    # Embeddings for k-center, cluster balance and DEITA: a local sentence-transformers folder,
+    # or (default) mean-pooled hidden states of the reference LM.
+    embedding_model: str | None = None
     batch_size: int = Field(default=64, gt=0)  # rows per batch for model-based operators
     max_length: int = Field(default=256, gt=0)  # tokens the reference LM reads per row
     num_actors: int = Field(default=1, gt=0)  # actor pool size per model-based operator
     num_gpus_per_actor: float = Field(default=0, ge=0)
+
+    @field_validator("embedding_model")
+    @classmethod
+    def _sentence_transformers_folder(cls, v: str | None, info: ValidationInfo) -> str | None:
+        v = _check_exists(v, info, want_dir=True)
+        ctx = info.context or {}
+        if v is not None and ctx.get("check_files"):
+            if not (Path(resolve_path(v, ctx.get("base_dir"))) / "modules.json").is_file():
+                raise ValueError("not a sentence-transformers folder (no modules.json)")
+        return v
 
     @model_validator(mode="after")
     def _known_operators(self) -> DataSpec:

@@ -41,7 +41,7 @@ class LMScorer:
     """Callable class for `map_batches`: adds ce_cond, ce_alone, ifd, ppl (and embedding)."""
 
     def __init__(self, model_path: str, max_length: int = 256, embeddings: bool = True,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, embedding_model: str | None = None):
         import torch
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -49,6 +49,11 @@ class LMScorer:
         self.tok, self.model = load_causal_lm(model_path, trust_remote_code, self.device)
         self.max_length = max_length
         self.embeddings = embeddings
+        self.encoder = None
+        if embeddings and embedding_model:
+            from damoc.data.embed import SentenceEncoder
+
+            self.encoder = SentenceEncoder(embedding_model, max_length, self.device)
 
     def _pack(self, prompts: list[str], answers: list[str]):
         """Token ids of prompt+answer (prompt cut from the left to fit) and the answer mask."""
@@ -95,7 +100,9 @@ class LMScorer:
         prompts = [prompt_of(i, x) for i, x in zip(batch["instruction"], batch["input"])]
         answers = list(batch["output"])
         seqs, masks = self._pack(prompts, answers)
-        ce_cond, _, _, emb = self._forward(seqs, masks, hidden=self.embeddings)
+        ce_cond, _, _, emb = self._forward(seqs, masks, hidden=self.embeddings and self.encoder is None)
+        if self.encoder is not None:
+            emb = self.encoder.encode([p + PROMPT_SEP + a for p, a in zip(prompts, answers)])
         alone, alone_masks = self._pack([None] * len(answers), answers)
         ce_alone, _, _, _ = self._forward(alone, alone_masks, hidden=False)
         batch["ce_cond"] = ce_cond.astype(np.float32)
@@ -103,7 +110,7 @@ class LMScorer:
         batch["ifd"] = (ce_cond / np.maximum(ce_alone, 1e-6)).astype(np.float32)
         batch["ppl"] = np.exp(np.minimum(ce_cond, 50.0)).astype(np.float32)
         if emb is not None:
-            batch["embedding"] = list(emb.numpy().astype(np.float32))
+            batch["embedding"] = list(np.asarray(emb, dtype=np.float32))
         return batch
 
     def self_information_batch(self, texts: list[str]) -> list[tuple[list[tuple[int, int]], list[float]]]:

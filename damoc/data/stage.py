@@ -223,7 +223,7 @@ class DataStage(Stage):
     def external_inputs(self, spec: JobSpec) -> list[str]:
         d = spec.data
         paths = [s.path for s in (d.train, d.eval) if s.path]
-        paths += [m for m in (d.reference_model, d.rewrite.model) if m]
+        paths += [m for m in (d.reference_model, d.rewrite.model, d.embedding_model) if m]
         for op in d.filter.operators or []:  # a judge's model and prompt are inputs too
             paths += [op.params[k] for k in ("model", "prompt_file") if isinstance(op.params.get(k), str)]
         return paths
@@ -253,6 +253,7 @@ class DataStage(Stage):
         needs_emb = any(op.needs_embedding for op in chain)
         needs_lm = needs_emb or any(op.needs_lm for op in chain)
         ref = self.reference_model(ctx)  # also counts prompt tokens when nothing else needs it
+        emb_model = ctx.resolve(d.embedding_model) if d.embedding_model else None
         tally = Tally.remote()
         n_pools = int(needs_lm) + sum(1 for op in rowops if getattr(op, "actor_class", None))
         pool = actor_pool(d, n_pools)
@@ -265,7 +266,7 @@ class DataStage(Stage):
         lm_added, streamed = False, []  # the streamed operators, in pipeline order
         for op in rowops:
             if op.needs_lm and not lm_added:
-                ds, lm_added = self._add_lm(ds, ref, d, needs_emb, tally, pool), True
+                ds, lm_added = self._add_lm(ds, ref, d, needs_emb, tally, pool, emb_model), True
                 streamed.append("lm_stats")
             if getattr(op, "actor_class", None):
                 params = op.p.model_dump()  # paths resolved here: actors need not share our cwd
@@ -278,7 +279,7 @@ class DataStage(Stage):
                 ds = ds.map_batches(Timed(op, tally), batch_format="pandas", batch_size=BATCH_ROWS)
             streamed.append(op.name)
         if needs_lm and not lm_added:
-            ds = self._add_lm(ds, ref, d, needs_emb, tally, pool)
+            ds = self._add_lm(ds, ref, d, needs_emb, tally, pool, emb_model)
             streamed.append("lm_stats")
         ds.write_parquet(str(work / "scored"), max_rows_per_file=FILE_ROWS)
         scored = ray.data.read_parquet(str(work / "scored"))
@@ -378,9 +379,10 @@ class DataStage(Stage):
         return {"input": n_input, "kept": kept, "quarantined": quarantined, "dropped": sum(dropped.values()),
                 "eval": eval_info["rows"], "tokens_before": tokens_before, "tokens_after": tokens_after}
 
-    def _add_lm(self, ds, ref: str, d: DataSpec, embeddings: bool, tally, pool: dict):
+    def _add_lm(self, ds, ref: str, d: DataSpec, embeddings: bool, tally, pool: dict, emb_model: str | None):
         return ds.map_batches(AliveScorer, fn_constructor_kwargs=dict(
-            tally=tally, model_path=ref, max_length=d.max_length, embeddings=embeddings), **pool)
+            tally=tally, model_path=ref, max_length=d.max_length, embeddings=embeddings,
+            embedding_model=emb_model), **pool)
 
     def _write_eval(self, ctx: StageContext, final, qpath: Path) -> dict[str, int]:
         """Eval rows are never filtered, compressed or rewritten."""

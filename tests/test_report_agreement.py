@@ -1,0 +1,43 @@
+"""Ranking agreement: exact values on small hand-checked rankings."""
+
+from __future__ import annotations
+
+import pytest
+
+from damoc.report.agreement import kendall_tau, rel_acc, spearman, top1_hit
+
+TRUTH = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}  # losses: a is best
+
+
+def test_identical_and_reversed_rankings():
+    assert kendall_tau(TRUTH, TRUTH) == 1.0 and spearman(TRUTH, TRUTH) == 1.0
+    rev = {k: -v for k, v in TRUTH.items()}
+    assert kendall_tau(TRUTH, rev) == -1.0 and spearman(TRUTH, rev) == -1.0
+
+
+def test_one_swap():
+    swapped = {"a": 1.0, "b": 3.0, "c": 2.0, "d": 4.0}
+    assert kendall_tau(swapped, TRUTH) == pytest.approx((5 - 1) / 6)  # 5 concordant, 1 discordant pair
+    assert spearman(swapped, TRUTH) == pytest.approx(1 - 6 * 2 / (4 * 15))  # sum d^2 = 2
+    assert top1_hit(swapped, TRUTH, "min") and rel_acc(swapped, TRUTH, "min") == 1.0
+
+
+def test_ties_use_tau_b_and_average_ranks():
+    tied = {"a": 1.0, "b": 1.0, "c": 3.0, "d": 4.0}
+    # 5 concordant, 0 discordant, 1 pair tied in `tied` only: 5 / sqrt(6 * 5)
+    assert kendall_tau(tied, TRUTH) == pytest.approx(5 / (6 * 5) ** 0.5)
+    assert spearman(tied, TRUTH) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)  # ranks 1.5,1.5,3,4 vs 1,2,3,4
+
+
+def test_rel_acc_and_top1_of_a_wrong_pick():
+    picks_c = {"a": 5.0, "b": 6.0, "c": 0.5, "d": 7.0}
+    assert not top1_hit(picks_c, TRUTH, "min")
+    assert rel_acc(picks_c, TRUTH, "min") == pytest.approx((4 - 3) / (4 - 1))
+    accuracy = {"a": 0.9, "b": 0.5, "c": 0.7, "d": 0.1}  # higher is better
+    assert rel_acc({"a": 0.1, "b": 0.2, "c": 0.9, "d": 0.0}, accuracy, "max") == pytest.approx((0.7 - 0.1) / 0.8)
+
+
+def test_only_common_candidates_count_and_two_are_needed():
+    assert kendall_tau({**TRUTH, "e": 9.0}, TRUTH) == 1.0
+    with pytest.raises(ValueError, match="at least two"):
+        kendall_tau({"a": 1.0}, TRUTH)
