@@ -29,17 +29,19 @@ from damoc.zoo.corpus import stdlib_source
 from damoc.zoo.tiny import train_tokenizer
 
 
-def held_out_loss(folder: Path, texts: list[str], max_length: int) -> float:
+def load_with_batches(folder: Path, texts: list[str], max_length: int):
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return calibration_loss(model, batches(encode(tok, texts, max_length), 8, tok.pad_token_id))
+    return model, batches(encode(tok, texts, max_length), 8, tok.pad_token_id)
+
+
+def held_out_loss(folder: Path, texts: list[str], max_length: int) -> float:
+    return calibration_loss(*load_with_batches(folder, texts, max_length))
 
 
 def scoring_overhead(folder: Path, texts: list[str], max_length: int, repeats: int = 3) -> tuple[float, float]:
     """Best-of-n seconds of the scoring pass and of a plain forward pass over the same batches."""
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    data = batches(encode(tok, texts, max_length), 8, tok.pad_token_id)
+    model, data = load_with_batches(folder, texts, max_length)
     adapter = adapter_for(model.config)
     score, plain = [], []
     for _ in range(repeats):
@@ -63,7 +65,6 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64, help="calibration rows (and as many held-out rows)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     with tempfile.TemporaryDirectory(prefix="damoc-merge-") as tmp:
         tmp = Path(tmp)

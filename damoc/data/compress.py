@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from damoc.data.lm import PROMPT_SEP, LMScorer
+from damoc.data.lm import PROMPT_SEP, LMScorer, prompt_of
 
 DEFAULT_FORCED = ("\n", "?", ":")
 
@@ -61,7 +61,7 @@ class Compressor(LMScorer):
         return np.array([a < hi and b > lo for a, b in cov], dtype=bool)
 
     def compress_prompt(self, instruction: str, inp: str, scored=None) -> tuple[str, str, int, int]:
-        text = instruction + (PROMPT_SEP + inp if inp else "")
+        text = prompt_of(instruction, inp)
         spans, info = scored if scored is not None else self.self_information(text)
         if not spans:
             return instruction, inp, 0, 0
@@ -72,7 +72,7 @@ class Compressor(LMScorer):
         return new_instr.strip(), new_inp.strip(), len(spans), int(keep.sum())
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        texts = [i + (PROMPT_SEP + x if x else "") for i, x in zip(df["instruction"], df["input"])]
+        texts = [prompt_of(i, x) for i, x in zip(df["instruction"], df["input"])]
         scored = self.self_information_batch(texts)
         results = [self.compress_prompt(i, x, sc) for i, x, sc in zip(df["instruction"], df["input"], scored)]
         df["instruction"] = [r[0] for r in results]
@@ -101,7 +101,7 @@ def count_prompt_tokens(df: pd.DataFrame, model_path: str) -> pd.DataFrame:
     """Prompt tokens per row when compression is off (before == after). A plain task, not an
     actor pool: the tokenizer is cached per worker process, so no process is started for it."""
     tok = _tokenizer(model_path)
-    prompts = [i + (PROMPT_SEP + x if x else "") for i, x in zip(df["instruction"], df["input"])]
+    prompts = [prompt_of(i, x) for i, x in zip(df["instruction"], df["input"])]
     n = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
     df["prompt_tokens_before"] = df["prompt_tokens_after"] = np.array(n, dtype=np.int64)
     return df

@@ -17,10 +17,6 @@ POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "c
                 "pooling_mode_max_tokens": "max"}
 
 
-def is_sentence_transformers(path: str | Path) -> bool:
-    return (Path(path) / "modules.json").is_file()
-
-
 def read_pipeline(path: Path) -> tuple[str, bool, int | None]:
     """(pooling mode, normalize?, max_seq_length) from the folder's module files."""
     modules = json.loads((path / "modules.json").read_text())

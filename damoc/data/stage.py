@@ -174,6 +174,11 @@ class ApplyDrops:
         return df
 
 
+def apply_drops(ds, drops: dict[str, str]):
+    """`ds` with the selectors' drops marked (the table goes through the object store once)."""
+    return ds.map_batches(ApplyDrops(ray.put(DropTable(drops))), batch_format="pandas", batch_size=BATCH_ROWS)
+
+
 def actor_pool(d: DataSpec, concurrent_pools: int) -> dict[str, Any]:
     """map_batches arguments for a model actor pool. Actors that hold every CPU starve the read
     and map tasks feeding them (the stream then hangs), so one CPU is always left for tasks."""
@@ -288,7 +293,7 @@ class DataStage(Stage):
         held_out = int(((cols["split"] == "eval") & pd.isna(cols["reason"])).sum())
         readable = len(cols["reason"]) - quarantined - held_out
         # Selectors only drop rows that are alive, so the alive count follows without another pass.
-        alive_after_rows = int((pd.isna(cols["reason"]) & pd.isna(cols["drop"]) & (cols["split"] == "train")).sum())
+        alive_after_rows = int(alive_mask(pd.DataFrame(cols)).sum())
         log.info("data: read %d rows (%d quarantined, %d held out for eval) in %.1fs",
                  len(cols["reason"]), quarantined, held_out, time.monotonic() - t0)
 
@@ -298,8 +303,7 @@ class DataStage(Stage):
         timings: list[dict[str, Any]] = []
         for sel in selectors:
             ts = time.monotonic()
-            table = ray.put(DropTable(drops))
-            alive = keep_where(scored.map_batches(ApplyDrops(table), batch_format="pandas", batch_size=BATCH_ROWS), alive_mask)
+            alive = keep_where(apply_drops(scored, drops), alive_mask)
             n_alive = alive_after_rows - len(drops)
             new = sel.select(alive, budget, SelectContext(ctx.spec.seed, n_alive, d.batch_size,
                                                                  str(work / sel.name)))
@@ -310,8 +314,7 @@ class DataStage(Stage):
                      time.monotonic() - ts)
 
         # Pass 2: apply drops, compress what is kept, write the contract's files.
-        final = scored.map_batches(ApplyDrops(ray.put(DropTable(drops))), batch_format="pandas",
-                                   batch_size=BATCH_ROWS)
+        final = apply_drops(scored, drops)
         kept_ds = keep_where(final, alive_mask).drop_columns(["embedding"] if needs_emb else [])
         if d.rewrite.enabled:  # before compression: the writer sees whole sentences
             writer = d.rewrite.model and self.local_or_hub(ctx, d.rewrite.model)

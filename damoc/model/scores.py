@@ -137,29 +137,29 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def calibrate(model, adapter: Adapter, data: list[tuple[torch.Tensor, torch.Tensor]]) -> Calibration:
-    """One forward pass over the calibration batches: layer scores and the model's loss."""
-    t0 = time.perf_counter()
-    device = model_device(model)
-    total, count = 0.0, 0
-    with LayerProbe(adapter.layer_list(model)) as probe, torch.no_grad():
-        for ids, mask in data:
-            probe.start_batch(mask)
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            s, c = batch_loss(logits, ids, mask)
-            total, count = total + s, count + c
-    return Calibration(probe.block_influence(), probe.angular(), total / max(1, count), count,
-                       time.perf_counter() - t0)
-
-
-def calibration_loss(model, data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean next-token cross-entropy over the calibration batches (a plain forward pass)."""
+def _forward_loss(model, data: list[tuple[torch.Tensor, torch.Tensor]], before_batch=None) -> tuple[float, int]:
+    """Mean next-token cross-entropy over the batches and the token count; `before_batch(mask)`
+    runs ahead of each forward (the probe's hook)."""
     device = model_device(model)
     total, count = 0.0, 0
     with torch.no_grad():
         for ids, mask in data:
+            if before_batch is not None:
+                before_batch(mask)
             ids, mask = ids.to(device), mask.to(device)
             s, c = batch_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
             total, count = total + s, count + c
-    return total / max(1, count)
+    return total / max(1, count), count
+
+
+def calibrate(model, adapter: Adapter, data: list[tuple[torch.Tensor, torch.Tensor]]) -> Calibration:
+    """One forward pass over the calibration batches: layer scores and the model's loss."""
+    t0 = time.perf_counter()
+    with LayerProbe(adapter.layer_list(model)) as probe:
+        loss, count = _forward_loss(model, data, probe.start_batch)
+    return Calibration(probe.block_influence(), probe.angular(), loss, count, time.perf_counter() - t0)
+
+
+def calibration_loss(model, data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean next-token cross-entropy over the calibration batches (a plain forward pass)."""
+    return _forward_loss(model, data)[0]
