@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,6 +72,42 @@ def cmd_select(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from damoc.pipeline import MARKER
+    from damoc.report.build import write_report
+    from damoc.rundir import new_temp_dir, swap_in_dir
+
+    run = args.run.resolve()
+    final = run / "report"
+    tmp = new_temp_dir(final)
+    try:
+        ranking = write_report(run, tmp)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"damoc report: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if (final / MARKER).is_file():  # still the report stage's output for --resume
+        shutil.copyfile(final / MARKER, tmp / MARKER)
+    swap_in_dir(tmp, final)
+    best = next((c["name"] for c in ranking["candidates"] if c["rank"] == 1), None)
+    print(f"{final / 'report.html'}: {len(ranking['candidates'])} candidates, best {best}")
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from damoc.report.compare import compare_runs, format_comparison
+
+    try:
+        result = compare_runs(args.run_a, args.run_b)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"damoc compare: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(result, indent=2) if args.json else format_comparison(result, str(args.run_a), str(args.run_b)))
+    return EXIT_OK
+
+
 def cmd_zoo_build(args: argparse.Namespace) -> int:
     from damoc.runtime import connect
     from damoc.zoo.build import PRESETS, build_zoo, is_current
@@ -104,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stages", default=None, help="comma-separated subset of data,models,finetune,report")
     s.add_argument("--resume", action="store_true", help="skip stages whose inputs are unchanged")
     s.set_defaults(func=cmd_select)
+
+    r = sub.add_parser("report", help="(re)write the report of a run from its files")
+    r.add_argument("run", type=Path)
+    r.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("compare", help="ranking agreement and cost ratio of two runs (B is the reference)")
+    c.add_argument("run_a", type=Path)
+    c.add_argument("run_b", type=Path)
+    c.add_argument("--json", action="store_true", help="print the figures as JSON")
+    c.set_defaults(func=cmd_compare)
 
     z = sub.add_parser("zoo", help="local candidate models and domain sets")
     zsub = z.add_subparsers(dest="zoo_command", required=True)

@@ -282,6 +282,9 @@ class FinetuneSpec(Strict):
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     max_length: int = Field(default=512, gt=0)
     eval_every: int = Field(default=20, gt=0)
+    # Eval rows scored at each evaluation: the first N of RUN/data/eval.parquet, the same for every
+    # candidate (None: all of them; generation metrics decode each one).
+    eval_max_rows: int | None = Field(default=512, gt=0)
     max_failures: int = Field(default=1, ge=0)
     storage_path: str | None = None  # shared mount or URI on multi-node clusters
 
@@ -298,6 +301,10 @@ class TuneSpec(Strict):
     grace_period: int = Field(default=20, gt=0)  # steps before ASHA may stop a trial
     reduction_factor: float = Field(default=2, gt=1)
     max_concurrent_trials: int | None = Field(default=None, gt=0)
+    # Running trials wait for each other at every ASHA rung (see damoc/train/rungs.py), so what
+    # ASHA stops does not depend on which trial happens to run faster.
+    sync_rungs: bool = True
+    rung_timeout_s: float = Field(default=900, gt=0)
 
 
 class SelectSpec(Strict):

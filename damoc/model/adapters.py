@@ -18,6 +18,8 @@ class Adapter:
     layers: str  # dotted path of the decoder-layer ModuleList on the *ForCausalLM model
     count_key: str = "num_hidden_layers"
     per_layer_keys: tuple[str, ...] = ("layer_types",)
+    # LoRA targets for `finetune.lora.target_modules: auto`: attention and MLP projections.
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def layer_list(self, model) -> torch.nn.ModuleList:
         obj = model
@@ -40,9 +42,10 @@ LLAMA_LIKE = Adapter("model.layers")
 ADAPTERS: dict[str, Adapter] = {
     **{t: LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
                                "gemma3_text", "phi3", "olmo", "olmo2", "granite", "cohere", "smollm3")},
-    "gpt2": Adapter("transformer.h", count_key="n_layer"),
-    "gpt_neox": Adapter("gpt_neox.layers"),
-    "opt": Adapter("model.decoder.layers"),
+    "gpt2": Adapter("transformer.h", count_key="n_layer", lora_targets=("c_attn", "c_proj", "c_fc")),
+    "gpt_neox": Adapter("gpt_neox.layers",
+                        lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
+    "opt": Adapter("model.decoder.layers", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
 }
 
 

@@ -101,7 +101,8 @@ class ModelStage(Stage):
             name, actor, t0 = pending.pop(done[0])
             try:
                 r = ray.get(done[0])
-                results[name] = {"name": name, "status": "compressed", "path": str(ctx.out / name),
+                # Where the folder will be once the stage's output is swapped in (ctx.out is temporary).
+                results[name] = {"name": name, "status": "compressed", "path": str(ctx.input(self.output) / name),
                                  "seconds": r["seconds"]}
                 log.info("models: %s %d -> %d layers, %.2fM -> %.2fM params, calibration loss "
                          "%.3f original / %.3f pruned / %.3f merged, %.1fs", name, r["layers_before"],

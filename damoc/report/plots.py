@@ -24,3 +24,41 @@ def layer_scores_png(path: Path, scores: list[float], removed: list[int], title:
     fig.savefig(path, format="png")
     plt.close(fig)
     return path
+
+
+def learning_curves_png(path: Path, curves: dict[str, list[tuple[int, float]]], stopped: set[str],
+                        metric: str) -> Path:
+    """One line per candidate (metric vs step); an early stop is marked with an x at its last point."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    for name, points in curves.items():
+        if not points:
+            continue
+        steps, values = zip(*points)
+        (line,) = ax.plot(steps, values, marker="o", markersize=3, label=name + (" (stopped)" if name in stopped else ""))
+        if name in stopped:
+            ax.plot(steps[-1], values[-1], marker="x", markersize=11, mew=2.5, color=line.get_color())
+    ax.set_xlabel("training step")
+    ax.set_ylabel(metric + (" (bits per answer byte)" if metric == "eval_loss" else ""))
+    ax.set_title("Learning curves (x: stopped early by ASHA)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def bars_png(path: Path, labels: list[str], values: list[float], title: str, ylabel: str,
+             colors: list[str] | None = None) -> Path:
+    """Plain labelled bars (data funnel, cost per stage)."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 2), 3.2), dpi=110)
+    ax.bar(range(len(values)), values, color=colors or "#1f77b4")
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    for i, v in enumerate(values):
+        ax.annotate(f"{v:,.4g}", (i, v), ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,85 @@
+"""RUN/report/ranking.json from the finetune stage's results and the earlier stages' costs.
+
+Order: candidates that trained to the end, by their final score; then those ASHA stopped,
+deepest first (a trial stopped later survived more comparisons), by their last score; failed
+candidates are listed with their reason and no rank.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from damoc.rundir import read_json
+
+
+def _score(e: dict[str, Any]) -> float | None:
+    s = e.get("score")
+    return None if s is None or (isinstance(s, float) and math.isnan(s)) else float(s)
+
+
+def rank_candidates(entries: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    sign = 1.0 if mode == "min" else -1.0
+    scored = [e for e in entries if e["status"] != "failed" and _score(e) is not None]
+    finished = sorted((e for e in scored if e["status"] == "finished"), key=lambda e: (sign * _score(e), e["name"]))
+    stopped = sorted((e for e in scored if e["status"] != "finished"),
+                     key=lambda e: (-e["steps"], sign * _score(e), e["name"]))
+    ranked = {e["name"]: i + 1 for i, e in enumerate(finished + stopped)}
+    out = []
+    for e in entries:
+        status = e["status"] if e["name"] in ranked or e["status"] == "failed" else "failed"
+        row = {"name": e["name"], "rank": ranked.get(e["name"]), "score": _score(e), "status": status,
+               "stopped_early": status == "stopped_early", "steps": e.get("steps", 0),
+               "worker_seconds": e.get("worker_seconds", 0.0), "train_tokens": e.get("train_tokens", 0),
+               "train_flops": e.get("train_flops", 0.0), "final": e.get("final", {})}
+        if e.get("reason") or status == "failed":
+            row["reason"] = e.get("reason", "no evaluation was reported")
+        out.append(row)
+    return sorted(out, key=lambda r: (r["rank"] is None, r["rank"] or 0, r["name"]))
+
+
+def stage_costs(run_dir: Path, finetune: dict[str, Any]) -> dict[str, Any]:
+    """Worker-seconds and FLOPs per stage and in total.
+
+    data: the stage's wall seconds (its Ray Data plan is one job on the cluster); models: each
+    candidate actor's seconds x its CPUs; finetune: each trial's seconds x its workers.
+    Training FLOPs = 6 x forward params x tokens processed (the fine-tuning cost the method saves).
+    """
+    spec_models = (read_json(run_dir / "models" / "models.json") or {}).get("candidates", [])
+    data_marker = read_json(run_dir / "data" / "_stage.json") or {}
+    model_marker = read_json(run_dir / "models" / "_stage.json") or {}
+    spec = _spec(run_dir)
+    cpus = float(((spec.get("model") or {}).get("num_cpus")) or 1)
+    models_ws = sum(float(e.get("seconds", 0.0)) for e in spec_models) * cpus
+    ft_ws = sum(float(e.get("worker_seconds", 0.0)) for e in finetune["candidates"])
+    ft_flops = sum(float(e.get("train_flops", 0.0)) for e in finetune["candidates"])
+    stages = {
+        "data": {"worker_seconds": round(float(data_marker.get("seconds", 0.0)), 3),
+                 "wall_seconds": float(data_marker.get("seconds", 0.0))},
+        "models": {"worker_seconds": round(models_ws, 3), "wall_seconds": float(model_marker.get("seconds", 0.0))},
+        "finetune": {"worker_seconds": round(ft_ws, 3), "wall_seconds": float(finetune.get("seconds", 0.0)),
+                     "train_flops": ft_flops,
+                     "train_tokens": sum(int(e.get("train_tokens", 0)) for e in finetune["candidates"])},
+    }
+    return {"stages": stages, "worker_seconds": round(sum(s["worker_seconds"] for s in stages.values()), 3),
+            "train_flops": ft_flops, "unit": "worker-seconds (seconds x workers or CPUs held)"}
+
+
+def _spec(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        return yaml.safe_load((run_dir / "spec.yaml").read_text()) or {}
+    except OSError:
+        return {}
+
+
+def build_ranking(run_dir: Path) -> dict[str, Any]:
+    finetune = read_json(run_dir / "finetune" / "results.json")
+    if not finetune:
+        raise FileNotFoundError(f"{run_dir / 'finetune' / 'results.json'} is missing: run the finetune stage first")
+    return {"metric": finetune["metric"], "mode": finetune["mode"],
+            "candidates": rank_candidates(finetune["candidates"], finetune["mode"]),
+            "cost": stage_costs(run_dir, finetune),
+            "scheduler": finetune.get("scheduler"), "max_steps": finetune.get("max_steps")}

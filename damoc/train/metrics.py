@@ -1,0 +1,55 @@
+"""Evaluation metrics on answers: bits per byte, exact match, ROUGE-L, multiple-choice accuracy.
+
+Pure functions on text and numbers; the loop feeds them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
+    """Summed answer NLL (nats) over the answer's UTF-8 bytes, in bits: comparable across tokenizers."""
+    return nll_nats / (math.log(2) * max(1, n_bytes))
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over normalised word tokens."""
+    p, r = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not p or not r:
+        return float(p == r)
+    lcs = _lcs(p, r)
+    if lcs == 0:
+        return 0.0
+    prec, rec = lcs / len(p), lcs / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+def first_line(text: str) -> str:
+    """A generated answer ends at the first newline (the template puts one answer per line)."""
+    return text.strip().split("\n", 1)[0].strip()

@@ -1,0 +1,90 @@
+"""Rung synchronisation: make ASHA's decisions independent of which trial happens to be faster.
+
+Ray Tune's ASHA decides at a rung when a trial reports there, comparing it only with the
+trials that reported there before it: the first arrival is never stopped, and which trial
+arrives first depends on machine speed. DaMoC's scheduling choice: all candidates run at once
+when the cluster fits them, and at each rung the running trials wait for one another, then
+report in an order that makes ASHA's own rule (stop if worse than the (1 - 1/rf) quantile of
+earlier arrivals) keep exactly the best ceil(n / rf) of them, i.e. synchronous successive
+halving. Trials that could not start yet (too few resources) meet the rung later and are
+judged by plain ASHA against what was recorded. A trial never waits longer than
+`tune.rung_timeout_s`; a crashed or stopped trial is taken off the barrier by the driver's
+Tune callback.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import ray
+
+
+def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
+    """The steps where ASHA compares trials (its milestones below max_t)."""
+    rungs, k = [], 0
+    while True:
+        r = int(grace_period * reduction_factor ** k)
+        if r >= max_t:
+            return rungs
+        rungs.append(r)
+        k += 1
+
+
+def release_order(values: dict[str, float], reduction_factor: float) -> list[str]:
+    """Report order for one rung (values: higher is better) under which ASHA keeps the top
+    ceil(n / rf): the kept ones from worst to best (each one beats everything recorded), then
+    the rest from best to worst (each one is below the kept quantile)."""
+    ranked = sorted(values, key=lambda n: (-values[n], n))
+    keep = max(1, math.ceil(len(ranked) / reduction_factor))
+    return list(reversed(ranked[:keep])) + ranked[keep:]
+
+
+@ray.remote(num_cpus=0)
+class RungBarrier:
+    def __init__(self, reduction_factor: float, timeout_s: float):
+        self.rf, self.timeout_s = reduction_factor, timeout_s
+        self.live: set[str] = set()
+        self.arrived: dict[int, dict[str, float]] = {}  # rung -> {trial: value}
+        self.arrived_at: dict[tuple[str, int], float] = {}
+        self.order: dict[int, list[str]] = {}
+        self.done: dict[int, set[str]] = {}  # reports Tune has processed at each rung
+
+    def join(self, name: str) -> None:
+        self.live.add(name)
+
+    def leave(self, name: str) -> None:
+        self.live.discard(name)
+
+    def arrive(self, name: str, rung: int, value: float) -> None:
+        self.live.add(name)
+        self.arrived.setdefault(rung, {})[name] = value
+        self.arrived_at.setdefault((name, rung), time.monotonic())
+
+    def processed(self, name: str, rung: int) -> None:
+        self.done.setdefault(rung, set()).add(name)
+
+    def turn(self, name: str, rung: int) -> bool:
+        if time.monotonic() - self.arrived_at[(name, rung)] > self.timeout_s:
+            return True
+        here = self.arrived[rung]
+        if rung not in self.order:
+            if not self.live <= set(here):
+                return False  # someone still running has not reached the rung
+            self.order[rung] = release_order(here, self.rf)
+        order, done = self.order[rung], self.done.get(rung, set())
+        if name not in order:  # arrived after the group was released: plain ASHA
+            return True
+        before = order[: order.index(name)]
+        return all(n in done or n not in self.live for n in before)
+
+    def state(self) -> dict:
+        return {"live": sorted(self.live), "order": self.order}
+
+
+def wait_turn(barrier_name: str, name: str, rung: int, value: float, poll_s: float = 0.2) -> None:
+    """Called by a trial's rank-0 worker before it reports at a rung."""
+    barrier = ray.get_actor(barrier_name)
+    ray.get(barrier.arrive.remote(name, rung, value))
+    while not ray.get(barrier.turn.remote(name, rung)):
+        time.sleep(poll_s)

@@ -1,0 +1,160 @@
+"""The finetune stage: every candidate the model stage produced is fine-tuned on the data stage's
+training rows, concurrently, under Ray Tune; ASHA stops weak ones early.
+
+Writes RUN/finetune/results.json: per candidate its status (finished | stopped_early | failed
+with the reason), steps, learning curve (every report), tokens, FLOPs and worker-seconds. The
+Tune and Train storage (checkpoints, per-trial logs) lives under RUN/finetune/ too, or under
+`finetune.storage_path` on a multi-node cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from damoc.pipeline import Stage, StageContext, register_stage
+from damoc.rundir import atomic_write_json, read_json
+from damoc.spec import JobSpec
+from damoc.train.driver import TrialPlan, fitting_trials, new_barrier_name, tune_candidates, worker_resources
+from damoc.train.rungs import asha_rungs
+
+log = logging.getLogger("damoc.train")
+
+CURVE_KEYS = ("step", "eval_loss", "eval_loss_token", "exact_match", "rouge_l", "accuracy", "train_loss",
+              "lr", "train_tokens", "train_seconds", "epoch", "restarts")
+
+
+def loop_config(spec: JobSpec, name: str, model_path: str, eval_path: str, rungs: list[int],
+                barrier: str | None, trust_remote_code: bool) -> dict[str, Any]:
+    ft, threads = spec.finetune, int((spec.finetune.resources_per_worker or {}).get("CPU", 1))
+    return {
+        "candidate": name, "model_path": model_path, "eval_path": eval_path, "trust_remote_code": trust_remote_code,
+        "task": spec.data.task, "metric": spec.select.metric, "mode": spec.select.mode,
+        "max_new_tokens": spec.select.max_new_tokens, "method": ft.method, "lora": ft.lora.model_dump(),
+        "deepspeed": ft.deepspeed.model_dump(), "precision": ft.precision, "batch_size": ft.batch_size,
+        "eval_batch_size": ft.batch_size, "grad_accum": ft.grad_accum, "lr": ft.lr, "warmup_ratio": ft.warmup_ratio,
+        "max_steps": ft.max_steps, "max_length": ft.max_length, "eval_every": ft.eval_every,
+        "eval_limit": ft.eval_max_rows, "seed": spec.seed, "threads": max(1, threads), "rungs": rungs,
+        "barrier": barrier,
+    }
+
+
+def trainable_candidates(ctx: StageContext) -> tuple[dict[str, dict], list[dict]]:
+    """Candidates the model stage left usable ({name: entry}) and those it failed."""
+    index = read_json(ctx.input("models") / "models.json")
+    if not index:
+        raise FileNotFoundError(f"{ctx.input('models') / 'models.json'} is missing or unreadable")
+    usable = {e["name"]: e for e in index["candidates"] if e["status"] in ("compressed", "original")}
+    for e in usable.values():  # a compressed folder lives in this run, wherever the run directory moved
+        if e["status"] == "compressed":
+            e["path"] = str(ctx.input("models") / e["name"])
+    failed = [e for e in index["candidates"] if e["status"] == "failed"]
+    return usable, failed
+
+
+def candidate_outcome(result, name: str, spec: JobSpec, workers: int) -> dict[str, Any]:
+    """One trial's record from Tune's result: status, learning curve, costs."""
+    df = result.metrics_dataframe
+    rows = [] if df is None or df.empty else df.to_dict("records")
+    curve = [{k: r[k] for k in CURVE_KEYS if k in r and r[k] == r[k]} for r in rows if "step" in r]
+    last = rows[-1] if rows else {}
+    steps = int(last.get("step", 0))
+    seconds = float(last.get("time_total_s", 0.0))
+    out: dict[str, Any] = {"name": name, "steps": steps, "curve": curve, "workers": workers,
+                           "worker_seconds": round(seconds * workers, 3), "trial_seconds": round(seconds, 3)}
+    for k in ("train_tokens", "train_flops", "forward_params", "trainable_params", "restarts"):
+        if k in last:
+            out[k] = last[k]
+    if result.error is not None:
+        out["status"], out["reason"] = "failed", _reason(result.error)
+    elif steps < spec.finetune.max_steps:
+        out["status"] = "stopped_early"
+    else:
+        out["status"] = "finished"
+    if curve:
+        out["final"] = {k: v for k, v in curve[-1].items() if k in ("eval_loss", "eval_loss_token", "exact_match",
+                                                                      "rouge_l", "accuracy")}
+        out["score"] = curve[-1].get(spec.select.metric)
+    return out
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # Train wraps the worker's exception: the last line names the root cause.
+    return f"{type(err).__name__}: {lines[-1][:300] if lines else ''}"
+
+
+@register_stage
+class FinetuneStage(Stage):
+    name = "finetune"
+    output = "finetune"
+    needs = ("data", "models")
+    spec_keys = ("data", "finetune", "tune", "select")
+    version = "1"
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        spec, ft, tn = ctx.spec, ctx.spec.finetune, ctx.spec.tune
+        usable, failed_upstream = trainable_candidates(ctx)
+        if not usable:
+            raise RuntimeError("no candidate left to fine-tune: the model stage failed them all")
+        ctx.runtime  # noqa: B018 - start (or join) Ray
+        per_trial = worker_resources(ft.num_workers, ft.use_gpu, ft.resources_per_worker)
+        cluster = ray.cluster_resources()
+        fits = fitting_trials(cluster, per_trial)
+        if fits < 1:
+            raise RuntimeError(f"one trial needs {per_trial} but the cluster has {cluster}: lower "
+                               "finetune.num_workers or resources_per_worker")
+        concurrent = min(len(usable), fits, tn.max_concurrent_trials or len(usable))
+        storage = ft.storage_path or str(ctx.out.resolve())
+        rungs = asha_rungs(tn.grace_period, tn.reduction_factor, ft.max_steps) if tn.scheduler == "asha" else []
+        barrier = new_barrier_name() if tn.sync_rungs and rungs and concurrent > 1 else None
+        data_dir = ctx.input("data").resolve()
+        plans = {}
+        for c in spec.candidates:
+            if c.name in usable:
+                plans[c.name] = TrialPlan(c.name, str(data_dir / "train.parquet"), loop_config(
+                    spec, c.name, str(Path(usable[c.name]["path"]).resolve()), str(data_dir / "eval.parquet"),
+                    rungs, barrier, c.trust_remote_code), storage_path=str(Path(storage) / "train"))
+        scaling = {"num_workers": ft.num_workers, "use_gpu": ft.use_gpu,
+                   "resources_per_worker": ft.resources_per_worker}
+        log.info("finetune: %d candidates, %d at once (%s per trial; cluster %s), %s, rungs at steps %s%s",
+                 len(plans), concurrent, per_trial, {k: cluster[k] for k in ("CPU", "GPU") if k in cluster},
+                 tn.scheduler, rungs or "-", " (synchronised)" if barrier else "")
+        t0 = time.monotonic()
+        grid = tune_candidates(plans, scaling=scaling, metric=spec.select.metric, mode=spec.select.mode,
+                               scheduler=tn.scheduler, grace_period=tn.grace_period,
+                               reduction_factor=tn.reduction_factor, max_steps=ft.max_steps,
+                               max_concurrent=concurrent, max_failures=ft.max_failures, storage_path=storage,
+                               rung_timeout_s=tn.rung_timeout_s, barrier_name=barrier)
+        outcomes = {}
+        for result in grid:
+            name = result.config["candidate"]
+            outcomes[name] = candidate_outcome(result, name, spec, ft.num_workers)
+        for e in failed_upstream:
+            outcomes[e["name"]] = {"name": e["name"], "status": "failed", "steps": 0, "curve": [],
+                                   "reason": f"model stage: {e.get('reason', 'failed')}", "worker_seconds": 0.0}
+        entries = [outcomes[c.name] for c in spec.candidates if c.name in outcomes]
+        seconds = time.monotonic() - t0
+        atomic_write_json(ctx.out / "results.json", {
+            "metric": spec.select.metric, "mode": spec.select.mode, "scheduler": tn.scheduler,
+            "rungs": rungs, "sync_rungs": bool(barrier), "max_steps": ft.max_steps, "max_concurrent_trials": concurrent,
+            "num_workers": ft.num_workers, "method": ft.method, "deepspeed": ft.deepspeed.model_dump(),
+            "seconds": round(seconds, 3), "candidates": entries})
+        counts = {s: sum(e["status"] == s for e in entries) for s in ("finished", "stopped_early", "failed")}
+        for e in entries:
+            log.info("finetune: %s %s after %d steps, %s=%s, %.1f worker-s%s", e["name"], e["status"], e["steps"],
+                     spec.select.metric, _fmt(e.get("score")), e["worker_seconds"],
+                     f" ({e['reason']})" if e.get("reason") else "")
+        if counts["failed"] == len(entries):
+            raise RuntimeError("every candidate failed: " + "; ".join(f"{e['name']}: {e['reason']}" for e in entries))
+        return {"candidates": len(entries), **counts, "trials_at_once": concurrent}
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"

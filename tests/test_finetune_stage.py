@@ -1,0 +1,80 @@
+"""data -> models -> finetune -> report on the embedded cluster: three candidates, two CPU workers each,
+ASHA stops the clearly worse one; ranking.json, the report and its plots; `damoc report` and `compare`."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import QA_ROWS, spec_dict, write_jsonl
+
+from damoc.cli import main
+from damoc.pipeline import Pipeline
+from damoc.runtime import connect
+from damoc.spec import spec_from_data
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_address(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def hopeless(src, dst):
+    """A copy of a tiny model whose final norm is zero: its logits are 0 whatever LoRA learns (norms are not
+    LoRA targets), so it stays at the uniform distribution, clearly worse than candidates that learn."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_three_candidates_ranked_weak_one_stopped_early(tmp_path, tiny_model):
+    write_jsonl(tmp_path / "data" / "train.jsonl", QA_ROWS * 3)
+    good = tiny_model("llama", hidden=32, layers=4)
+    spec = spec_from_data(spec_dict(**{
+        "data.filter": {"method": "none"}, "data.compress": {"enabled": False}, "data.eval": {"split_ratio": 0.2},
+        "candidates": [{"name": "llama-a", "path": str(good)},
+                       {"name": "gpt2-b", "path": str(tiny_model("gpt2", hidden=32, layers=4))},
+                       {"name": "llama-bad", "path": str(hopeless(good, tmp_path / "bad"))}],
+        "model": {"prune_ratio": 0.5, "calibration": {"rows": 8, "batch_size": 4}},
+        "finetune": {"num_workers": 2, "max_steps": 8, "eval_every": 4, "batch_size": 4, "lr": 5e-3},
+        "tune": {"grace_period": 4, "reduction_factor": 2}}), base_dir=str(tmp_path))
+    pipeline = Pipeline(spec, base_dir=tmp_path, runtime_factory=lambda: connect(None, num_cpus=6))
+    outcomes = pipeline.run()
+    assert [o.name for o in outcomes] == ["data", "models", "finetune", "report"]
+    run = pipeline.run_dir
+
+    ranking = json.loads((run / "report" / "ranking.json").read_text())
+    by_name = {c["name"]: c for c in ranking["candidates"]}
+    assert ranking["metric"] == "eval_loss" and set(by_name) == {"llama-a", "gpt2-b", "llama-bad"}
+    bad = by_name["llama-bad"]
+    assert bad["status"] == "stopped_early" and bad["stopped_early"] and bad["steps"] == 4 and bad["rank"] == 3
+    for name in ("llama-a", "gpt2-b"):
+        c = by_name[name]
+        assert c["status"] == "finished" and c["steps"] == 8 and c["rank"] in (1, 2)
+        assert c["score"] < bad["score"] and c["train_tokens"] > 0 and c["train_flops"] > 0
+        assert c["worker_seconds"] > 0
+    cost = ranking["cost"]
+    assert set(cost["stages"]) == {"data", "models", "finetune"} and cost["worker_seconds"] > 0
+
+    html = (run / "report" / "report.html").read_text()
+    images = re.findall(r'<img src="([^"]+)"', html)
+    assert {"learning_curves.png", "cost.png", "data_funnel.png", "layers_llama-a.png"} <= set(images)
+    for name in images:
+        assert (run / "report" / name).read_bytes().startswith(PNG_MAGIC), name
+    assert "llama-bad" in html and "stopped_early" in html
+
+    # `damoc report` rewrites the report from the run's files; `compare` of a run with itself agrees fully.
+    (run / "report" / "report.md").unlink()
+    assert main(["report", str(run)]) == 0 and (run / "report" / "report.md").is_file()
+    assert (run / "report" / "_stage.json").is_file()
+    assert main(["compare", str(run), str(run), "--json"]) == 0

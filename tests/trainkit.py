@@ -1,0 +1,45 @@
+"""Helpers for the finetune tests: a train/eval split on disk and one Ray Train fit of the loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from conftest import QA_ROWS, spec_dict
+
+from damoc.spec import spec_from_data
+from damoc.train.stage import loop_config
+
+
+def write_split(folder: Path, repeat: int = 4) -> Path:
+    """train.parquet (QA_ROWS x repeat) and eval.parquet (every third row) in the data stage's layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": str(i), "source": "t", **r} for i, r in enumerate(QA_ROWS)]
+    pq.write_table(pa.Table.from_pylist(rows * repeat), folder / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[::3]), folder / "eval.parquet")
+    return folder
+
+
+def loop_cfg(model: Path, data: Path, rungs=(), barrier=None, **finetune) -> dict:
+    spec = spec_from_data(spec_dict(**{"finetune": {"num_workers": 2, "batch_size": 4, "max_steps": 12,
+                                                    "eval_every": 4, "lr": 1e-2, **finetune},
+                                       "tune": {"grace_period": 2}}), check_files=False)
+    return loop_config(spec, "c", str(model), str(data / "eval.parquet"), list(rungs), barrier, False)
+
+
+def fit(cfg: dict, data: Path, storage: Path, workers: int = 2, max_failures: int = 0):
+    import pyarrow.parquet as pq
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from damoc.train.loop import train_loop_per_worker
+
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=cfg,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers),
+        run_config=ray.train.RunConfig(name="fit", storage_path=str(storage),
+                                       failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+        datasets={"train": ray.data.from_arrow(pq.read_table(data / "train.parquet"))})
+    return trainer.fit()
