@@ -271,6 +271,7 @@ class FinetuneSpec(Strict):
     method: Literal["lora", "full"] = "lora"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    # auto: bf16 on GPU (fp16 where bf16 is missing), fp32 on CPU (faster there without AMX).
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     num_workers: int = Field(default=2, gt=0)
     use_gpu: bool = False

@@ -1,5 +1,6 @@
 """data -> models -> finetune -> report on the embedded cluster: three candidates, two CPU workers each,
-ASHA stops the clearly worse one; ranking.json, the report and its plots; `damoc report` and `compare`."""
+ASHA stops the clearly worse one, a fourth that failed upstream is reported failed; ranking.json, the
+report and its plots; `damoc report` and `compare`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from damoc.cli import main
 from damoc.pipeline import Pipeline
 from damoc.runtime import connect
 from damoc.spec import spec_from_data
+from test_model_stage import unsupported_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -37,14 +39,15 @@ def hopeless(src, dst):
 
 
 @pytest.mark.slow
-def test_three_candidates_ranked_weak_one_stopped_early(tmp_path, tiny_model):
+def test_three_candidates_ranked_weak_one_stopped_early(tmp_path, tiny_model, tokenizer_dir):
     write_jsonl(tmp_path / "data" / "train.jsonl", QA_ROWS * 3)
     good = tiny_model("llama", hidden=32, layers=4)
     spec = spec_from_data(spec_dict(**{
         "data.filter": {"method": "none"}, "data.compress": {"enabled": False}, "data.eval": {"split_ratio": 0.2},
         "candidates": [{"name": "llama-a", "path": str(good)},
                        {"name": "gpt2-b", "path": str(tiny_model("gpt2", hidden=32, layers=4))},
-                       {"name": "llama-bad", "path": str(hopeless(good, tmp_path / "bad"))}],
+                       {"name": "llama-bad", "path": str(hopeless(good, tmp_path / "bad"))},
+                       {"name": "bloom-x", "path": str(unsupported_model(tmp_path / "bloom", tokenizer_dir))}],
         "model": {"prune_ratio": 0.5, "calibration": {"rows": 8, "batch_size": 4}},
         "finetune": {"num_workers": 2, "max_steps": 8, "eval_every": 4, "batch_size": 4, "lr": 5e-3},
         "tune": {"grace_period": 4, "reduction_factor": 2}}), base_dir=str(tmp_path))
@@ -55,7 +58,9 @@ def test_three_candidates_ranked_weak_one_stopped_early(tmp_path, tiny_model):
 
     ranking = json.loads((run / "report" / "ranking.json").read_text())
     by_name = {c["name"]: c for c in ranking["candidates"]}
-    assert ranking["metric"] == "eval_loss" and set(by_name) == {"llama-a", "gpt2-b", "llama-bad"}
+    assert ranking["metric"] == "eval_loss" and set(by_name) == {"llama-a", "gpt2-b", "llama-bad", "bloom-x"}
+    failed = by_name["bloom-x"]  # failed in the model stage: listed, unranked, with its reason
+    assert failed["status"] == "failed" and failed["rank"] is None and "model_type 'bloom'" in failed["reason"]
     bad = by_name["llama-bad"]
     assert bad["status"] == "stopped_early" and bad["stopped_early"] and bad["steps"] == 4 and bad["rank"] == 3
     for name in ("llama-a", "gpt2-b"):
@@ -71,7 +76,7 @@ def test_three_candidates_ranked_weak_one_stopped_early(tmp_path, tiny_model):
     assert {"learning_curves.png", "cost.png", "data_funnel.png", "layers_llama-a.png"} <= set(images)
     for name in images:
         assert (run / "report" / name).read_bytes().startswith(PNG_MAGIC), name
-    assert "llama-bad" in html and "stopped_early" in html
+    assert "llama-bad" in html and "stopped_early" in html and "bloom-x" in html
 
     # `damoc report` rewrites the report from the run's files; `compare` of a run with itself agrees fully.
     (run / "report" / "report.md").unlink()

@@ -30,7 +30,7 @@ def curve(result):
 @pytest.mark.parametrize("method,deepspeed", [("lora", True), ("full", False)], ids=["lora-zero2-bf16", "full-ddp"])
 def test_loop_trains_and_reports(ray4, tmp_path, tiny_model, method, deepspeed):
     data = write_split(tmp_path / "data")
-    cfg = loop_cfg(tiny_model("llama", hidden=32, layers=2), data, method=method,
+    cfg = loop_cfg(tiny_model("llama", hidden=32, layers=2), data, method=method, precision="bf16" if deepspeed else "fp32",
                    deepspeed={"enabled": deepspeed, "zero_stage": 2})
     result = fit(cfg, data, tmp_path / "store")
     steps, losses = curve(result)
@@ -47,11 +47,11 @@ def test_loop_trains_and_reports(ray4, tmp_path, tiny_model, method, deepspeed):
     assert result.checkpoint is not None
 
 
-@pytest.mark.parametrize("method,deepspeed", [("full", True), ("lora", False)], ids=["full-zero2-bf16", "lora-ddp"])
+@pytest.mark.parametrize("method,deepspeed", [("full", True), ("lora", False)], ids=["full-zero2-bf16", "lora-ddp-bf16-autocast"])
 def test_loop_other_combinations_run(ray4, tmp_path, tiny_model, method, deepspeed):
     data = write_split(tmp_path / "data", repeat=1)
     cfg = loop_cfg(tiny_model("gpt2", hidden=32, layers=2), data, method=method, max_steps=4, eval_every=2,
-                   deepspeed={"enabled": deepspeed, "zero_stage": 2}, grad_accum=2)
+                   precision="bf16", deepspeed={"enabled": deepspeed, "zero_stage": 2}, grad_accum=2)
     steps, losses = curve(fit(cfg, data, tmp_path / "store"))
     assert steps == [2, 4] and all(v == v for v in losses)
 

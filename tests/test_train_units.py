@@ -1,0 +1,152 @@
+"""Pure pieces of the finetune and report stages, tested exactly (no Ray cluster)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from damoc.report.compare import compare_runs
+from damoc.report.ranking import rank_candidates
+from damoc.report.render import to_html, to_markdown
+from damoc.train import metrics
+from damoc.train.driver import fitting_trials, worker_resources
+from damoc.train.engine import warmup_cosine
+from damoc.train.examples import IGNORE, collate, encode, gold_option, options_of, prompt_text
+from damoc.train.loop import Batches, report_steps
+from damoc.train.rungs import asha_rungs, release_order
+
+
+# ---------------------------------------------------------------- examples and metrics
+
+
+def test_encode_masks_the_prompt_and_counts_answer_bytes(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ex = encode(tok, "Question: what?\nAnswer: ", "naïve", max_length=64)
+    n_answer = len(tok("naïve", add_special_tokens=False)["input_ids"])
+    assert ex.labels.count(IGNORE) == len(ex.ids) - n_answer - 1  # answer tokens + EOS are scored
+    assert ex.labels[-1] == tok.eos_token_id and ex.answer_bytes == len("naïve".encode())
+    short = encode(tok, "word " * 200, "yes", max_length=16)  # long prompts are cut from the left
+    assert len(short.ids) == 16 and short.labels[-2:] == short.ids[-2:]
+    batch = collate([ex, short], tok.pad_token_id)
+    assert batch["input_ids"].shape == (2, len(ex.ids)) and int(batch["attention_mask"][1].sum()) == 16
+    assert (batch["labels"][1, 16:] == IGNORE).all()
+
+
+def test_templates_and_options():
+    assert prompt_text("qa", "Why?", "") == "Question: Why?\nAnswer: "
+    assert prompt_text("reading_comprehension", "Who?", "Ann met Bo.") == "Passage: Ann met Bo.\nQuestion: Who?\nAnswer: "
+    opts = options_of("Pick one:\nA. red\nB) blue\n(C) green", None)
+    assert opts == [("A", "red"), ("B", "blue"), ("C", "green")]
+    assert gold_option(opts, "B") == 1 and gold_option(opts, "c. green") == 2 and gold_option(opts, "Red") == 0
+    assert gold_option(opts, "purple") is None
+
+
+def test_metrics_exact_values():
+    assert metrics.bits_per_byte(math.log(2) * 12, 4) == pytest.approx(3.0)
+    assert metrics.exact_match("The Paris.", "paris") == 1.0 and metrics.exact_match("Lyon", "Paris") == 0.0
+    # LCS("the cat sat on mat", "cat sat on the mat") = cat sat on mat (4); articles dropped: 4/4 and 4/4
+    assert metrics.rouge_l("the cat sat on mat", "cat sat on the mat") == pytest.approx(1.0)
+    # LCS("b1 b2 b3 b4", "b1 x b3") = 2: P 2/4, R 2/3 -> F 4/7
+    assert metrics.rouge_l("b1 b2 b3 b4", "b1 x b3") == pytest.approx(4 / 7)
+    assert metrics.first_line("  42\nmore text") == "42"
+
+
+def test_warmup_then_cosine():
+    f = warmup_cosine(4, 20)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0.0)
+
+
+def test_batches_resume_where_they_stopped():
+    from damoc.train.examples import Example
+
+    exs = [Example([i], [i], 1) for i in range(10)]
+    a = Batches(exs, 3, seed=1)
+    seen = [[e.ids[0] for e in a.next()] for _ in range(7)]
+    assert sorted(sum(seen[:3], [])) == sorted(set(sum(seen[:3], [])))  # one epoch: no repeats
+    b = Batches(exs, 3, seed=1, position=4)
+    assert [[e.ids[0] for e in b.next()] for _ in range(3)] == seen[4:]
+
+
+# ---------------------------------------------------------------- scheduling
+
+
+def test_rungs_and_report_steps():
+    assert asha_rungs(20, 2, 200) == [20, 40, 80, 160]
+    assert asha_rungs(4, 3, 8) == [4]
+    assert report_steps(12, 5, [4]) == {4, 5, 10, 12}
+
+
+@pytest.mark.parametrize("n,rf", [(2, 2), (3, 2), (4, 2), (5, 2), (6, 3), (7, 3), (8, 2)])
+def test_release_order_makes_ray_asha_keep_the_top_ceil_n_over_rf(n, rf):
+    """Feed Ray's own ASHA bracket the rung results in our order: exactly the best ceil(n/rf) continue."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler
+
+    class T:
+        def __init__(self, name):
+            self.trial_id = name
+
+    values = {f"t{i}": v for i, v in enumerate([0.31, 0.9, 0.12, 0.77, 0.5, 0.63, 0.05, 0.44][:n])}
+    bracket = _Bracket(min_t=4, max_t=64, reduction_factor=rf, s=0)
+    kept = {name for name in release_order(values, rf)
+            if bracket.on_result(T(name), 4, values[name]) == TrialScheduler.CONTINUE}
+    best = sorted(values, key=values.get, reverse=True)[: math.ceil(n / rf)]
+    assert kept == set(best)
+
+
+def test_trial_concurrency_from_cluster_resources():
+    assert worker_resources(2, False, None) == {"CPU": 2}
+    assert worker_resources(2, True, {"CPU": 4}) == {"CPU": 8, "GPU": 2}
+    assert fitting_trials({"CPU": 6.0}, {"CPU": 2}) == 3
+    assert fitting_trials({"CPU": 64.0, "GPU": 8.0}, {"CPU": 8, "GPU": 2}) == 4
+    assert fitting_trials({"CPU": 1.0}, {"CPU": 2}) == 0
+
+
+# ---------------------------------------------------------------- ranking, compare, render
+
+
+def entry(name, status, score, steps, **kw):
+    return {"name": name, "status": status, "score": score, "steps": steps, "worker_seconds": 10.0, **kw}
+
+
+def test_ranking_finished_first_then_stopped_deepest_first_failed_unranked():
+    rows = rank_candidates([
+        entry("s1", "stopped_early", 0.5, 20), entry("f1", "finished", 2.0, 80), entry("x", "failed", None, 0,
+                                                                                        reason="boom"),
+        entry("s2", "stopped_early", 0.1, 40), entry("f2", "finished", 1.0, 80)], mode="min")
+    assert [(r["name"], r["rank"]) for r in rows] == [("f2", 1), ("f1", 2), ("s2", 3), ("s1", 4), ("x", None)]
+    assert rows[-1]["reason"] == "boom" and rows[2]["stopped_early"] and not rows[0]["stopped_early"]
+
+
+def write_ranking(run, ranks_scores, ws, flops, metric="eval_loss"):
+    (run / "report").mkdir(parents=True)
+    cands = [{"name": n, "rank": r, "score": s} for n, (r, s) in ranks_scores.items()]
+    (run / "report" / "ranking.json").write_text(json.dumps({
+        "metric": metric, "mode": "min", "candidates": cands,
+        "cost": {"worker_seconds": ws, "train_flops": flops}}))
+    return run
+
+
+def test_compare_two_runs(tmp_path):
+    a = write_ranking(tmp_path / "a", {"x": (1, 0.9), "y": (2, 0.8), "z": (3, 5.0)}, 100.0, 1e9)
+    b = write_ranking(tmp_path / "b", {"x": (2, 1.2), "y": (1, 1.0), "z": (3, 2.0)}, 2500.0, 3e10)
+    c = compare_runs(a, b)
+    assert c["kendall_tau"] == pytest.approx(1 / 3) and c["spearman"] == pytest.approx(0.5)
+    assert c["top1_hit"] is False and c["choice_a"] == "x" and c["best_b"] == "y"
+    assert c["rel_acc"] == pytest.approx((2.0 - 1.2) / (2.0 - 1.0))
+    assert c["cost_ratio_worker_seconds"] == 25.0 and c["cost_ratio_train_flops"] == 30.0
+    other = write_ranking(tmp_path / "c", {"x": (1, 0.1), "y": (2, 0.2)}, 1.0, 1.0, metric="rouge_l")
+    with pytest.raises(ValueError, match="different metrics"):
+        compare_runs(a, other)
+
+
+def test_render_escapes_and_references_images():
+    blocks = [("h1", "R <1>"), ("table", ["a", "b"], [["x|y", 1.5], [None, 12345678.0]]), ("img", "p.png", "cap")]
+    md, page = to_markdown(blocks), to_html(blocks, "t")
+    assert "| x\\|y | 1.5 |" in md and "![cap](p.png)" in md
+    assert "R &lt;1&gt;" in page and '<img src="p.png"' in page and "1.235e+07" in page
