@@ -66,6 +66,14 @@ def cmd_select(args: argparse.Namespace) -> int:
     finally:
         logging.getLogger("damoc").removeHandler(handler)
         handler.close()
+    if "report" in stages:
+        from damoc.report.build import ranking_table
+        from damoc.rundir import read_json
+
+        ranking = read_json(pipeline.run_dir / "report" / "ranking.json")
+        if ranking:
+            print(ranking_table(ranking))
+            print(f"report: {pipeline.run_dir / 'report' / 'report.html'}")
     ran = [o for o in outcomes if o.status == "ran"]
     log.info("job %s: %d stage(s) ran, %d skipped, %.1fs; run directory %s", spec.name, len(ran),
              len(outcomes) - len(ran), sum(o.seconds for o in outcomes), pipeline.run_dir)

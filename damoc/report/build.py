@@ -28,6 +28,17 @@ def write_report(run_dir: Path, out: Path) -> dict[str, Any]:
     return ranking
 
 
+def ranking_table(ranking: dict[str, Any]) -> str:
+    """The ranking as a plain-text table for the terminal."""
+    from damoc.report.render import fmt
+
+    head = ["rank", "candidate", "status", ranking["metric"], "steps", "worker-s", "note"]
+    rows = [[fmt(c["rank"]), c["name"], c["status"], fmt(c["score"]), fmt(c["steps"]), fmt(c["worker_seconds"]),
+             (c.get("reason") or "")[:60]] for c in ranking["candidates"]]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in [head, *rows])
+
+
 def _ranking_section(ranking: dict[str, Any], finetune: dict[str, Any], out: Path) -> list[Block]:
     metric, rows = ranking["metric"], ranking["candidates"]
     winner = next((r for r in rows if r["rank"] == 1), None)
