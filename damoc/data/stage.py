@@ -189,21 +189,11 @@ def actor_pool(d: DataSpec, concurrent_pools: int) -> dict[str, Any]:
 
 
 def write_parquet_file(ds, path: Path, columns: list[str]) -> int:
-    """Stream a dataset into one Parquet file (the contract names a file, not a folder)."""
-    writer, n = None, 0
-    try:
-        for batch in ds.iter_batches(batch_format="pandas", batch_size=8192):
-            table = pa.Table.from_pandas(batch[[c for c in columns if c in batch]], preserve_index=False)
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema)
-            writer.write_table(table.cast(writer.schema))
-            n += len(batch)
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
-        pq.write_table(pa.table({c: pa.array([], pa.string()) for c in TEXT_COLUMNS}), path)
-    return n
+    """Stream a dataset into one Parquet file."""
+    sink = ParquetSink(path, columns)
+    for batch in ds.iter_batches(batch_format="pandas", batch_size=8192):
+        sink.write(batch)
+    return sink.close()
 
 
 def write_quarantine(ds, path: Path, split: str) -> int:
@@ -211,11 +201,78 @@ def write_quarantine(ds, path: Path, split: str) -> int:
     with open(path, "a", encoding="utf-8") as fh:
         for batch in ds.select_columns(["id", "source", "reason", "raw"]).iter_batches(
                 batch_format="pandas", batch_size=8192):
-            for r in batch.itertuples(index=False):
-                fh.write(json.dumps({"id": r.id, "source": r.source, "split": split, "reason": r.reason,
-                                     "raw": r.raw}, ensure_ascii=False) + "\n")
-                n += 1
+            fh.write(quarantine_lines(batch, split))
+            n += len(batch)
     return n
+
+
+def destination(df: pd.DataFrame) -> np.ndarray:
+    """Where each row of pass 2 goes: quarantine, eval, dropped or train (in that precedence)."""
+    out = np.full(len(df), "train", dtype=object)
+    out[(df["drop"].notna()).to_numpy()] = "dropped"
+    out[(df["split"] == "eval").to_numpy()] = "eval"
+    out[df["reason"].notna().to_numpy()] = "quarantine"
+    return out
+
+
+def on_kept(fn):
+    """A batch function or callable class applied to the kept (alive) rows of a batch only; the other
+    rows pass through untouched, so pass 2 is one stream that carries every destination."""
+    def split(df: pd.DataFrame, call) -> pd.DataFrame:
+        kept = alive_mask(df)
+        if kept.all():
+            return call(df)
+        if not kept.any():
+            return df
+        done = call(df[kept].copy())
+        return pd.concat([done, df[~kept]]).loc[df.index]
+
+    if isinstance(fn, type):
+        class KeptOnly(fn):
+            def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+                return split(df, super().__call__)
+
+        KeptOnly.__name__ = fn.__name__
+        return KeptOnly
+
+    def kept_only(df: pd.DataFrame, **kwargs) -> pd.DataFrame:
+        return split(df, lambda sub: fn(sub, **kwargs))
+
+    kept_only.__name__ = fn.__name__
+    return kept_only
+
+
+class ParquetSink:
+    """One Parquet file written batch by batch (the contract names a file, not a folder)."""
+
+    def __init__(self, path: Path, columns: list[str], ints: tuple[str, ...] = ()):
+        self.path, self.columns, self.ints = path, columns, ints
+        self.writer, self.rows = None, 0
+
+    def write(self, df: pd.DataFrame) -> None:
+        if df.empty:
+            return
+        df = df[[c for c in self.columns if c in df]].copy()
+        for c in self.ints:
+            if c in df:
+                df[c] = df[c].astype(np.int64)
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table.cast(self.writer.schema))
+        self.rows += len(df)
+
+    def close(self) -> int:
+        if self.writer is not None:
+            self.writer.close()
+        else:
+            pq.write_table(pa.table({c: pa.array([], pa.string()) for c in TEXT_COLUMNS}), self.path)
+        return self.rows
+
+
+def quarantine_lines(df: pd.DataFrame, split: str) -> str:
+    return "".join(json.dumps({"id": r.id, "source": r.source, "split": split, "reason": r.reason, "raw": r.raw},
+                              ensure_ascii=False) + "\n" for r in df[["id", "source", "reason", "raw"]].itertuples(index=False))
 
 
 @register_stage
@@ -281,11 +338,18 @@ class DataStage(Stage):
                 ds = ds.map_batches(op.actor_class, fn_constructor_kwargs={"params": params, "tally": tally},
                                     **pool)
             else:
-                ds = ds.map_batches(Timed(op, tally), batch_format="pandas", batch_size=BATCH_ROWS)
+                ds = ds.map_batches(Timed(op.name, op.apply, tally), batch_format="pandas", batch_size=BATCH_ROWS)
             streamed.append(op.name)
         if needs_lm and not lm_added:
             ds = self._add_lm(ds, ref, d, needs_emb, tally, pool, emb_model)
             streamed.append("lm_stats")
+        scratch: list[str] = []  # selector columns computed while streaming, never written out
+        for sel in selectors:
+            if sel.prepared_columns:
+                ds = ds.map_batches(Timed(f"{sel.name}:prepare", sel.prepare, tally), batch_format="pandas",
+                                    batch_size=BATCH_ROWS)
+                streamed.append(f"{sel.name}:prepare")
+                scratch += list(sel.prepared_columns)
         ds.write_parquet(str(work / "scored"), max_rows_per_file=FILE_ROWS)
         scored = ray.data.read_parquet(str(work / "scored"))
         cols = collect(scored, ["reason", "split", "drop"])
@@ -313,52 +377,64 @@ class DataStage(Stage):
             log.info("data: %s kept %d of %d rows in %.1fs", sel.name, n_alive - len(new), n_alive,
                      time.monotonic() - ts)
 
-        # Pass 2: apply drops, compress what is kept, write the contract's files.
+        # Pass 2, one stream: apply drops, rewrite and compress the kept rows, and route every row to
+        # its file (train, dropped, quarantine, eval) as it goes by.
         final = apply_drops(scored, drops)
-        kept_ds = keep_where(final, alive_mask).drop_columns(["embedding"] if needs_emb else [])
+        if needs_emb or scratch:
+            final = final.drop_columns((["embedding"] if needs_emb else []) + scratch)
         if d.rewrite.enabled:  # before compression: the writer sees whole sentences
             writer = d.rewrite.model and self.local_or_hub(ctx, d.rewrite.model)
-            kept_ds = kept_ds.map_batches(Rewriter, fn_constructor_kwargs=dict(
+            final = final.map_batches(on_kept(Rewriter), fn_constructor_kwargs=dict(
                 reference=ref, model=writer, endpoint=d.rewrite.endpoint, rounds=d.rewrite.rounds,
                 max_length=d.max_length), **pool)
         tc = time.monotonic()
         if d.compress.enabled:
-            kept_ds = kept_ds.map_batches(Compressor, fn_constructor_kwargs=dict(
+            final = final.map_batches(on_kept(Compressor), fn_constructor_kwargs=dict(
                 model_path=ref, ratio=d.compress.ratio, forced=d.compress.forced_tokens,
                 compress_answer=d.compress.compress_answer, max_length=d.max_length), **pool)
         else:
-            kept_ds = kept_ds.map_batches(count_prompt_tokens, fn_kwargs=dict(model_path=ref), batch_format="pandas",
-                                          batch_size=BATCH_ROWS)
+            final = final.map_batches(on_kept(count_prompt_tokens), fn_kwargs=dict(model_path=ref),
+                                      batch_format="pandas", batch_size=BATCH_ROWS)
         stats_cols = [c for c in ("chars", "repetition", "special_ratio", "ce_cond", "ce_alone", "ifd", "ppl",
                                   "judge") if c in scored.schema().names]
-        kept_path = ctx.out / "train.parquet"
-        kept = write_parquet_file(kept_ds, kept_path,
-                                  TEXT_COLUMNS + stats_cols + ["rewrite_rounds", "prompt_tokens_before",
-                                                               "prompt_tokens_after"])
-        have = set(pq.read_schema(kept_path).names)
-        written = pq.read_table(kept_path, columns=[c for c in ("prompt_tokens_before", "prompt_tokens_after",
-                                                                "rewrite_rounds") if c in have]).to_pandas()
-        tokens_before = int(written["prompt_tokens_before"].sum()) if kept else 0
-        tokens_after = int(written["prompt_tokens_after"].sum()) if kept else 0
+        token_cols = ("prompt_tokens_before", "prompt_tokens_after", "rewrite_rounds")
+        sinks = {"train": ParquetSink(ctx.out / "train.parquet", TEXT_COLUMNS + stats_cols + list(token_cols),
+                                      ints=token_cols),
+                 "dropped": ParquetSink(ctx.out / "dropped.parquet", TEXT_COLUMNS + ["drop"] + stats_cols)}
+        if d.eval.split_ratio is not None:
+            sinks["eval"] = ParquetSink(ctx.out / "eval.parquet", TEXT_COLUMNS)
+        qpath = ctx.out / "quarantine.jsonl"
+        tokens_before = tokens_after = 0
+        rounds_parts: list[np.ndarray] = []
+        drop_reasons: dict[str, int] = {}
+        with open(qpath, "w", encoding="utf-8") as qfh:
+            for batch in final.iter_batches(batch_format="pandas", batch_size=8192):
+                dest = destination(batch)
+                for name, sink in sinks.items():
+                    sink.write(batch[dest == name])
+                if (dest == "quarantine").any():
+                    qfh.write(quarantine_lines(batch[dest == "quarantine"], "train"))
+                kept_rows = batch[dest == "train"]
+                if len(kept_rows):
+                    tokens_before += int(kept_rows["prompt_tokens_before"].sum())
+                    tokens_after += int(kept_rows["prompt_tokens_after"].sum())
+                    if d.rewrite.enabled:
+                        rounds_parts.append(kept_rows["rewrite_rounds"].to_numpy(dtype=np.int64))
+                for reason, n in batch.loc[dest == "dropped", "drop"].map(drop_key).value_counts().items():
+                    drop_reasons[reason] = drop_reasons.get(reason, 0) + int(n)
+        written = {name: sink.close() for name, sink in sinks.items()}
+        kept = written["train"]
         steps = (["rewrite"] if d.rewrite.enabled else []) + ["compress" if d.compress.enabled else "count_tokens"]
-        timings.append({"name": "+".join(steps), "seconds": round(time.monotonic() - tc, 3), "in": kept, "out": kept})
+        timings.append({"name": "+".join(steps), "seconds": round(time.monotonic() - tc, 3),
+                        "in": kept, "out": kept})
         rewrite = None
         if d.rewrite.enabled:
-            rounds = written["rewrite_rounds"].to_numpy() if kept else np.zeros(0, dtype=int)
+            rounds = np.concatenate(rounds_parts) if rounds_parts else np.zeros(0, dtype=int)
             rewrite = {"rows_rewritten": int((rounds > 0).sum()), "rounds_accepted": int(rounds.sum()),
                        "rows_by_rounds": {str(r): int((rounds == r).sum()) for r in range(d.rewrite.rounds + 1)}}
+        eval_info = self._write_eval(ctx, written.get("eval"), qpath)
 
-        dropped_ds = keep_where(final, lambda df: df["drop"].notna())
-        n_dropped = write_parquet_file(dropped_ds, ctx.out / "dropped.parquet", TEXT_COLUMNS + ["drop"] + stats_cols)
-        qpath = ctx.out / "quarantine.jsonl"
-        qpath.write_text("")
-        write_quarantine(keep_where(final, lambda df: df["reason"].notna()), qpath, "train")
-        eval_info = self._write_eval(ctx, final, qpath)
-
-        dropped: dict[str, int] = {}
-        reasons = pq.read_table(ctx.out / "dropped.parquet", columns=["drop"])["drop"].to_pylist() if n_dropped else []
-        for reason in reasons:
-            dropped[drop_key(reason)] = dropped.get(drop_key(reason), 0) + 1
+        dropped = dict(drop_reasons)
         if held_out:
             dropped["held_out_eval"] = held_out
         n_input = len(cols["reason"])
@@ -387,13 +463,12 @@ class DataStage(Stage):
             tally=tally, model_path=ref, max_length=d.max_length, embeddings=embeddings,
             embedding_model=emb_model), **pool)
 
-    def _write_eval(self, ctx: StageContext, final, qpath: Path) -> dict[str, int]:
-        """Eval rows are never filtered, compressed or rewritten."""
+    def _write_eval(self, ctx: StageContext, split_rows: int | None, qpath: Path) -> dict[str, int]:
+        """Eval rows are never filtered, compressed or rewritten. A split was written in pass 2;
+        a separate eval source is read and written here."""
         d = ctx.spec.data
-        if d.eval.split_ratio is not None:
-            rows = keep_where(final, lambda df: df["reason"].isna() & (df["split"] == "eval"))
-            n = write_parquet_file(rows, ctx.out / "eval.parquet", TEXT_COLUMNS)
-            return {"input": n, "rows": n, "quarantined": 0}
+        if split_rows is not None:
+            return {"input": split_rows, "rows": split_rows, "quarantined": 0}
         ev = read_rows(d.eval, d.fields, str(ctx.base_dir)).materialize()
         n = write_parquet_file(keep_where(ev, lambda df: df["reason"].isna()), ctx.out / "eval.parquet", TEXT_COLUMNS)
         q = write_quarantine(keep_where(ev, lambda df: df["reason"].notna()), qpath, "eval")

@@ -58,10 +58,9 @@ class Example:
 def encode(tok, prompt: str, answer: str, max_length: int, eos: bool = True) -> Example:
     """Prompt ids (cut from the left to fit) + answer ids (+ EOS when training); labels mask the prompt."""
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    a_ids = tok(answer, add_special_tokens=False)["input_ids"][: max(1, max_length - len(bos) - 2)]
-    answer_bytes = len(answer.encode("utf-8"))
-    if len(a_ids) < len(tok(answer, add_special_tokens=False)["input_ids"]):
-        answer_bytes = len(tok.decode(a_ids).encode("utf-8"))
+    full = tok(answer, add_special_tokens=False)["input_ids"]
+    a_ids = full[: max(1, max_length - len(bos) - 2)]
+    answer_bytes = len((answer if len(a_ids) == len(full) else tok.decode(a_ids)).encode("utf-8"))
     tail = [tok.eos_token_id] if eos and tok.eos_token_id is not None else []
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     room = max_length - len(bos) - len(a_ids) - len(tail)

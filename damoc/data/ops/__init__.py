@@ -50,6 +50,14 @@ class RowOp(Operator):
 
 
 class Selector(Operator):
+    # Columns `prepare` adds in the streaming pass (per-row work a selector would otherwise do in a
+    # pass of its own); the selection reads them, and they never reach the outputs.
+    prepared_columns: ClassVar[tuple[str, ...]] = ()
+
+    def prepare(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Per-batch columns for `select`, computed for alive rows (the others get nulls)."""
+        return df
+
     def select(self, alive, budget: int | None, ctx: SelectContext) -> dict[str, str]:
         raise NotImplementedError
 
@@ -109,16 +117,17 @@ def report(tally, name: str, seconds: float, n_in: int, n_out: int) -> None:
 
 
 class Timed:
-    """Per-batch wrapper for a RowOp that reports seconds and rows in/out to the stage's tally."""
+    """Per-batch wrapper for a streamed step (a RowOp's `apply`, a Selector's `prepare`) that reports
+    seconds and alive rows in/out to the stage's tally under `name`."""
 
-    def __init__(self, op: RowOp, tally):
-        self.op, self.tally = op, tally
+    def __init__(self, name: str, fn, tally):
+        self.name, self.fn, self.tally = name, fn, tally
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
         n_in = int(alive_mask(df).sum())
         t0 = time.perf_counter()
-        df = self.op.apply(df)
-        report(self.tally, self.op.name, time.perf_counter() - t0, n_in, int(alive_mask(df).sum()))
+        df = self.fn(df)
+        report(self.tally, self.name, time.perf_counter() - t0, n_in, int(alive_mask(df).sum()))
         return df
 
 

@@ -1,16 +1,17 @@
-"""MinHash near-duplicate removal: LSH bands find candidate pairs (band by band, narrow
-columns only), the signatures verify them (estimated Jaccard >= threshold), and in each group of near-duplicates
-the earliest row stays while the others are dropped, naming the row they copy."""
+"""MinHash near-duplicate removal. Signatures and LSH band keys are computed per batch in the streaming
+pass (`prepare`); the selection reads only the integer band keys and row order, pairs rows sharing a key,
+verifies candidates by their signatures (estimated Jaccard >= threshold), and in each group of
+near-duplicates keeps the earliest row and drops the others, naming the row they copy."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import BATCH_ROWS, Params, SelectContext, Selector, collect, keep_where, register
+from damoc.data.ops import Params, SelectContext, Selector, alive_mask, collect, keep_where, register
 from damoc.data.select import band_keys, estimated_jaccard, lsh_shape, minhash, minhash_params, shingles
 
-BANDS_PER_PASS = 4
+BANDS_PER_PASS = 16  # integer keys only: 1M rows x 16 bands is 128 MB in the driver, in one pass
 
 
 class DedupParams(Params):
@@ -24,59 +25,74 @@ class MinHashDedup(Selector):
     name = "minhash_dedup"
     Params = DedupParams
 
-    def select(self, alive, budget, ctx: SelectContext) -> dict[str, str]:
+    @property
+    def prepared_columns(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("mh_sig", *(f"mh_k{i}" for i in range(self.shape[0])))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return lsh_shape(self.p.threshold, self.p.num_perm)
+
+    def signatures(self, df: pd.DataFrame) -> pd.DataFrame:
+        """MinHash signature (uint32 bytes) and LSH band keys of each row, as columns."""
         p = self.p
         a, b = minhash_params(p.num_perm, seed=1)
-        bands, rows = lsh_shape(p.threshold, p.num_perm)
+        bands, rows = self.shape
+        text = df["instruction"] + "\n" + df["input"] + "\n" + df["output"]
+        sigs = [minhash(shingles(t, p.ngram), a, b) for t in text]
+        keys = np.array([band_keys(sg, bands, rows) for sg in sigs], dtype=np.int64).reshape(len(sigs), bands)
+        out = pd.DataFrame({"mh_sig": [sg.tobytes() for sg in sigs]}, index=df.index)
+        for i in range(bands):
+            out[f"mh_k{i}"] = keys[:, i]
+        return out
 
-        def sign(df: pd.DataFrame) -> pd.DataFrame:
-            text = df["instruction"] + "\n" + df["input"] + "\n" + df["output"]
-            sigs = [minhash(shingles(t, p.ngram), a, b) for t in text]
-            return pd.DataFrame({"id": df["id"], "order": df["order"], "sig": sigs})
+    def prepare(self, df: pd.DataFrame) -> pd.DataFrame:
+        alive = alive_mask(df)
+        sig = self.signatures(df[alive])
+        df["mh_sig"] = pd.Series([None] * len(df), dtype=object, index=df.index)
+        df.loc[alive, "mh_sig"] = sig["mh_sig"]
+        for c in sig.columns[1:]:
+            df[c] = np.zeros(len(df), dtype=np.int64)
+            df.loc[alive, c] = sig[c].to_numpy()
+        return df
 
-        def keys(df: pd.DataFrame) -> pd.DataFrame:
-            k = np.array([band_keys(np.asarray(sg, dtype=np.uint32), bands, rows) for sg in df["sig"]], dtype=np.int64)
-            out = pd.DataFrame({"id": df["id"], "order": df["order"]})
-            for i in range(bands):
-                out[f"k{i}"] = k[:, i] if len(k) else np.zeros(0, dtype=np.int64)
-            return out
-
-        sigs = alive.select_columns(["id", "order", "instruction", "input", "output"]) \
-            .map_batches(sign, batch_format="pandas", batch_size=BATCH_ROWS)
-        sigs = ctx.spill(sigs)
-        keyed = ctx.spill(sigs.map_batches(keys, batch_format="pandas", batch_size=BATCH_ROWS))
-        # A few bands per pass: only (keys, order, id) of those bands come to the driver (memory
-        # stays narrow, passes stay few); rows sharing a key are candidates, paired with the
+    def select(self, alive, budget, ctx: SelectContext) -> dict[str, str]:
+        p = self.p
+        bands = self.shape[0]
+        keyed = sigs = alive  # signatures and band keys were computed in the streaming pass (prepare)
+        # Bands in passes of BANDS_PER_PASS; rows are named by their integer `order` (unique, and the tie-break),
+        # so only integers come to the driver: rows sharing a key are candidates, paired with the
         # earliest row of their bucket.
         found_a, found_b = [], []
         for g in range(0, bands, BANDS_PER_PASS):
-            group = [f"k{i}" for i in range(g, min(bands, g + BANDS_PER_PASS))]
-            cols = collect(keyed, [*group, "order", "id"])
+            group = [f"mh_k{i}" for i in range(g, min(bands, g + BANDS_PER_PASS))]
+            cols = collect(keyed, [*group, "order"])
             for k in group:
-                band = pd.DataFrame({k: cols[k], "order": cols["order"], "id": cols["id"]}).sort_values([k, "order"])
-                first = band.groupby(k, sort=False)["id"].transform("first")
-                hit = (band["id"] != first).to_numpy()
-                found_a.append(first.to_numpy()[hit])
-                found_b.append(band["id"].to_numpy()[hit])
-        cand = {"a": np.concatenate(found_a), "b": np.concatenate(found_b)}
-        if len(cand["a"]) == 0:
+                band = pd.DataFrame({k: cols[k], "order": cols["order"]}).sort_values([k, "order"])
+                first = band.groupby(k, sort=False)["order"].transform("first").to_numpy()
+                hit = band["order"].to_numpy() != first
+                found_a.append(first[hit])
+                found_b.append(band["order"].to_numpy()[hit])
+            del cols
+        cand_a, cand_b = np.concatenate(found_a), np.concatenate(found_b)
+        if len(cand_a) == 0:
             return {}
-        involved = set(cand["a"]) | set(cand["b"])
-        found = collect(keep_where(sigs, lambda df: df["id"].isin(involved)), ["id", "order", "sig"])
-        sig_of = {i: np.asarray(s, dtype=np.uint32) for i, s in zip(found["id"], found["sig"])}
-        order_of = dict(zip(found["id"], found["order"]))
-        parent = {i: i for i in involved}
+        involved = set(cand_a.tolist()) | set(cand_b.tolist())
+        found = collect(keep_where(sigs.select_columns(["id", "order", "mh_sig"]),
+                                   lambda df: df["order"].isin(involved)), ["id", "order", "mh_sig"])
+        sig_of = {o: np.frombuffer(s, dtype=np.uint32) for o, s in zip(found["order"].tolist(), found["mh_sig"])}
+        id_of = dict(zip(found["order"].tolist(), found["id"]))
+        parent = {o: o for o in involved}
 
-        def root(x: str) -> str:
+        def root(x: int) -> int:
             while parent[x] != x:
                 parent[x] = parent[parent[x]]
                 x = parent[x]
             return x
 
-        for x, y in set(zip(cand["a"], cand["b"])):
+        for x, y in set(zip(cand_a.tolist(), cand_b.tolist())):
             if estimated_jaccard(sig_of[x], sig_of[y]) >= p.threshold:
                 rx, ry = root(x), root(y)
-                if rx != ry:  # the earliest row of a group is its root
-                    keep, other = (rx, ry) if order_of[rx] <= order_of[ry] else (ry, rx)
-                    parent[other] = keep
-        return {i: f"near_duplicate_of:{root(i)}" for i in involved if root(i) != i}
+                if rx != ry:  # the earliest row (lowest order) of a group is its root
+                    parent[max(rx, ry)] = min(rx, ry)
+        return {id_of[o]: f"near_duplicate_of:{id_of[root(o)]}" for o in involved if root(o) != o}
