@@ -120,7 +120,7 @@ class FinetuneStage(Stage):
             if c.name in usable:
                 plans[c.name] = TrialPlan(c.name, str(data_dir / "train.parquet"), loop_config(
                     spec, c.name, str(Path(usable[c.name]["path"]).resolve()), str(data_dir / "eval.parquet"),
-                    rungs, barrier, c.trust_remote_code), storage_path=str(Path(storage) / "train"))
+                    rungs, barrier, c.trust_remote_code), storage_path=storage.rstrip("/") + "/train")
         scaling = {"num_workers": ft.num_workers, "use_gpu": ft.use_gpu,
                    "resources_per_worker": ft.resources_per_worker}
         log.info("finetune: %d candidates, %d at once (%s per trial; cluster %s), %s, rungs at steps %s%s",
