@@ -46,12 +46,12 @@ def stage_costs(run_dir: Path, finetune: dict[str, Any]) -> dict[str, Any]:
     candidate actor's seconds x its CPUs; finetune: each trial's seconds x its workers.
     Training FLOPs = 6 x forward params x tokens processed (the fine-tuning cost the method saves).
     """
-    spec_models = (read_json(run_dir / "models" / "models.json") or {}).get("candidates", [])
+    model_entries = (read_json(run_dir / "models" / "models.json") or {}).get("candidates", [])
     data_marker = read_json(run_dir / "data" / "_stage.json") or {}
     model_marker = read_json(run_dir / "models" / "_stage.json") or {}
     spec = _spec(run_dir)
     cpus = float(((spec.get("model") or {}).get("num_cpus")) or 1)
-    models_ws = sum(float(e.get("seconds", 0.0)) for e in spec_models) * cpus
+    models_ws = sum(float(e.get("seconds", 0.0)) for e in model_entries) * cpus
     ft_ws = sum(float(e.get("worker_seconds", 0.0)) for e in finetune["candidates"])
     ft_flops = sum(float(e.get("train_flops", 0.0)) for e in finetune["candidates"])
     stages = {

@@ -56,21 +56,25 @@ def deepspeed_config(micro_batch: int, grad_accum: int, zero_stage: int, dtype: 
     }
 
 
+def answer_token_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL in fp32 at every position ([batch, len-1], 0 where the label is IGNORE) and the
+    mask of scored positions (answer tokens and EOS)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return nll, labels != -100
+
+
 def causal_lm_loss(model, batch) -> torch.Tensor:
     """Mean cross-entropy over answer tokens (labels IGNORE elsewhere), computed in fp32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                             ignore_index=-100)
+    nll, scored = answer_token_nll(model, batch)
+    return nll.sum() / scored.sum().clamp(min=1)
 
 
 class DeepSpeedEngine:
     def __init__(self, model, optimizer, scheduler, cfg: dict[str, Any]):
         import deepspeed
 
-        self.dtype = torch.bfloat16 if cfg["bf16"]["enabled"] else torch.float16 if cfg["fp16"]["enabled"] \
-            else torch.float32
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
         self.zero_stage = cfg["zero_optimization"]["stage"]

@@ -39,7 +39,7 @@ def options_of(instruction: str, inp: str | None) -> list[tuple[str, str]]:
 def gold_option(options: list[tuple[str, str]], answer: str) -> int | None:
     """Index of the option the answer names, by letter ("B", "B. text") or by its text."""
     a = answer.strip()
-    for i, (letter, text) in enumerate(options):
+    for i, (letter, _) in enumerate(options):
         if a.upper() == letter or re.match(rf"^\(?{letter}[.):]?(\s|$)", a, re.IGNORECASE):
             return i
     for i, (_, text) in enumerate(options):

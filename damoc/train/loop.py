@@ -10,7 +10,6 @@ the latest checkpoint: weights, optimizer, schedule, step, token count and data 
 
 from __future__ import annotations
 
-import os
 import random
 import tempfile
 import time
@@ -22,16 +21,12 @@ from damoc.train.examples import Example, collate, encode, prompt_text
 TEXT = ("instruction", "input", "output")
 
 
-def load_model(cfg: dict[str, Any]):
-    """Tokenizer and model (fp32 weights, safetensors only); LoRA adapters attached when asked."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(cfg: dict[str, Any], device: str = "cpu"):
+    """Tokenizer and model (the reference-LM loader: fp32, safetensors only); LoRA adapters attached
+    when asked. The KV cache is off for training forwards; generation asks for it."""
+    from damoc.data.lm import load_causal_lm
 
-    tok = AutoTokenizer.from_pretrained(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"],
-                                                 use_safetensors=True, dtype=torch.float32)
+    tok, model = load_causal_lm(cfg["model_path"], cfg["trust_remote_code"], device)
     forward_params = sum(p.numel() for p in model.parameters())
     if cfg["method"] == "lora":
         from peft import LoraConfig, get_peft_model
@@ -98,7 +93,7 @@ class Batches:
 
 def report_steps(max_steps: int, eval_every: int, rungs: list[int]) -> set[int]:
     """Steps that evaluate, checkpoint and report: every eval_every, every ASHA rung, and the last."""
-    return {s for s in range(eval_every, max_steps + 1, eval_every)} | {r for r in rungs if r <= max_steps} | {max_steps}
+    return set(range(eval_every, max_steps + 1, eval_every)) | {r for r in rungs if r <= max_steps} | {max_steps}
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -107,7 +102,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train.torch
 
     from damoc.train.engine import build_engine, resolve_precision
-    from damoc.train.evaluate import all_sum, evaluate
+    from damoc.train.evaluate import EvalSet, all_sum, evaluate
     from damoc.train.rungs import wait_turn
 
     tctx = ray.train.get_context()
@@ -116,11 +111,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.manual_seed(cfg["seed"])
     device = ray.train.torch.get_device()
     dtype = resolve_precision(cfg["precision"], cfg["deepspeed"]["enabled"], device.type == "cuda")
-    tok, model, forward_params = load_model(cfg)
-    model.to(device)
+    tok, model, forward_params = load_model(cfg, device)
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     examples = shard_examples(tok, cfg)
-    eval_rows = read_eval_rows(cfg["eval_path"], cfg.get("eval_limit"))
+    eval_set = EvalSet(tok, read_eval_rows(cfg["eval_path"], cfg.get("eval_limit")), cfg, rank, world)
     engine = build_engine(model, cfg, dtype, device, warmup=int(cfg["warmup_ratio"] * cfg["max_steps"]))
     synced = engine.zero_stage == 3 and world > 1
     state = {"step": 0, "tokens": 0, "position": 0, "seconds": 0.0, "restarts": 0}
@@ -144,7 +138,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if step not in reports:
             continue
         generation = cfg["metric"] in ("exact_match", "rouge_l") or step == cfg["max_steps"]
-        result = evaluate(engine.module, tok, eval_rows, cfg, device, rank, world, generation, synced)
+        result = evaluate(engine.module, tok, eval_set, cfg, device, generation, synced)
         step_tokens, loss_total, loss_count = all_sum([tokens, loss_sum, loss_n], device)
         train_loss = loss_total / max(1.0, loss_count)
         state.update(step=step, tokens=state["tokens"] + int(step_tokens), position=batches.position,

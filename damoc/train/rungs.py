@@ -78,9 +78,6 @@ class RungBarrier:
         before = order[: order.index(name)]
         return all(n in done or n not in self.live for n in before)
 
-    def state(self) -> dict:
-        return {"live": sorted(self.live), "order": self.order}
-
 
 def wait_turn(barrier_name: str, name: str, rung: int, value: float, poll_s: float = 0.2) -> None:
     """Called by a trial's rank-0 worker before it reports at a rung."""
