@@ -83,6 +83,11 @@ def test_sharegpt_and_alpaca_layouts():
     mapped = Fields(instruction="question", input="context", output="answer")
     assert normalize_record({"question": "Q", "context": "C", "answer": "A"}, mapped) == {
         "instruction": "Q", "input": "C", "output": "A"}
+    squad = Fields(instruction="question", input="context", output="answers.text.0")  # nested, as on the hub
+    rec = {"question": "Who?", "context": "Ada wrote it.", "answers": {"text": ["Ada"], "answer_start": [0]}}
+    assert normalize_record(rec, squad) == {"instruction": "Who?", "input": "Ada wrote it.", "output": "Ada"}
+    with pytest.raises(ValueError, match="no answer"):
+        normalize_record({**rec, "answers": {"text": [], "answer_start": []}}, squad)
 
 
 def test_unreadable_sources_are_errors_not_rows(tmp_path):

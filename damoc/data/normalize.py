@@ -57,6 +57,22 @@ def _from_turns(turns: Any, key: str) -> tuple[str, str, str]:
     return instruction, system, output or ""
 
 
+def lookup(record: dict, path: str) -> Any:
+    """A field by name, or by a dotted path into nested records and lists (`answers.text.0`, as
+    SQuAD-style sets store their answer). None when any step is missing."""
+    if path in record:
+        return record[path]
+    value: Any = record
+    for part in path.split("."):
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, (list, tuple)) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
 def normalize_record(record: Any, fields: Fields) -> dict[str, str]:
     """The row's instruction/input/output; raises BadRow with the reason."""
     if not isinstance(record, dict):
@@ -65,9 +81,9 @@ def normalize_record(record: Any, fields: Fields) -> dict[str, str]:
     if turns_key and fields.instruction not in record:
         instruction, inp, output = _from_turns(record[turns_key], turns_key)
     else:
-        instruction = _text(record.get(fields.instruction), fields.instruction, required=True)
-        inp = _text(record.get(fields.input), fields.input, required=False) if fields.input else ""
-        output = _text(record.get(fields.output), fields.output, required=False)
+        instruction = _text(lookup(record, fields.instruction), fields.instruction, required=True)
+        inp = _text(lookup(record, fields.input), fields.input, required=False) if fields.input else ""
+        output = _text(lookup(record, fields.output), fields.output, required=False)
     if not instruction.strip():
         raise BadRow("empty instruction")
     if not output.strip():
