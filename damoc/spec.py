@@ -277,6 +277,9 @@ class FinetuneSpec(Strict):
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
     max_steps: int = Field(default=200, gt=0)
+    # Passes over RUN/data/train.parquet; steps = ceil(epochs x rows / (batch x workers x accum)),
+    # never more than max_steps. None: max_steps. Less data then means fewer steps, as in the paper.
+    epochs: float | None = Field(default=None, gt=0)
     batch_size: int = Field(default=8, gt=0)  # per worker, per micro-step
     grad_accum: int = Field(default=1, gt=0)
     lr: float = Field(default=2e-4, gt=0)

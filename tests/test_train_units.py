@@ -107,6 +107,18 @@ def test_trial_concurrency_from_cluster_resources():
     assert fitting_trials({"CPU": 1.0}, {"CPU": 2}) == 0
 
 
+def test_epochs_set_the_steps_capped_by_max_steps():
+    from damoc.spec import FinetuneSpec
+    from damoc.train.stage import planned_steps
+
+    assert planned_steps(FinetuneSpec(max_steps=200), 10_000) == 200  # no epochs: max_steps
+    ft = FinetuneSpec(epochs=2, batch_size=8, num_workers=2, grad_accum=2, max_steps=1000)
+    assert planned_steps(ft, 1000) == 63  # ceil(2 x 1000 / 32)
+    assert planned_steps(ft, 200) == 13  # a fifth of the data, a fifth of the steps (rounded up)
+    assert planned_steps(ft, 100_000) == 1000
+    assert planned_steps(ft, 0) == 1
+
+
 # ---------------------------------------------------------------- ranking, compare, render
 
 

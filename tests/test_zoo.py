@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from damoc.zoo.corpus import api_qa_rows, split_rows
+from damoc.zoo.corpus import api_qa_rows, general_qa_rows, reading_comprehension_rows, split_rows
 from damoc.zoo.tiny import FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +42,20 @@ def test_api_qa_rows_are_real_docstrings():
     assert split_rows(rows, 0.2, seed=0) == (train, evals)
 
 
+def test_general_qa_and_reading_comprehension_sets():
+    general = {r["question"]: r for r in general_qa_rows()}
+    assert general['In Python, what is the "assert" statement?']["answer"] == (
+        "Assert statements are a convenient way to insert debugging assertions into a program.")
+    assert general["What is the exception ZeroDivisionError in Python?"]["answer"].startswith("Second argument")
+    assert len(general) > 400 and not any(r["answer"].startswith("New in version") for r in general.values())
+    reading = reading_comprehension_rows()
+    assert len(reading) > 300
+    for r in reading:  # extractive: the answer is a span of the passage, the question asks for it
+        assert r["answer"] in r["context"] and r["answer"] and r["question"].endswith("?")
+    kinds = [r["question"].startswith("What does ") for r in reading]
+    assert 0 < sum(kinds) < len(kinds)  # both question kinds occur
+
+
 @pytest.mark.slow
 def test_demo_zoo_build_then_demo_spec_validates(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -57,6 +71,17 @@ def test_demo_zoo_build_then_demo_spec_validates(tmp_path):
         assert sum(p.numel() for p in model.parameters()) == c["params"]
         assert c["final_loss"] < 6.0  # pretraining moved it well below uniform (ln 1024 = 6.93)
     assert info["data"]["api_qa"]["train"] > 300
+    from damoc.data.readers import plan_units, read_unit
+    from damoc.spec import DataSource, Fields
+
+    layouts = {"api_qa": ("train.jsonl", Fields()), "general_qa": ("train.json", Fields()),
+               "reading_comprehension": ("train.parquet", Fields(instruction="question", input="context",
+                                                                  output="answer"))}
+    for name, (file, fields) in layouts.items():  # each set reads cleanly in its own layout
+        units = plan_units(DataSource(path=str(tmp_path / "zoo/demo/data" / name / file)), str(tmp_path))
+        rows = [r for u in units for r in read_unit(u, fields)]
+        assert len(rows) == info["data"][name]["train"] > 200
+        assert all(r["reason"] is None and r["instruction"] and r["output"] for r in rows), name
     again = subprocess.run([damoc, "zoo", "build", "--out", "zoo/demo"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=120, env=env)
     assert again.returncode == 0 and "up to date" in again.stderr

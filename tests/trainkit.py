@@ -25,7 +25,8 @@ def loop_cfg(model: Path, data: Path, rungs=(), barrier=None, **finetune) -> dic
     spec = spec_from_data(spec_dict(**{"finetune": {"num_workers": 2, "batch_size": 4, "max_steps": 12,
                                                     "eval_every": 4, "lr": 1e-2, **finetune},
                                        "tune": {"grace_period": 2}}), check_files=False)
-    return loop_config(spec, "c", str(model), str(data / "eval.parquet"), list(rungs), barrier, False)
+    return loop_config(spec, "c", str(model), str(data / "eval.parquet"), list(rungs), barrier, False,
+                       spec.finetune.max_steps)
 
 
 def fit(cfg: dict, data: Path, storage: Path, workers: int = 2, max_failures: int = 0):

@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import ray
 
+from damoc import metrics
 from damoc.pipeline import Stage, StageContext, register_stage
 from damoc.rundir import atomic_write_json, read_json
 from damoc.spec import JobSpec
@@ -29,16 +31,24 @@ CURVE_KEYS = ("step", "eval_loss", "eval_loss_token", "exact_match", "rouge_l", 
               "lr", "train_tokens", "train_seconds", "epoch", "restarts")
 
 
+def planned_steps(ft, train_rows: int) -> int:
+    """Optimizer steps of every trial: `epochs` passes over the training rows, capped by max_steps."""
+    if ft.epochs is None:
+        return ft.max_steps
+    per_step = ft.batch_size * ft.num_workers * ft.grad_accum
+    return max(1, min(ft.max_steps, math.ceil(ft.epochs * train_rows / per_step)))
+
+
 def loop_config(spec: JobSpec, name: str, model_path: str, eval_path: str, rungs: list[int],
-                barrier: str | None, trust_remote_code: bool) -> dict[str, Any]:
+                barrier: str | None, trust_remote_code: bool, steps: int) -> dict[str, Any]:
     ft, threads = spec.finetune, int((spec.finetune.resources_per_worker or {}).get("CPU", 1))
     return {
-        "candidate": name, "model_path": model_path, "eval_path": eval_path, "trust_remote_code": trust_remote_code,
+        "job": spec.name, "candidate": name, "model_path": model_path, "eval_path": eval_path, "trust_remote_code": trust_remote_code,
         "task": spec.data.task, "metric": spec.select.metric, "mode": spec.select.mode,
         "max_new_tokens": spec.select.max_new_tokens, "method": ft.method, "lora": ft.lora.model_dump(),
         "deepspeed": ft.deepspeed.model_dump(), "precision": ft.precision, "batch_size": ft.batch_size,
         "eval_batch_size": ft.batch_size, "grad_accum": ft.grad_accum, "lr": ft.lr, "warmup_ratio": ft.warmup_ratio,
-        "max_steps": ft.max_steps, "max_length": ft.max_length, "eval_every": ft.eval_every,
+        "max_steps": steps, "max_length": ft.max_length, "eval_every": ft.eval_every,
         "eval_limit": ft.eval_max_rows, "seed": spec.seed, "threads": max(1, threads), "rungs": rungs,
         "barrier": barrier,
     }
@@ -57,7 +67,7 @@ def trainable_candidates(ctx: StageContext) -> tuple[dict[str, dict], list[dict]
     return usable, failed
 
 
-def candidate_outcome(result, name: str, spec: JobSpec, workers: int) -> dict[str, Any]:
+def candidate_outcome(result, name: str, spec: JobSpec, workers: int, planned: int) -> dict[str, Any]:
     """One trial's record from Tune's result: status, learning curve, costs."""
     df = result.metrics_dataframe
     rows = [] if df is None or df.empty else df.to_dict("records")
@@ -72,7 +82,7 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int) -> dict[st
             out[k] = last[k]
     if result.error is not None:
         out["status"], out["reason"] = "failed", _reason(result.error)
-    elif steps < spec.finetune.max_steps:
+    elif steps < planned:
         out["status"] = "stopped_early"
     else:
         out["status"] = "finished"
@@ -112,30 +122,31 @@ class FinetuneStage(Stage):
                                "finetune.num_workers or resources_per_worker")
         concurrent = min(len(usable), fits, tn.max_concurrent_trials or len(usable))
         storage = ft.storage_path or str(ctx.out.resolve())
-        rungs = asha_rungs(tn.grace_period, tn.reduction_factor, ft.max_steps) if tn.scheduler == "asha" else []
-        barrier = new_barrier_name() if tn.sync_rungs and rungs and concurrent > 1 else None
         data_dir = ctx.input("data").resolve()
+        steps = planned_steps(ft, pq.ParquetFile(data_dir / "train.parquet").metadata.num_rows)
+        rungs = asha_rungs(tn.grace_period, tn.reduction_factor, steps) if tn.scheduler == "asha" else []
+        barrier = new_barrier_name() if tn.sync_rungs and rungs and concurrent > 1 else None
         plans = {}
         for c in spec.candidates:
             if c.name in usable:
                 plans[c.name] = TrialPlan(c.name, str(data_dir / "train.parquet"), loop_config(
                     spec, c.name, str(Path(usable[c.name]["path"]).resolve()), str(data_dir / "eval.parquet"),
-                    rungs, barrier, c.trust_remote_code), storage_path=storage.rstrip("/") + "/train")
+                    rungs, barrier, c.trust_remote_code, steps), storage_path=storage.rstrip("/") + "/train")
         scaling = {"num_workers": ft.num_workers, "use_gpu": ft.use_gpu,
                    "resources_per_worker": ft.resources_per_worker}
-        log.info("finetune: %d candidates, %d at once (%s per trial; cluster %s), %s, rungs at steps %s%s",
-                 len(plans), concurrent, per_trial, {k: cluster[k] for k in ("CPU", "GPU") if k in cluster},
+        log.info("finetune: %d candidates, %d steps each, %d at once (%s per trial; cluster %s), %s, "
+                 "rungs at steps %s%s", len(plans), steps, concurrent, per_trial, {k: cluster[k] for k in ("CPU", "GPU") if k in cluster},
                  tn.scheduler, rungs or "-", " (synchronised)" if barrier else "")
         t0 = time.monotonic()
         grid = tune_candidates(plans, scaling=scaling, metric=spec.select.metric, mode=spec.select.mode,
                                scheduler=tn.scheduler, grace_period=tn.grace_period,
-                               reduction_factor=tn.reduction_factor, max_steps=ft.max_steps,
+                               reduction_factor=tn.reduction_factor, max_steps=steps,
                                max_concurrent=concurrent, max_failures=ft.max_failures, storage_path=storage,
                                rung_timeout_s=tn.rung_timeout_s, barrier_name=barrier)
         outcomes = {}
         for result in grid:
             name = result.config["candidate"]
-            outcomes[name] = candidate_outcome(result, name, spec, ft.num_workers)
+            outcomes[name] = candidate_outcome(result, name, spec, ft.num_workers, steps)
         for e in failed_upstream:
             outcomes[e["name"]] = {"name": e["name"], "status": "failed", "steps": 0, "curve": [],
                                    "reason": f"model stage: {e.get('reason', 'failed')}", "worker_seconds": 0.0}
@@ -143,10 +154,11 @@ class FinetuneStage(Stage):
         seconds = time.monotonic() - t0
         atomic_write_json(ctx.out / "results.json", {
             "metric": spec.select.metric, "mode": spec.select.mode, "scheduler": tn.scheduler,
-            "rungs": rungs, "sync_rungs": bool(barrier), "max_steps": ft.max_steps, "max_concurrent_trials": concurrent,
+            "rungs": rungs, "sync_rungs": bool(barrier), "max_steps": steps, "epochs": ft.epochs, "max_concurrent_trials": concurrent,
             "num_workers": ft.num_workers, "method": ft.method, "deepspeed": ft.deepspeed.model_dump(),
             "seconds": round(seconds, 3), "candidates": entries})
         counts = {s: sum(e["status"] == s for e in entries) for s in ("finished", "stopped_early", "failed")}
+        metrics.record_trials(spec.name, counts)
         for e in entries:
             log.info("finetune: %s %s after %d steps, %s=%s, %.1f worker-s%s", e["name"], e["status"], e["steps"],
                      spec.select.metric, _fmt(e.get("score")), e["worker_seconds"],

@@ -3,7 +3,9 @@
 Layout of the output folder (what jobs/demo.yaml points at):
     OUT/tokenizer/                    one BPE tokenizer shared by the zoo, trained here
     OUT/models/<name>/                HF folder (config, model.safetensors, tokenizer)
-    OUT/data/api_qa/{train,eval}.jsonl
+    OUT/data/api_qa/{train,eval}.jsonl                 domain QA (Alpaca columns)
+    OUT/data/general_qa/{train,eval}.json              general QA (ShareGPT conversations)
+    OUT/data/reading_comprehension/{train,eval}.parquet  question / context / answer span
     OUT/zoo.json                      what was built: preset, seed, per-candidate figures
 The folder is built under a temporary name and swapped in whole, so an interrupted
 build is never mistaken for a finished one; an up-to-date zoo is not rebuilt.
@@ -21,11 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from damoc.rundir import atomic_write_json, clean_leftovers, new_temp_dir, read_json, swap_in_dir
-from damoc.zoo.corpus import api_qa_rows, split_rows, stdlib_docstrings, stdlib_source
+from damoc.zoo.corpus import (
+    api_qa_rows,
+    general_qa_rows,
+    reading_comprehension_rows,
+    split_rows,
+    stdlib_docstrings,
+    stdlib_source,
+)
 from damoc.zoo.tiny import tiny_config, train_tokenizer
 
 log = logging.getLogger("damoc.zoo")
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,21 @@ PRESETS: dict[str, dict[str, Any]] = {
             CandidatePlan("neox-m", "gpt_neox", 96, 4, 4, steps=120, mix="prose"),
         ],
     },
+    # Five candidates, four families: small models pretrained long next to larger ones pretrained
+    # briefly (zero-shot loss favours the former, capacity after fine-tuning may favour the latter),
+    # code-heavy and prose-heavy mixes (the API domain rewards code, the others prose).
+    "bench": {
+        "vocab_size": 1024, "seq_len": 128, "batch_size": 8, "lr": 3e-3, "corpus_chars": 1_000_000,
+        "candidates": [
+            CandidatePlan("llama-s", "llama", 64, 4, 4, steps=480, mix="prose"),
+            CandidatePlan("gpt2-s", "gpt2", 48, 4, 4, steps=480, mix="code"),
+            CandidatePlan("qwen2-m", "qwen2", 96, 4, 4, steps=200, mix="code"),
+            CandidatePlan("neox-m", "gpt_neox", 96, 4, 4, steps=240, mix="prose"),
+            CandidatePlan("llama-l", "llama", 128, 6, 4, steps=100, mix="prose"),
+        ],
+    },
 }
+DOMAINS = ("api_qa", "general_qa", "reading_comprehension")
 
 
 def _token_blocks(tokenizer, texts: list[str], seq_len: int):
@@ -101,6 +124,35 @@ def pretrain_candidate(plan: CandidatePlan, tokenizer_dir: str, out_dir: str, te
             "final_loss": round(sum(tail) / len(tail), 4), "seconds": round(time.monotonic() - t0, 1)}
 
 
+def write_domain_sets(root: Path, seed: int) -> dict[str, dict[str, int]]:
+    """The three domain sets, train/eval split by a seeded shuffle, each in a layout the data stage
+    reads: Alpaca JSONL, a ShareGPT JSON array, and Parquet with the names of a reading
+    comprehension set (question / context / answer: jobs map them with `data.fields`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def sharegpt(r: dict) -> dict:
+        return {"conversations": [{"from": "human", "value": r["question"]}, {"from": "gpt", "value": r["answer"]}],
+                "source": r["source"]}
+
+    writers = {
+        "api_qa": ("jsonl", api_qa_rows,
+                   lambda rows, p: p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")),
+        "general_qa": ("json", general_qa_rows,
+                       lambda rows, p: p.write_text(json.dumps([sharegpt(r) for r in rows], indent=0), encoding="utf-8")),
+        "reading_comprehension": ("parquet", reading_comprehension_rows,
+                                  lambda rows, p: pq.write_table(pa.Table.from_pylist(rows), p)),
+    }
+    counts = {}
+    for name, (ext, make_rows, write) in writers.items():
+        train, evals = split_rows(make_rows(), eval_fraction=0.2, seed=seed)
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for split, part in (("train", train), ("eval", evals)):
+            write(part, root / name / f"{split}.{ext}")
+        counts[name] = {"train": len(train), "eval": len(evals)}
+    return counts
+
+
 def is_current(out: Path, preset: str, seed: int) -> bool:
     info = read_json(out / "zoo.json")
     return bool(info) and info.get("preset") == preset and info.get("seed") == seed \
@@ -124,14 +176,9 @@ def build_zoo(out: str | Path, preset: str = "demo", seed: int = 0, force: bool 
     try:
         tokenizer = train_tokenizer(stdlib_source(cfg["corpus_chars"]), cfg["vocab_size"])
         tokenizer.save_pretrained(tmp / "tokenizer")
-        rows = api_qa_rows()
-        train, evals = split_rows(rows, eval_fraction=0.2, seed=seed)
-        for split, part in (("train", train), ("eval", evals)):
-            path = tmp / "data" / "api_qa" / f"{split}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
-        log.info("zoo: tokenizer (%d tokens) and api_qa set (%d train, %d eval rows) ready",
-                 len(tokenizer), len(train), len(evals))
+        counts = write_domain_sets(tmp / "data", seed)
+        log.info("zoo: tokenizer (%d tokens) and domain sets ready: %s", len(tokenizer),
+                 ", ".join(f"{k} {v['train']}+{v['eval']} rows" for k, v in counts.items()))
 
         mixes = {"code": stdlib_source(cfg["corpus_chars"]), "prose": stdlib_docstrings(cfg["corpus_chars"])}
         task = ray.remote(num_cpus=1)(pretrain_candidate)
@@ -151,7 +198,7 @@ def build_zoo(out: str | Path, preset: str = "demo", seed: int = 0, force: bool 
                      r["params"], r["steps"], r["final_loss"], r["seconds"], len(results), len(cfg["candidates"]))
         info = {"version": ZOO_VERSION, "preset": preset, "seed": seed,
                 "candidates": sorted(results, key=lambda r: r["name"]),
-                "data": {"api_qa": {"train": len(train), "eval": len(evals)}},
+                "data": counts,
                 "seconds": round(time.monotonic() - t0, 1)}
         atomic_write_json(tmp / "zoo.json", info)
         swap_in_dir(tmp, out)

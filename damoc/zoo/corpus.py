@@ -97,3 +97,90 @@ def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[
     n_eval = max(1, int(round(len(rows) * eval_fraction)))
     eval_ids = set(order[:n_eval])
     return ([r for i, r in enumerate(rows) if i not in eval_ids], [r for i, r in enumerate(rows) if i in eval_ids])
+
+
+def _documented(kinds: tuple[type, ...], limit_files: int = 400):
+    """(module.name, docstring) of public classes or functions defined in stdlib sources, read with
+    `ast` (importing every stdlib module has side effects: some open a browser or a window)."""
+    for path in _stdlib_files(limit_files):
+        if path.stem.startswith(("_", "test")) or path.stem in ("this", "antigravity"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except SyntaxError:
+            continue
+        for node in tree.body:  # module level only: nested helpers are not the API
+            if isinstance(node, kinds) and not node.name.startswith("_"):
+                doc = ast.get_docstring(node)
+                if doc:
+                    yield f"{path.stem}.{node.name}", doc
+
+
+def _topic_sections(text: str) -> list[tuple[str, str]]:
+    """(heading, first prose paragraph) of each section of a pydoc topic (headings are underlined)."""
+    lines, out = text.splitlines(), []
+    for i in range(len(lines) - 1):
+        if lines[i].strip() and re.fullmatch(r"[*=\-~^]{3,}", lines[i + 1].strip()):
+            body = "\n".join(lines[i + 2:]).strip().split("\n\n")
+            para = next((p for p in body if p and not p.startswith(" ")), "")
+            out.append((lines[i].strip(), para))
+    return out
+
+
+def general_qa_rows() -> list[dict[str, str]]:
+    """Broad questions about the Python language and its built-ins: the language reference's
+    topics (pydoc), the built-in functions, types and exceptions, and the standard library's
+    classes. Answer: the first sentence of the matching documentation."""
+    import builtins
+
+    from pydoc_data.topics import topics
+
+    rows, seen = [], set()
+
+    def add(question: str, doc: str, source: str) -> None:
+        answer = re.sub(r":$", ".", _first_sentence(doc))  # "... into a program:" introduces a grammar rule
+        if len(answer) >= 12 and question not in seen \
+                and not re.match(r"(New|Changed|Added|Deprecated) in version", answer):
+            seen.add(question)
+            rows.append({"question": question, "answer": answer, "source": source})
+
+    for key in sorted(topics):
+        for heading, para in _topic_sections(topics[key]):
+            add(f"In Python, what is {re.sub(r'^The ', 'the ', heading).rstrip('.')}?", para, f"pydoc:{key}")
+    for name, obj in sorted(vars(builtins).items()):
+        if not name.startswith("_") and (inspect.isbuiltin(obj) or inspect.isclass(obj)) and obj.__doc__:
+            kind = "exception" if inspect.isclass(obj) and issubclass(obj, BaseException) else "built-in"
+            add(f"What is the {kind} {name} in Python?", inspect.getdoc(obj) or "", f"builtins.{name}")
+    for name, doc in _documented((ast.ClassDef,)):
+        add(f"What is the Python class {name}?", doc, name)
+    return rows
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text).strip()) if s]
+
+
+def reading_comprehension_rows() -> list[dict[str, str]]:
+    """Passage (a docstring's opening paragraphs), question, answer span copied from the passage.
+    Where a sentence says what the function returns, the question asks for it; otherwise the
+    question quotes the start of a later sentence and asks how it ends (a cloze)."""
+    rows = []
+    for name, doc in _documented((ast.FunctionDef, ast.ClassDef)):
+        paras = [re.sub(r"\s+", " ", p).strip() for p in doc.split("\n\n")]
+        passage = " ".join(p for p in paras[:3] if p and not p.startswith((">>>", "-", "*", ":")))[:700]
+        sents = _sentences(passage)
+        if len(sents) < 2 or not passage.endswith((".", "!", "?")):
+            continue
+        short = name.split(".")[-1]
+        ret = next((m.group(1) for s in sents if (m := re.match(r"^Returns? (.{8,200})\.$", s))), None)
+        if ret:
+            question, answer = f"What does {short} return?", ret
+        else:
+            words = sents[1].rstrip(".!?").split()
+            if len(words) < 6:
+                continue
+            cut = max(3, len(words) * 2 // 5)
+            question = f"How does this sentence of the passage end: \"{' '.join(words[:cut])} ...\"?"
+            answer = " ".join(words[cut:])
+        rows.append({"question": question, "context": passage, "answer": answer, "source": name})
+    return rows
