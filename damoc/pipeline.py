@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from damoc.metrics import record_stage
 from damoc.rundir import (
     atomic_write_json,
     atomic_write_text,
@@ -318,4 +319,5 @@ class Pipeline:
         })
         swap_in_dir(tmp, final)
         log.info("stage %s: done in %.1fs %s", name, seconds, format_counts(counts))
+        record_stage(self.spec.name, name, seconds)
         return StageOutcome(name, "ran", seconds, counts, fp)

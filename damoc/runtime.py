@@ -55,11 +55,7 @@ class Runtime:
 
         if ray.is_initialized():
             ray.shutdown()
-        for key, old in self._saved_env.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
+        _restore_env(self._saved_env)
         self._saved_env.clear()
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -86,6 +82,14 @@ def _protect_token_file(path: Path = DEFAULT_TOKEN_PATH) -> None:
                 path.chmod(0o600)
     except OSError as exc:  # read-only home, etc.: worth a warning, not a failure
         log.warning("could not restrict %s: %s", path, exc)
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for key, old in saved.items():
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def _free_port() -> int:
@@ -141,6 +145,14 @@ def connect(
     # falls back to *any* Ray instance on the host, so jobs submitted to us could run on
     # somebody else's cluster. Recording our address there misdirects nobody else.
     temp_dir = tempfile.mkdtemp(prefix="damoc-ray-", dir="/tmp")
+    # Processes the cluster starts inherit the environment of this moment. Ray Train's
+    # placement-group cleaner finds the State API through RAY_API_SERVER_ADDRESS, and without
+    # it searches the host and fails when a second Ray instance runs there; the dashboard port
+    # is chosen here so that the variable can be set before the cluster starts.
+    saved = {"RAY_API_SERVER_ADDRESS": os.environ.get("RAY_API_SERVER_ADDRESS")}
+    dashboard_port = _free_port()
+    if include_dashboard:
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     try:
         with _agent_port_override(_free_port()):
             ctx = ray.init(
@@ -149,14 +161,16 @@ def connect(
                 num_gpus=num_gpus,
                 include_dashboard=include_dashboard,
                 dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
                 log_to_driver=log_to_driver,
                 _temp_dir=temp_dir,
             )
     except BaseException:
+        _restore_env(saved)
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     rt = Runtime(address=ctx.address_info["address"], dashboard_url=ctx.dashboard_url or None, embedded=True,
-                 temp_dir=temp_dir)
+                 temp_dir=temp_dir, _saved_env=saved)
     from ray._private.utils import write_ray_address
 
     write_ray_address(rt.address, temp_dir)

@@ -65,13 +65,16 @@ class Head:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_head(num_cpus: int = 1) -> Head:
+def start_head(num_cpus: int = 1, metrics_port: int | None = None) -> Head:
     # Short path: Ray's unix sockets live under it and must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     ray_bin = str(Path(sys.executable).parent / "ray")
     cmd = [ray_bin, "start", "--head", f"--temp-dir={temp_dir}", "--port=0", f"--num-cpus={num_cpus}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
-           f"--ray-client-server-port={free_port()}", "--disable-usage-stats"]
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    if metrics_port:
+        cmd.append(f"--metrics-export-port={metrics_port}")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, RAY_AUTH_MODE="token"))
     text = out.stdout + out.stderr
     addr = re.search(r"ray start --address='([^']+)'", text)

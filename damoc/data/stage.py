@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from damoc import metrics
 from damoc.data.compress import Compressor, count_prompt_tokens
 from damoc.data.lm import LMScorer, smallest_model
 from damoc.data.ops import (
@@ -454,6 +455,7 @@ class DataStage(Stage):
             "seconds": round(time.monotonic() - t0, 3),
         }
         atomic_write_json(ctx.out / "manifest.json", manifest)
+        metrics.record_data(ctx.spec.name, manifest)
         shutil.rmtree(work, ignore_errors=True)
         return {"input": n_input, "kept": kept, "quarantined": quarantined, "dropped": sum(dropped.values()),
                 "eval": eval_info["rows"], "tokens_before": tokens_before, "tokens_after": tokens_after}

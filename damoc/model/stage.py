@@ -21,6 +21,7 @@ import ray
 from damoc.data.lm import prompt_of
 from damoc.model.compress import Source, compress_candidate
 from damoc.pipeline import Stage, StageContext, register_stage
+from damoc import metrics
 from damoc.rundir import atomic_write_json
 from damoc.spec import JobSpec, ModelSpec
 
@@ -109,6 +110,7 @@ class ModelStage(Stage):
                          r["layers_after"], r["params_before"] / 1e6, r["params_after"] / 1e6,
                          r["calibration_loss"]["original"], r["calibration_loss"]["pruned"],
                          r["calibration_loss"]["merged"], r["seconds"])
+                metrics.record_candidate(spec.name, name, r)
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as err:
                 reason = failure_reason(err)
                 seconds = round(time.monotonic() - t0, 3)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from damoc.metrics import record_report
 from damoc.train.examples import Example, collate, encode, prompt_text
 
 TEXT = ("instruction", "input", "output")
@@ -151,6 +152,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if rank == 0 and step in cfg["rungs"] and cfg.get("barrier"):
             sign = -1.0 if cfg["mode"] == "min" else 1.0  # the barrier ranks higher-is-better
             wait_turn(cfg["barrier"], cfg["candidate"], step, sign * metrics[cfg["metric"]])
+        if rank == 0:
+            record_report(cfg.get("job", ""), cfg["candidate"], cfg["metric"], metrics)
         with tempfile.TemporaryDirectory(prefix="damoc-ckpt-") as tmp:
             wrote = engine.save(Path(tmp), rank, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)

@@ -1,0 +1,183 @@
+"""From laptop to cluster: `ray job submit` of `damoc select` to a separate Ray head, the
+damoc_ series on its metrics endpoint during the run, and the deploy files in jobs/, cluster/
+and k8s/ checked for what Ray and KubeRay need."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import spec_dict, write_spec
+from raycluster import free_port, start_head
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scrape(port: int) -> set[str]:
+    """Names of the damoc series on a Ray metrics endpoint (Ray prefixes them `ray_`)."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return set()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_damoc_")}
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_selection_and_exports_damoc_metrics(job_dir, tiny_model, tmp_path):
+    os.symlink(tiny_model("gpt2"), job_dir / "zoo" / "gpt2-s")
+    spec = spec_dict(**{
+        "name": "submitted", "output_dir": str(tmp_path / "runs" / "submitted"),
+        "data.train": {"path": str(job_dir / "data" / "train.jsonl")}, "data.eval": {"split_ratio": 0.2},
+        "data.filter": {"method": "none"}, "data.compress": {"enabled": True, "ratio": 0.6},
+        "candidates": [{"name": n, "path": str(job_dir / "zoo" / n)} for n in ("llama-s", "gpt2-s")],
+        "model.prune_ratio": 0.25,
+        "finetune": {"num_workers": 1, "max_steps": 8, "eval_every": 4, "batch_size": 4,
+                     "deepspeed": {"enabled": False}},
+        "tune": {"grace_period": 4}})
+    spec_path = write_spec(tmp_path / "job.yaml", spec)
+    metrics_port = free_port()
+    head = start_head(num_cpus=3, metrics_port=metrics_port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_MODE"] = "token"
+    ray_bin, address = str(Path(sys.executable).parent / "ray"), f"http://{head.dashboard_url}"
+    job_id = f"damoc-submit-{uuid.uuid4().hex[:8]}"
+    try:
+        for _ in range(60):  # the job agent registers a few seconds after the head is up
+            r = subprocess.run([ray_bin, "job", "submit", "--address", address, "--submission-id", job_id,
+                                "--working-dir", str(REPO), "--runtime-env", str(REPO / "cluster/runtime_env.image.yaml"),
+                                "--no-wait", "--", sys.executable, "-m", "damoc", "select", str(spec_path)],
+                               capture_output=True, text=True, timeout=300, env=env)
+            if r.returncode == 0 or "No available agent" not in r.stderr:
+                break
+            time.sleep(1)
+        assert r.returncode == 0, r.stderr[-2000:]
+        seen: set[str] = set()
+        status, deadline = "PENDING", time.monotonic() + 900
+        while time.monotonic() < deadline:
+            seen |= scrape(metrics_port)
+            st = subprocess.run([ray_bin, "job", "status", "--address", address, job_id], capture_output=True,
+                                text=True, timeout=60, env=env)
+            status = (st.stdout + st.stderr).lower()  # the CLI logs "Job '...' succeeded" to stderr
+            if any(s in status for s in ("succeeded", "failed", "stopped")):
+                break
+            time.sleep(2)
+        logs = subprocess.run([ray_bin, "job", "logs", "--address", address, job_id], capture_output=True,
+                              text=True, timeout=120, env=env).stdout
+        assert "succeeded" in status, logs[-4000:]
+        ranking = json.loads((tmp_path / "runs/submitted/report/ranking.json").read_text())
+        assert {c["name"] for c in ranking["candidates"]} == {"llama-s", "gpt2-s"}
+        assert "ray: connected to" in logs and "embedded" not in logs  # it joined this cluster
+        assert "report: " in logs and "gpt2-s" in logs  # the ranking table and the report path, in the job log
+        for _ in range(10):  # the last values reach the exporter within its report interval
+            if {"ray_damoc_rows_read", "ray_damoc_train_loss", "ray_damoc_stage_seconds"} <= seen:
+                break
+            time.sleep(2)
+            seen |= scrape(metrics_port)
+        assert {"ray_damoc_rows_read", "ray_damoc_rows_kept", "ray_damoc_prompt_tokens", "ray_damoc_layers_removed",
+                "ray_damoc_train_loss", "ray_damoc_eval_metric", "ray_damoc_stage_seconds"} <= seen, seen
+    finally:
+        head.stop()
+    assert not head.processes()  # only that cluster was stopped, and all of it
+
+
+# ---------------------------------------------------------------- deploy files
+
+
+def test_every_job_spec_validates_offline():
+    damoc = [sys.executable, "-m", "damoc", "validate"]
+    for path in sorted((REPO / "jobs").glob("*.yaml")):
+        r = subprocess.run([*damoc, str(path)], capture_output=True, text=True, cwd=REPO,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert r.returncode == 0, (path.name, r.stderr)
+    real = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "jobs").glob("*.yaml")) if p.name != "demo.yaml"]
+    assert {s["data"]["task"] for s in real} == {"qa", "reading_comprehension"} and len(real) == 4
+    for s in real:  # real clusters: hub candidates, GPUs, DeepSpeed, a shared storage path
+        assert all(c.get("hf") for c in s["candidates"]) and s["finetune"]["use_gpu"]
+        assert s["finetune"]["deepspeed"]["zero_stage"] in (2, 3) and s["finetune"]["storage_path"].startswith("/mnt/damoc")
+
+
+def load_all(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def containers(pod_spec: dict) -> list[dict]:
+    return pod_spec.get("initContainers", []) + pod_spec["containers"]
+
+
+def test_kuberay_manifests_carry_what_kuberay_needs():
+    docs = {d["kind"]: d for p in (REPO / "k8s").rglob("*.yaml") if p.name != "kustomization.yaml"
+            for d in load_all(p)}
+    assert set(docs) == {"RayCluster", "RayJob", "Service", "PersistentVolumeClaim", "PodMonitor"}
+    rc = docs["RayCluster"]
+    assert rc["apiVersion"] == "ray.io/v1" and rc["spec"]["rayVersion"].startswith("2.60")
+    head = rc["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    pods = [head["template"]["spec"]] + [g["template"]["spec"] for g in rc["spec"]["workerGroupSpecs"]]
+    assert not any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in containers(pods[0]))
+    gpu_groups = [g for g in rc["spec"]["workerGroupSpecs"]
+                  if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])]
+    assert gpu_groups
+    for g in gpu_groups:
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] and g["maxReplicas"] > 0
+        assert any(t["key"] == "nvidia.com/gpu" for t in g["template"]["spec"]["tolerations"])
+    claim = docs["PersistentVolumeClaim"]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    job_specs = [docs["RayJob"]["spec"]["submitterPodTemplate"]["spec"]]
+    for pod in pods + job_specs:  # non-root, no privilege escalation, everywhere
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        for c in containers(pod):
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    for pod in pods:
+        ray_c = pod["containers"][0]
+        assert {"name": "shared", "mountPath": "/mnt/damoc"} in ray_c["volumeMounts"]
+        assert {"name": "shared", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}} in pod["volumes"]
+        token = next(e for e in ray_c["env"] if e["name"] == "HF_TOKEN")
+        assert set(token) == {"name", "valueFrom"} and "secretKeyRef" in token["valueFrom"]  # never a literal
+        assert any(p["name"] == "metrics" and p["containerPort"] == 8080 for p in ray_c["ports"])
+    assert docs["RayJob"]["spec"]["clusterSelector"] == {"ray.io/cluster": rc["metadata"]["name"]}
+    svc = docs["Service"]
+    assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["selector"]["ray.io/node-type"] == "head"
+    assert [p["port"] for p in svc["spec"]["ports"]] == [8265]
+    pm = docs["PodMonitor"]
+    assert pm["spec"]["selector"]["matchLabels"] == {"ray.io/cluster": rc["metadata"]["name"]}
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    kust = yaml.safe_load((REPO / "k8s/kustomization.yaml").read_text())
+    for res in kust["resources"]:
+        assert (REPO / "k8s" / res).is_file()
+    assert {d["metadata"].get("namespace") for d in docs.values()} == {kust["namespace"]}
+
+
+def test_grafana_dashboard_plots_every_damoc_metric():
+    from damoc.metrics import METRICS
+
+    dash = json.loads((REPO / "k8s/monitoring/grafana-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    for name in METRICS:
+        assert name.startswith("damoc_") and f"ray_{name}{{" in exprs
+
+
+def test_cluster_launcher_and_runtime_env():
+    aws = yaml.safe_load((REPO / "cluster/aws.yaml").read_text())
+    head_type = aws["available_node_types"][aws["head_node_type"]]
+    assert "GPU" not in head_type.get("resources", {}) and aws["docker"]["image"].startswith("rayproject/ray:2.60")
+    gpu = aws["available_node_types"]["gpu_worker"]
+    assert gpu["min_workers"] == 0 < gpu["max_workers"]
+    start = " ".join(aws["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and "--metrics-export-port" in start
+    assert "HF_TOKEN=" not in yaml.safe_dump(aws).replace('HF_TOKEN="$(', "")  # read from a secret store only
+    for name in ("runtime_env.yaml", "runtime_env.image.yaml"):
+        env = yaml.safe_load((REPO / "cluster" / name).read_text())
+        assert {".venv", ".git", "runs"} <= set(env["excludes"]) and "HF_TOKEN" not in env.get("env_vars", {})
+    pins = yaml.safe_load((REPO / "cluster/runtime_env.yaml").read_text())["pip"]["packages"]
+    assert not any(p.startswith("ray") for p in pins)  # the cluster's own Ray, never a second one
+    r = subprocess.run(["bash", "-n", str(REPO / "jobs/submit.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
