@@ -26,6 +26,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except SpecError as err:
         _print_spec_error(err)
         return EXIT_BAD_INPUT
+    from damoc.preflight import candidate_problems
+
+    problems = candidate_problems(spec)
+    for line in problems:
+        print(f"{args.job}: {line}", file=sys.stderr)
+    if problems:
+        return EXIT_BAD_INPUT
     print(f"{args.job}: ok (job '{spec.name}', {len(spec.candidates)} candidate(s), output {spec.output_dir})")
     return EXIT_OK
 
@@ -58,9 +65,13 @@ def cmd_select(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     log.info("job %s: stages %s%s -> %s", spec.name, ",".join(stages), " (resume)" if args.resume else "",
              pipeline.run_dir)
+    from damoc.preflight import candidate_problems
+
+    for line in candidate_problems(spec):  # those candidates fail in their stage; the others run
+        log.warning("%s: %s", args.job, line)
     try:
         outcomes = pipeline.run(stages, resume=args.resume)
-    except (PipelineError, StageFailed, RunLocked, PermissionError) as err:
+    except (PipelineError, StageFailed, RunLocked, OSError) as err:  # OSError: full disk, lost mount
         log.error("%s", err)
         return EXIT_FAILED
     finally:

@@ -300,8 +300,17 @@ class Pipeline:
         tmp = new_temp_dir(final)
         ctx = StageContext(self.spec, self.run_dir, tmp, self.base_dir, self._get_runtime)
         t0 = time.monotonic()
-        try:
+        try:  # the marker and the swap are inside: a full disk there leaves nothing half-done
             counts = stage.run(ctx) or {}
+            seconds = time.monotonic() - t0
+            atomic_write_json(tmp / MARKER, {
+                "stage": name,
+                "fingerprint": fp,
+                "seconds": round(seconds, 3),
+                "counts": counts,
+                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            })
+            swap_in_dir(tmp, final)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             seconds = time.monotonic() - t0
@@ -309,15 +318,6 @@ class Pipeline:
                 log.error("stage %s: failed after %.1fs: %s: %s", name, seconds, type(exc).__name__, exc)
                 raise StageFailed(name, seconds, exc) from exc
             raise
-        seconds = time.monotonic() - t0
-        atomic_write_json(tmp / MARKER, {
-            "stage": name,
-            "fingerprint": fp,
-            "seconds": round(seconds, 3),
-            "counts": counts,
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        })
-        swap_in_dir(tmp, final)
         log.info("stage %s: done in %.1fs %s", name, seconds, format_counts(counts))
         record_stage(self.spec.name, name, seconds)
         return StageOutcome(name, "ran", seconds, counts, fp)

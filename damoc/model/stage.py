@@ -59,6 +59,9 @@ def failure_reason(err: BaseException) -> str:
     return f"{type(cause).__name__}: {first[0] if first else ''}"
 
 
+ACTOR_RETRIES = 1
+
+
 @register_stage
 class ModelStage(Stage):
     name = "models"
@@ -91,8 +94,10 @@ class ModelStage(Stage):
         # the rest as earlier ones are killed on finishing (a finished actor would hold its CPUs).
         pending: dict[ray.ObjectRef, tuple[str, Any, float]] = {}
         for cand in spec.candidates:
-            actor = CandidateCompressor.options(num_cpus=m.num_cpus, num_gpus=m.num_gpus,
-                                                max_restarts=0).remote(max(1, int(m.num_cpus)))
+            # A killed actor (node lost, OOM) is restarted and its run retried once: the run writes
+            # only its own folder, from scratch, so a retry is safe.
+            actor = CandidateCompressor.options(num_cpus=m.num_cpus, num_gpus=m.num_gpus, max_restarts=ACTOR_RETRIES,
+                                                max_task_retries=ACTOR_RETRIES).remote(max(1, int(m.num_cpus)))
             ref = actor.run.remote(self.source(ctx, cand), texts_ref, m, str(ctx.out / cand.name), spec.seed)
             pending[ref] = (cand.name, actor, time.monotonic())
         log.info("models: compressing %d candidates, %d calibration rows each", len(pending), len(texts))
