@@ -94,6 +94,8 @@ def test_ray_job_submit_runs_a_selection_and_exports_damoc_metrics(job_dir, tiny
 def test_every_job_spec_validates_offline():
     damoc = [sys.executable, "-m", "damoc", "validate"]
     for path in sorted((REPO / "jobs").glob("*.yaml")):
+        if path.name == "demo.yaml":
+            continue  # its candidates are the built demo zoo: test_zoo.py validates it after building
         r = subprocess.run([*damoc, str(path)], capture_output=True, text=True, cwd=REPO,
                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert r.returncode == 0, (path.name, r.stderr)
