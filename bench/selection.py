@@ -93,7 +93,7 @@ def reference_spec(spec: dict[str, Any], out: Path, train_rows: int) -> dict[str
 
 
 def run(spec: dict[str, Any], runtime) -> Path:
-    """One `damoc select` in this process, on the shared cluster; the run directory."""
+    """One `damoc select --resume` in this process, on the shared cluster; the run directory."""
     from damoc.pipeline import Pipeline
     from damoc.spec import spec_from_data
 
@@ -104,7 +104,8 @@ def run(spec: dict[str, Any], runtime) -> Path:
 
     t0 = time.monotonic()
     js = spec_from_data(spec, source=spec["name"])
-    Pipeline(js, base_dir=REPO, runtime_factory=lambda: runtime).run()  # models runs disabled too: it lists them
+    # --resume: a run interrupted (or repeated with the same settings) redoes only what changed.
+    Pipeline(js, base_dir=REPO, runtime_factory=lambda: runtime).run(resume=True)
     log.info("%s: done in %.0fs", spec["name"], time.monotonic() - t0)
     return Path(spec["output_dir"])
 
@@ -213,7 +214,8 @@ def ats(ref_spec: dict[str, Any], train_rows: int, work: Path, fractions: list[f
     for f in sorted(fractions):
         n = max(8, round(f * len(records)))
         sub = work / f"subset-{n}" / f"train{src.suffix}"
-        write_records([records[i] for i in sorted(order[:n])], sub)
+        if not sub.exists():  # same seed, same subset; rewriting it would look like a new input
+            write_records([records[i] for i in sorted(order[:n])], sub)
         spec = copy.deepcopy(ref_spec)
         spec["name"], spec["output_dir"] = f"{ref_spec['name']}-ats{n}", str(work / f"run-{n}")
         spec["data"]["train"] = {"path": str(sub)}
@@ -337,11 +339,18 @@ def main() -> None:
     zoo, work, out = Path(a.zoo).resolve(), Path(a.work).resolve(), Path(a.out)
     rt = connect(None)
     shared = types.SimpleNamespace(address=rt.address)  # no shutdown(): every run shares this cluster
+    results: dict[str, Any] = {}
     try:
         names = [c["name"] for c in build_zoo(zoo, a.preset, a.seed)["candidates"]]
-        results = {d: bench_domain(d, zoo, names, work, shared, a) for d in a.domains}
+        for d in a.domains:  # results are written after each domain: a long sweep shows what it has
+            results[d] = bench_domain(d, zoo, names, work, shared, a)
+            text = write_results(results, out, names, a)
     finally:
         rt.shutdown()
+    print(text)
+
+
+def write_results(results: dict[str, Any], out: Path, names: list[str], a: argparse.Namespace) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "selection.json").write_text(json.dumps(results, indent=1, default=str))
     plot(results, out / "selection.png")
@@ -352,7 +361,7 @@ def main() -> None:
     text = "\n\n".join(["# Selection fidelity (bench/selection.py)", settings,
                         *[domain_table(d, r) for d, r in results.items()], "![selection](selection.png)"])
     (out / "selection.md").write_text(text + "\n")
-    print(text)
+    return text
 
 
 if __name__ == "__main__":
