@@ -83,9 +83,11 @@ def reference_spec(spec: dict[str, Any], out: Path, train_rows: int) -> dict[str
     ref["data"]["compress"] = {"enabled": False}
     ref["model"] = {"enabled": False}
     ref["tune"] = {"scheduler": "none"}
+    from damoc.spec import FinetuneSpec
+    from damoc.train.stage import planned_steps
+
     ft = ref["finetune"]
-    steps = math.ceil(ft["epochs"] * train_rows / ft["batch_size"])
-    ft["eval_every"] = max(1, steps // 4)
+    ft["eval_every"] = max(1, planned_steps(FinetuneSpec(**ft), train_rows) // 4)
     return ref
 
 

@@ -164,17 +164,12 @@ def read_unit(unit: dict, fields: Fields) -> list[dict]:
     return reader[unit["format"]](unit, fields)
 
 
-ROW_SCHEMA = None  # built lazily: pyarrow is imported inside Ray workers only when needed
-
-
 def row_schema():
+    """The columns every read unit yields (pyarrow is imported where rows are built)."""
     import pyarrow as pa
 
-    global ROW_SCHEMA
-    if ROW_SCHEMA is None:
-        ROW_SCHEMA = pa.schema([(c, pa.string()) for c in ("id", "source", "instruction", "input", "output",
-                                                             "reason", "raw")] + [("order", pa.int64())])
-    return ROW_SCHEMA
+    return pa.schema([(c, pa.string()) for c in ("id", "source", "instruction", "input", "output", "reason", "raw")]
+                     + [("order", pa.int64())])
 
 
 def read_rows(source: DataSource, fields: Fields, base_dir: str):
@@ -186,7 +181,7 @@ def read_rows(source: DataSource, fields: Fields, base_dir: str):
     units = plan_units(source, base_dir)
     for i, unit in enumerate(units):
         unit["index"] = i
-    return ray.data.read_datasource(UnitsDatasource(units, fields))
+    return ray.data.read_datasource(_units_datasource()(units, fields))
 
 
 def _units_datasource():
@@ -213,10 +208,6 @@ def _units_datasource():
                     for u in self.units]
 
     return Units
-
-
-def UnitsDatasource(units: list[dict], fields: Fields):  # noqa: N802 - reads as a class
-    return _units_datasource()(units, fields)
 
 
 def units_table(units: list[dict], fields: Fields):

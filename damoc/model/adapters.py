@@ -9,8 +9,10 @@ is indexed by it, so a stale index breaks `generate()` with the cache on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # `damoc validate` reads ADAPTERS: it should not have to import torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ def remove_layers(model, removed: list[int]) -> int:
     kept = [layer for i, layer in enumerate(layers) if i not in drop]
     if not kept:
         raise ValueError("cannot remove every layer")
+    import torch
+
     adapter.set_layer_list(model, torch.nn.ModuleList(kept))
     setattr(model.config, adapter.count_key, len(kept))
     for key in adapter.per_layer_keys:
