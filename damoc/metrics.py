@@ -26,7 +26,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "damoc_train_loss": ("Gauge", "Training loss at the last report", ("job", "candidate")),
     "damoc_eval_metric": ("Gauge", "Evaluation metric at the last report", ("job", "candidate", "metric")),
     "damoc_train_steps": ("Gauge", "Optimizer steps done", ("job", "candidate")),
-    "damoc_trials": ("Gauge", "Fine-tuning trials by outcome (finished, stopped_early, failed)",
+    "damoc_trials": ("Gauge", "Fine-tuning trials by outcome (finished, decided, stopped_early, failed)",
                      ("job", "status")),
     "damoc_stage_seconds": ("Gauge", "Seconds a stage took", ("job", "stage")),
 }

@@ -274,6 +274,11 @@ class FinetuneSpec(Strict):
     # auto: bf16 on GPU (fp16 where bf16 is missing), fp32 on CPU (faster there without AMX).
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     num_workers: int = Field(default=2, gt=0)
+    # How a trial runs its workers. `workers`: a Ray Train worker group (controller and one actor per
+    # worker, started per trial); `local`: Ray Train's local mode inside the Tune trial's own process,
+    # reused by the next trial (one worker only; no per-trial process start-up); auto: local for one
+    # worker, workers otherwise.
+    executor: Literal["auto", "local", "workers"] = "auto"
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
     max_steps: int = Field(default=200, gt=0)
@@ -297,7 +302,14 @@ class FinetuneSpec(Strict):
         # DeepSpeed refuses fp16 on CPU ("not supported on your device").
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision fp16 needs use_gpu: true (use bf16 on CPU)")
+        if self.executor == "local" and self.num_workers != 1:
+            raise ValueError("executor local runs one worker: set num_workers: 1 (or executor: workers)")
         return self
+
+    @property
+    def local(self) -> bool:
+        """Whether trials run Ray Train's local mode in their own (reused) process."""
+        return self.executor == "local" or (self.executor == "auto" and self.num_workers == 1)
 
 
 class TuneSpec(Strict):
@@ -309,6 +321,9 @@ class TuneSpec(Strict):
     # ASHA stops does not depend on which trial happens to run faster.
     sync_rungs: bool = True
     rung_timeout_s: float = Field(default=900, gt=0)
+    # The selection is decided once ASHA has stopped every candidate but one: false stops that one
+    # there (it ranks first whatever it does next); true trains it to its planned steps.
+    finish_winner: bool = False
 
 
 class SelectSpec(Strict):

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from conftest import QA_ROWS, spec_dict
 
 from damoc.spec import spec_from_data
-from damoc.train.stage import loop_config
+from damoc.train.args import train_args
 
 
 def write_split(folder: Path, repeat: int = 4) -> Path:
@@ -25,13 +25,11 @@ def loop_cfg(model: Path, data: Path, rungs=(), barrier=None, **finetune) -> dic
     spec = spec_from_data(spec_dict(**{"finetune": {"num_workers": 2, "batch_size": 4, "max_steps": 12,
                                                     "eval_every": 4, "lr": 1e-2, **finetune},
                                        "tune": {"grace_period": 2}}), check_files=False)
-    return loop_config(spec, "c", str(model), str(data / "eval.parquet"), list(rungs), barrier, False,
-                       spec.finetune.max_steps)
+    return {"args": train_args(spec, "c", str(model), str(data / "train.parquet"), str(data / "eval.parquet"),
+                               list(rungs), barrier, False, spec.finetune.max_steps)}
 
 
 def fit(cfg: dict, data: Path, storage: Path, workers: int = 2, max_failures: int = 0):
-    import pyarrow.parquet as pq
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -41,6 +39,5 @@ def fit(cfg: dict, data: Path, storage: Path, workers: int = 2, max_failures: in
         train_loop_per_worker, train_loop_config=cfg,
         scaling_config=ray.train.ScalingConfig(num_workers=workers),
         run_config=ray.train.RunConfig(name="fit", storage_path=str(storage),
-                                       failure_config=ray.train.FailureConfig(max_failures=max_failures)),
-        datasets={"train": ray.data.from_arrow(pq.read_table(data / "train.parquet"))})
+                                       failure_config=ray.train.FailureConfig(max_failures=max_failures)))
     return trainer.fit()

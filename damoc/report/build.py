@@ -20,6 +20,7 @@ def write_report(run_dir: Path, out: Path) -> dict[str, Any]:
     finetune = read_json(run_dir / "finetune" / "results.json") or {}
     blocks: list[Block] = [("h1", f"DaMoC report: {run_dir.name}")]
     blocks += _ranking_section(ranking, finetune, out)
+    blocks += _timeline_section(finetune, out)
     blocks += _cost_section(ranking, out)
     blocks += _models_section(run_dir, out)
     blocks += _data_section(run_dir, out)
@@ -45,6 +46,10 @@ def _ranking_section(ranking: dict[str, Any], finetune: dict[str, Any], out: Pat
     better = "lower" if ranking["mode"] == "min" else "higher"
     lead = (f"Best candidate: {winner['name']} ({metric} {winner['score']:.4g}, {better} is better)."
             if winner else "No candidate produced a score.")
+    if ranking.get("decided_at") is not None:
+        lead += (f" Decided at step {ranking['decided_at']}: ASHA had stopped every other candidate there, so "
+                 f"{winner['name']} ranks first whatever it does next; it was stopped at that step "
+                 "(tune.finish_winner: true trains it to the end).")
     blocks: list[Block] = [("h2", "Ranking"), ("p", lead),
                            ("p", f"Scheduler: {finetune.get('scheduler')} (rungs at steps {finetune.get('rungs') or '-'}"
                                  f"{', synchronised' if finetune.get('sync_rungs') else ''}); "
@@ -62,6 +67,28 @@ def _ranking_section(ranking: dict[str, Any], finetune: dict[str, Any], out: Pat
         plots.learning_curves_png(out / "learning_curves.png", curves, stopped, metric)
         blocks.append(("img", "learning_curves.png", f"{metric} per candidate during fine-tuning"))
     return blocks
+
+
+def _timeline_section(finetune: dict[str, Any], out: Path) -> list[Block]:
+    """Where each trial's seconds went (damoc/train/timeline.py), one row and one bar per trial."""
+    from damoc.train.timeline import FIXED
+
+    entries = [e for e in finetune.get("candidates", []) if e.get("timeline")]
+    if not entries:
+        return []
+    groups = {"fixed start-up": FIXED, "training": ("training",), "evaluation": ("evaluation",),
+              "checkpointing": ("checkpointing",), "idle at rungs": ("rung_wait",)}
+    per = {e["name"]: {g: sum(e["timeline"].get(p, 0.0) for p in ps) for g, ps in groups.items()} for e in entries}
+    plots.stacked_bars_png(out / "timeline.png", per, "Where each trial's seconds went", "seconds")
+    rows = [[e["name"], e["timeline"].get("waiting_for_resources"), *per[e["name"]].values(), e["timeline"].get("total"),
+             e.get("workers")] for e in entries]
+    idle = sum(e["timeline"].get("rung_wait", 0.0) * (e.get("workers") or 1) for e in entries)
+    return [("h2", "Trial timelines"),
+            ("p", "Seconds per phase of each trial. Fixed start-up: the trial actor, the worker group, imports, "
+                  f"model load, engine init, data ready and teardown. Idle at rungs: {idle:.1f} worker-seconds "
+                  "in all, workers held while a trial waited for the others at a synchronised rung."),
+            ("table", ["candidate", "queued", *groups, "total", "workers"], rows),
+            ("img", "timeline.png", "seconds per phase of each trial")]
 
 
 def _cost_section(ranking: dict[str, Any], out: Path) -> list[Block]:

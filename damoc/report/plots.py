@@ -62,3 +62,23 @@ def bars_png(path: Path, labels: list[str], values: list[float], title: str, yla
     fig.savefig(path, format="png")
     plt.close(fig)
     return path
+
+
+def stacked_bars_png(path: Path, parts: dict[str, dict[str, float]], title: str, xlabel: str) -> Path:
+    """One horizontal bar per row (dict key), split into its named parts (same names in every row)."""
+    names = list(parts)
+    groups = list(next(iter(parts.values()))) if parts else []
+    fig, ax = plt.subplots(figsize=(7.0, 0.45 * len(names) + 1.9), dpi=110)
+    left = [0.0] * len(names)
+    for g in groups:
+        widths = [parts[n][g] for n in names]
+        ax.barh(names, widths, left=left, label=g)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=min(5, len(groups)), loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path

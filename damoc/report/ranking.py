@@ -1,6 +1,7 @@
 """RUN/report/ranking.json from the finetune stage's results and the earlier stages' costs.
 
-Order: candidates that trained to the end, by their final score; then those ASHA stopped,
+Order: the candidate left standing once ASHA had stopped the others (status `decided`), or those
+that trained to the end, by their final score; then those ASHA stopped,
 deepest first (a trial stopped later survived more comparisons), by their last score; failed
 candidates are listed with their reason and no rank.
 """
@@ -22,8 +23,10 @@ def _score(e: dict[str, Any]) -> float | None:
 def rank_candidates(entries: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     sign = 1.0 if mode == "min" else -1.0
     scored = [e for e in entries if e["status"] != "failed" and _score(e) is not None]
-    finished = sorted((e for e in scored if e["status"] == "finished"), key=lambda e: (sign * _score(e), e["name"]))
-    stopped = sorted((e for e in scored if e["status"] != "finished"),
+    # The last one standing (decided) or those trained to the end, by score; then the stopped ones.
+    top = ("finished", "decided")
+    finished = sorted((e for e in scored if e["status"] in top), key=lambda e: (sign * _score(e), e["name"]))
+    stopped = sorted((e for e in scored if e["status"] not in top),
                      key=lambda e: (-e["steps"], sign * _score(e), e["name"]))
     ranked = {e["name"]: i + 1 for i, e in enumerate(finished + stopped)}
     out = []
@@ -53,12 +56,16 @@ def stage_costs(run_dir: Path, finetune: dict[str, Any]) -> dict[str, Any]:
     cpus = float(((spec.get("model") or {}).get("num_cpus")) or 1)
     models_ws = sum(float(e.get("seconds", 0.0)) for e in model_entries) * cpus
     ft_ws = sum(float(e.get("worker_seconds", 0.0)) for e in finetune["candidates"])
+    timelines = [(e.get("timeline") or {}, int(e.get("workers") or 1)) for e in finetune["candidates"]]
     ft_flops = sum(float(e.get("train_flops", 0.0)) for e in finetune["candidates"])
     stages = {
         "data": {"worker_seconds": round(float(data_marker.get("seconds", 0.0)), 3),
                  "wall_seconds": float(data_marker.get("seconds", 0.0))},
         "models": {"worker_seconds": round(models_ws, 3), "wall_seconds": float(model_marker.get("seconds", 0.0))},
         "finetune": {"worker_seconds": round(ft_ws, 3), "wall_seconds": float(finetune.get("seconds", 0.0)),
+                     # start-up paid once per trial, and workers held idle waiting at synchronised rungs
+                     "fixed_worker_seconds": round(sum(t.get("fixed", 0.0) * w for t, w in timelines), 3),
+                     "idle_worker_seconds": round(sum(t.get("rung_wait", 0.0) * w for t, w in timelines), 3),
                      "train_flops": ft_flops,
                      "train_tokens": sum(int(e.get("train_tokens", 0)) for e in finetune["candidates"])},
     }
@@ -82,4 +89,5 @@ def build_ranking(run_dir: Path) -> dict[str, Any]:
     return {"metric": finetune["metric"], "mode": finetune["mode"],
             "candidates": rank_candidates(finetune["candidates"], finetune["mode"]),
             "cost": stage_costs(run_dir, finetune),
-            "scheduler": finetune.get("scheduler"), "max_steps": finetune.get("max_steps")}
+            "scheduler": finetune.get("scheduler"), "max_steps": finetune.get("max_steps"),
+            "decided_at": finetune.get("decided_at"), "finish_winner": finetune.get("finish_winner", False)}

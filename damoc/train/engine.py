@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from damoc.train.args import TrainArgs
+
 STATE_FILE = "state.json"
 
 
@@ -113,11 +115,14 @@ class DeepSpeedEngine:
 
 
 class DDPEngine:
-    def __init__(self, model, optimizer, scheduler, grad_accum: int, dtype: torch.dtype, device):
-        import ray.train.torch
-
+    def __init__(self, model, optimizer, scheduler, grad_accum: int, dtype: torch.dtype, device, local: bool):
         self.raw = model
-        self.model = ray.train.torch.prepare_model(model)  # DDP when world size > 1
+        if local:  # one process, nothing to synchronise
+            self.model = model.to(device)
+        else:
+            import ray.train.torch
+
+            self.model = ray.train.torch.prepare_model(model)  # DDP when world size > 1
         self.optimizer, self.scheduler = optimizer, scheduler
         self.grad_accum, self.dtype, self._device = grad_accum, dtype, device
         self._micro = 0
@@ -186,12 +191,12 @@ class DDPEngine:
         return json.loads((path / STATE_FILE).read_text())
 
 
-def build_engine(model, ft: dict[str, Any], dtype: torch.dtype, device, warmup: int):
+def build_engine(model, args: TrainArgs, dtype: torch.dtype, device):
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=ft["lr"], weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, ft["max_steps"]))
-    if ft["deepspeed"]["enabled"]:
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, args.max_steps))
+    if args.deepspeed:
         os.environ.setdefault("LOCAL_RANK", "0")
-        cfg = deepspeed_config(ft["batch_size"], ft["grad_accum"], ft["deepspeed"]["zero_stage"], dtype)
+        cfg = deepspeed_config(args.batch_size, args.grad_accum, args.zero_stage, dtype)
         return DeepSpeedEngine(model, optimizer, scheduler, cfg)
-    return DDPEngine(model, optimizer, scheduler, ft["grad_accum"], dtype, device)
+    return DDPEngine(model, optimizer, scheduler, args.grad_accum, dtype, device, args.local)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from damoc.train import metrics
+from damoc.train.args import TrainArgs
 from damoc.train.engine import answer_token_nll
 from damoc.train.examples import Example, collate, encode, gold_option, options_of, prompt_text
 
@@ -41,18 +42,18 @@ class EvalSet:
     answer as a whole answer, as training shapes it), prompts for generation, and per
     multiple-choice row its option answers and the gold index."""
 
-    def __init__(self, tok, rows: list[dict[str, Any]], cfg: dict[str, Any], rank: int, world: int):
-        task, max_len = cfg["task"], cfg["max_length"]
+    def __init__(self, tok, rows: list[dict[str, Any]], args: TrainArgs, rank: int, world: int):
+        task, max_len = args.task, args.max_length
         self.n_rows = len(rows)
         mine = my_slice(rows, rank, world)
         self.weights = [w for _, w in mine]
         self.references = [r["output"] for r, _ in mine]
         prompts = [prompt_text(task, r["instruction"], r["input"]) for r, _ in mine]
         self.answers = [encode(tok, p, r["output"], max_len) for p, (r, _) in zip(prompts, mine)]
-        gen_len = max(8, max_len - cfg["max_new_tokens"])
+        gen_len = max(8, max_len - args.max_new_tokens)
         self.prompt_ids = [encode(tok, p, "", gen_len, eos=False).ids for p in prompts]
         self.choices: list[tuple[float, list[Example], int]] = []  # (weight, option examples, gold)
-        if task == "multiple_choice" or cfg["metric"] == "accuracy":
+        if task == "multiple_choice" or args.metric == "accuracy":
             for (r, w), p in zip(mine, prompts):
                 opts = options_of(r["instruction"], r["input"])
                 gold = gold_option(opts, r["output"]) if opts else None
@@ -83,12 +84,12 @@ def generate_answer(model, tok, prompt_ids: list[int], max_new_tokens: int, devi
     return metrics.first_line(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
-def evaluate(model, tok, es: EvalSet, cfg: dict[str, Any], device, generation: bool,
+def evaluate(model, tok, es: EvalSet, args: TrainArgs, device, generation: bool,
              synced: bool = False) -> dict[str, float]:
     """Metrics over all eval rows (every rank must call this the same number of times)."""
     was_training = model.training
     model.eval()
-    bs = cfg["eval_batch_size"]
+    bs = args.eval_batch_size
     scored = answer_nll(model, es.answers, tok.pad_token_id, bs, device)
     sums = [sum(w * n for (n, _), w in zip(scored, es.weights)),
             sum(w * t for (_, t), w in zip(scored, es.weights)),
@@ -96,7 +97,7 @@ def evaluate(model, tok, es: EvalSet, cfg: dict[str, Any], device, generation: b
     em = rl = gen_n = 0.0
     if generation:
         for ids, ref, w in zip(es.prompt_ids, es.references, es.weights):
-            pred = generate_answer(model, tok, ids, cfg["max_new_tokens"], device, synced)
+            pred = generate_answer(model, tok, ids, args.max_new_tokens, device, synced)
             em += w * metrics.exact_match(pred, ref)
             rl += w * metrics.rouge_l(pred, ref)
             gen_n += w

@@ -1,41 +1,56 @@
 """The per-worker training loop that Ray Train runs on every worker of a trial.
 
-Read top to bottom: load the candidate (LoRA through peft, or full fine-tuning); take this
-worker's shard of the training rows from Ray Data and tokenise it with the task's template
-(loss on answer tokens only); step with DeepSpeed or DDP, warmup + cosine lr, gradient
-accumulation; every `eval_every` steps (and at each ASHA rung and the last step) evaluate,
-save a checkpoint and `ray.train.report` the metrics. A restarted worker group resumes from
-the latest checkpoint: weights, optimizer, schedule, step, token count and data position.
+Read top to bottom: import the stack and load the candidate (LoRA through peft, or full
+fine-tuning); read this worker's slice of the training rows and tokenise it with the task's
+template (loss on answer tokens only); step with DeepSpeed or DDP, warmup + cosine lr, gradient
+accumulation; every `eval_every` steps (and at each ASHA rung and the last step) evaluate, save a
+checkpoint and `ray.train.report` the metrics with the trial's timeline. A restarted worker group
+resumes from the latest checkpoint: weights, optimizer, schedule, step, token count, data position
+and the timeline so far.
 """
 
 from __future__ import annotations
 
 import random
+import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from damoc.metrics import record_report
+from damoc.train.args import TrainArgs
 from damoc.train.examples import Example, collate, encode, prompt_text
+from damoc.train.timeline import Timeline
 
 TEXT = ("instruction", "input", "output")
 
 
-def load_model(cfg: dict[str, Any], device: str = "cpu"):
+def import_stack(args: TrainArgs) -> None:
+    """The heavy imports, up front, so the timeline shows them apart from loading the model."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    if args.method == "lora":
+        import peft  # noqa: F401
+    if args.deepspeed:
+        import deepspeed  # noqa: F401
+
+
+def load_model(args: TrainArgs, device: str = "cpu"):
     """Tokenizer and model (the reference-LM loader: fp32, safetensors only); LoRA adapters attached
     when asked. The KV cache is off for training forwards; generation asks for it."""
     from damoc.data.lm import load_causal_lm
 
-    tok, model = load_causal_lm(cfg["model_path"], cfg["trust_remote_code"], device)
+    tok, model = load_causal_lm(args.model_path, args.trust_remote_code, device)
     forward_params = sum(p.numel() for p in model.parameters())
-    if cfg["method"] == "lora":
+    if args.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lora = cfg["lora"]
+        lora = args.lora
         model = get_peft_model(model, LoraConfig(
-            task_type="CAUSAL_LM", r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-            target_modules=lora_targets(model.config, lora["target_modules"])))
+            task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora_targets(model.config, lora.target_modules)))
     model.config.use_cache = False
     return tok, model, forward_params
 
@@ -43,33 +58,31 @@ def load_model(cfg: dict[str, Any], device: str = "cpu"):
 def lora_targets(config, wanted):
     """'auto': the family's attention + MLP projections; 'all-linear' or an explicit list as given."""
     if wanted != "auto":
-        return wanted
+        return list(wanted) if isinstance(wanted, tuple) else wanted
     from damoc.model.adapters import ADAPTERS
 
     adapter = ADAPTERS.get(getattr(config, "model_type", None))
     return list(adapter.lora_targets) if adapter else "all-linear"
 
 
-def shard_examples(tok, cfg: dict[str, Any]) -> list[Example]:
-    """This worker's training rows from Ray Data, tokenised once (the compressed set is small by design)."""
-    import ray.train
-
-    shard = ray.train.get_dataset_shard("train")
-    out: list[Example] = []
-    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
-        for ins, inp, ans in zip(*(batch[c] for c in TEXT)):
-            out.append(encode(tok, prompt_text(cfg["task"], str(ins), None if inp is None else str(inp)),
-                              str(ans), cfg["max_length"]))
-    if not out:
-        raise ValueError("this worker's shard of the training set is empty (fewer rows than workers?)")
-    return out
-
-
-def read_eval_rows(path: str, limit: int | None) -> list[dict[str, Any]]:
+def read_rows(path: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Text columns of a run-directory Parquet file (a local path or a URI reachable from every node)."""
     import pyarrow.parquet as pq
 
     rows = pq.read_table(path, columns=list(TEXT)).to_pylist()
     return rows[:limit] if limit else rows
+
+
+def shard_examples(tok, args: TrainArgs, rank: int, world: int) -> list[Example]:
+    """This worker's rows (rows[rank::world], the same on every attempt, so a resumed worker continues
+    the same shuffle), tokenised once. The compressed set is small by design: each worker reads the file
+    itself instead of starting a Ray Data split per trial."""
+    rows = read_rows(args.train_path)[rank::world]
+    if not rows:
+        raise ValueError(f"worker {rank} of {world} has no training rows ({args.train_path} has fewer rows "
+                         "than workers)")
+    return [encode(tok, prompt_text(args.task, str(r["instruction"]), r["input"]), str(r["output"]), args.max_length)
+            for r in rows]
 
 
 class Batches:
@@ -92,44 +105,88 @@ class Batches:
         return self.position / self.per_epoch
 
 
-def report_steps(max_steps: int, eval_every: int, rungs: list[int]) -> set[int]:
+def result_channel(args: TrainArgs):
+    """(report, get_checkpoint). A worker group reports through Ray Train (rank 0's results reach Tune
+    through TuneReportCallback); in local mode the loop runs inside the Tune trial itself, where Train's
+    report would stop, so results and checkpoints go to Tune directly."""
+    if args.local:
+        from ray import tune
+
+        return tune.report, tune.get_checkpoint
+    import ray.train
+
+    return ray.train.report, ray.train.get_checkpoint
+
+
+def local_process_group() -> None:
+    """DeepSpeed needs a process group and local mode starts none: one of world size 1 on a free port
+    (not from RANK/MASTER_* variables, which would make Train's local controller start its own). A
+    stopped trial's thread ends without tearing it down; the next trial in this process reuses it."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def report_steps(max_steps: int, eval_every: int, rungs: tuple[int, ...] | list[int]) -> set[int]:
     """Steps that evaluate, checkpoint and report: every eval_every, every ASHA rung, and the last."""
     return set(range(eval_every, max_steps + 1, eval_every)) | {r for r in rungs if r <= max_steps} | {max_steps}
 
 
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    import torch
-    import ray.train
-    import ray.train.torch
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    entered = time.time()
+    args: TrainArgs = config["args"]
+    timeline = Timeline()
+    with timeline.phase("imports"):
+        import_stack(args)
+        import ray.train
+        import ray.train.torch
+        import torch
 
-    from damoc.train.engine import build_engine, resolve_precision
-    from damoc.train.evaluate import EvalSet, all_sum, evaluate
-    from damoc.train.rungs import wait_turn
+        from damoc.train.engine import build_engine, resolve_precision
+        from damoc.train.evaluate import EvalSet, all_sum, evaluate
+        from damoc.train.rungs import wait_turn
 
-    tctx = ray.train.get_context()
-    rank, world = tctx.get_world_rank(), tctx.get_world_size()
-    torch.set_num_threads(max(1, cfg["threads"]))
-    torch.manual_seed(cfg["seed"])
+    report, get_checkpoint = result_channel(args)
+    if args.local:  # the Tune trial's own process is the one worker
+        rank, world = 0, 1
+        local_process_group()
+    else:
+        tctx = ray.train.get_context()
+        rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    torch.set_num_threads(max(1, args.threads))
+    torch.manual_seed(args.seed)
     device = ray.train.torch.get_device()
-    dtype = resolve_precision(cfg["precision"], cfg["deepspeed"]["enabled"], device.type == "cuda")
-    tok, model, forward_params = load_model(cfg, device)
+    dtype = resolve_precision(args.precision, args.deepspeed, device.type == "cuda")
+    with timeline.phase("model_load"):
+        tok, model, forward_params = load_model(args, device)
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    examples = shard_examples(tok, cfg)
-    eval_set = EvalSet(tok, read_eval_rows(cfg["eval_path"], cfg.get("eval_limit")), cfg, rank, world)
-    engine = build_engine(model, cfg, dtype, device, warmup=int(cfg["warmup_ratio"] * cfg["max_steps"]))
+    with timeline.phase("data_ready"):
+        examples = shard_examples(tok, args, rank, world)
+        eval_set = EvalSet(tok, read_rows(args.eval_path, args.eval_limit), args, rank, world)
+    with timeline.phase("engine_init"):
+        engine = build_engine(model, args, dtype, device)
     synced = engine.zero_stage == 3 and world > 1
-    state = {"step": 0, "tokens": 0, "position": 0, "seconds": 0.0, "restarts": 0}
-    checkpoint = ray.train.get_checkpoint()
+    state = {"step": 0, "tokens": 0, "position": 0, "seconds": 0.0, "restarts": 0, "timeline": {}}
+    checkpoint = get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = engine.load(Path(d))
+        with timeline.phase("checkpointing"), checkpoint.as_directory() as d:
+            state = {**state, **engine.load(Path(d))}
         state["restarts"] += 1
-    batches = Batches(examples, cfg["batch_size"], cfg["seed"] + rank, state["position"])
-    reports = report_steps(cfg["max_steps"], cfg["eval_every"], cfg["rungs"])
+        # The phases of earlier attempts, then this attempt's start-up on top.
+        timeline = Timeline({k: v + timeline.seconds.get(k, 0.0) for k, v in state["timeline"].items()})
+    elif args.trial_started_at is not None:  # a restart's own start-up is not measured from the trial's
+        timeline.add("worker_group_start", entered - args.trial_started_at)
+    batches = Batches(examples, args.batch_size, args.seed + rank, state["position"])
+    reports = report_steps(args.max_steps, args.eval_every, args.rungs)
     start_step, t0, loss_sum, loss_n, tokens = state["step"], time.monotonic(), 0.0, 0, 0
     model.train()
-    for step in range(start_step + 1, cfg["max_steps"] + 1):
-        for _ in range(cfg["grad_accum"]):
+    t_train = time.perf_counter()
+    for step in range(start_step + 1, args.max_steps + 1):
+        for _ in range(args.grad_accum):
             batch = {k: v.to(device) for k, v in collate(batches.next(), tok.pad_token_id).items()}
             loss = engine.loss(batch)
             engine.backward(loss)
@@ -138,9 +195,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             tokens += int(batch["attention_mask"].sum())
         if step not in reports:
             continue
-        generation = cfg["metric"] in ("exact_match", "rouge_l") or step == cfg["max_steps"]
-        result = evaluate(engine.module, tok, eval_set, cfg, device, generation, synced)
-        step_tokens, loss_total, loss_count = all_sum([tokens, loss_sum, loss_n], device)
+        timeline.add("training", time.perf_counter() - t_train)
+        with timeline.phase("evaluation"):
+            generation = args.metric in ("exact_match", "rouge_l") or step == args.max_steps
+            result = evaluate(engine.module, tok, eval_set, args, device, generation, synced)
+            step_tokens, loss_total, loss_count = all_sum([tokens, loss_sum, loss_n], device)
         train_loss = loss_total / max(1.0, loss_count)
         state.update(step=step, tokens=state["tokens"] + int(step_tokens), position=batches.position,
                      seconds=state["seconds"] + time.monotonic() - t0)
@@ -148,13 +207,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                    "lr": engine.lr, "train_tokens": state["tokens"], "forward_params": forward_params,
                    "trainable_params": trainable_params, "train_flops": 6.0 * forward_params * state["tokens"],
                    "train_seconds": round(state["seconds"], 3), "restarts": state["restarts"],
-                   "start_step": start_step, "workers": world}
-        if rank == 0 and step in cfg["rungs"] and cfg.get("barrier"):
-            sign = -1.0 if cfg["mode"] == "min" else 1.0  # the barrier ranks higher-is-better
-            wait_turn(cfg["barrier"], cfg["candidate"], step, sign * metrics[cfg["metric"]])
+                   "start_step": start_step, "workers": world, "trial_started_at": args.trial_started_at}
+        if rank == 0 and step in args.rungs and args.barrier:
+            sign = -1.0 if args.mode == "min" else 1.0  # the barrier ranks higher-is-better
+            with timeline.phase("rung_wait"):
+                wait_turn(args.barrier, args.candidate, step, sign * metrics[args.metric])
         if rank == 0:
-            record_report(cfg.get("job", ""), cfg["candidate"], cfg["metric"], metrics)
-        with tempfile.TemporaryDirectory(prefix="damoc-ckpt-") as tmp:
+            record_report(args.job, args.candidate, args.metric, metrics)
+        with timeline.phase("checkpointing"), tempfile.TemporaryDirectory(prefix="damoc-ckpt-") as tmp:
+            state["timeline"] = timeline.seconds
             wrote = engine.save(Path(tmp), rank, state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
+            report({**metrics, **timeline.metrics()},
+                   checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
         t0, loss_sum, loss_n, tokens = time.monotonic(), 0.0, 0, 0
+        t_train = time.perf_counter()

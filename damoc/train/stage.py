@@ -1,8 +1,10 @@
 """The finetune stage: every candidate the model stage produced is fine-tuned on the data stage's
 training rows, concurrently, under Ray Tune; ASHA stops weak ones early.
 
-Writes RUN/finetune/results.json: per candidate its status (finished | stopped_early | failed
-with the reason), steps, learning curve (every report), tokens, FLOPs and worker-seconds. The
+Writes RUN/finetune/results.json: per candidate its status (finished | decided | stopped_early |
+failed with the reason), steps, learning curve (every report), tokens, FLOPs, worker-seconds and
+the trial's timeline (damoc/train/timeline.py). `decided`: the last candidate standing once ASHA
+had stopped all the others, stopped at that rung unless `tune.finish_winner`. The
 Tune and Train storage (checkpoints, per-trial logs) lives under RUN/finetune/ too, or under
 `finetune.storage_path` on a multi-node cluster.
 """
@@ -22,7 +24,9 @@ from damoc import metrics
 from damoc.pipeline import Stage, StageContext, register_stage
 from damoc.rundir import atomic_write_json, read_json
 from damoc.spec import JobSpec
-from damoc.train.driver import TrialPlan, fitting_trials, new_barrier_name, tune_candidates, worker_resources
+from damoc.train import timeline
+from damoc.train.args import train_args
+from damoc.train.driver import Book, TrialPlan, fitting_trials, new_barrier_name, tune_candidates, worker_resources
 from damoc.train.rungs import asha_rungs
 
 log = logging.getLogger("damoc.train")
@@ -39,21 +43,6 @@ def planned_steps(ft, train_rows: int) -> int:
     return max(1, min(ft.max_steps, math.ceil(ft.epochs * train_rows / per_step)))
 
 
-def loop_config(spec: JobSpec, name: str, model_path: str, eval_path: str, rungs: list[int],
-                barrier: str | None, trust_remote_code: bool, steps: int) -> dict[str, Any]:
-    ft, threads = spec.finetune, int((spec.finetune.resources_per_worker or {}).get("CPU", 1))
-    return {
-        "job": spec.name, "candidate": name, "model_path": model_path, "eval_path": eval_path, "trust_remote_code": trust_remote_code,
-        "task": spec.data.task, "metric": spec.select.metric, "mode": spec.select.mode,
-        "max_new_tokens": spec.select.max_new_tokens, "method": ft.method, "lora": ft.lora.model_dump(),
-        "deepspeed": ft.deepspeed.model_dump(), "precision": ft.precision, "batch_size": ft.batch_size,
-        "eval_batch_size": ft.batch_size, "grad_accum": ft.grad_accum, "lr": ft.lr, "warmup_ratio": ft.warmup_ratio,
-        "max_steps": steps, "max_length": ft.max_length, "eval_every": ft.eval_every,
-        "eval_limit": ft.eval_max_rows, "seed": spec.seed, "threads": max(1, threads), "rungs": rungs,
-        "barrier": barrier,
-    }
-
-
 def trainable_candidates(ctx: StageContext) -> tuple[dict[str, dict], list[dict]]:
     """Candidates the model stage left usable ({name: entry}) and those it failed."""
     index = read_json(ctx.input("models") / "models.json")
@@ -67,22 +56,28 @@ def trainable_candidates(ctx: StageContext) -> tuple[dict[str, dict], list[dict]
     return usable, failed
 
 
-def candidate_outcome(result, name: str, spec: JobSpec, workers: int, planned: int) -> dict[str, Any]:
-    """One trial's record from Tune's result: status, learning curve, costs."""
+def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book) -> dict[str, Any]:
+    """One trial's record from Tune's result and the driver's book: status, learning curve, costs, timeline."""
     df = result.metrics_dataframe
     rows = [] if df is None or df.empty else df.to_dict("records")
     curve = [{k: r[k] for k in CURVE_KEYS if k in r and r[k] == r[k]} for r in rows if "step" in r]
     last = rows[-1] if rows else {}
     steps = int(last.get("step", 0))
-    seconds = float(last.get("time_total_s", 0.0))
+    rec = book.record(name)
+    phases = {**timeline.from_metrics(last), **driver_phases(rec, last, book.t0)}
+    began = last.get("trial_started_at") or rec.started or book.t0
+    seconds = max(0.0, (rec.ended or time.time()) - began)
     out: dict[str, Any] = {"name": name, "steps": steps, "curve": curve, "workers": workers,
-                           "worker_seconds": round(seconds * workers, 3), "trial_seconds": round(seconds, 3)}
+                           "worker_seconds": round(seconds * workers, 3), "trial_seconds": round(seconds, 3),
+                           "timeline": timeline.summarise(phases)}
     for k in ("train_tokens", "train_flops", "forward_params", "trainable_params", "restarts"):
         if k in last:
             out[k] = last[k]
     if result.error is not None:
         out["status"], out["reason"] = "failed", _reason(result.error)
-    elif steps < planned:
+    elif name == book.winner:
+        out["status"] = "decided"  # the last one standing, stopped where the choice was made
+    elif steps < book.planned_steps:
         out["status"] = "stopped_early"
     else:
         out["status"] = "finished"
@@ -91,6 +86,17 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int, planned: i
                                                                       "rouge_l", "accuracy")}
         out["score"] = curve[-1].get(spec.select.metric)
     return out
+
+
+def driver_phases(rec, last: dict[str, Any], t0: float) -> dict[str, float]:
+    """The timeline's phases only the driver sees: queued, the trial actor's start, the teardown."""
+    entered = last.get("trial_started_at")
+    out = {"waiting_for_resources": (rec.started or t0) - t0}
+    if entered and rec.started:
+        out["trial_start"] = entered - rec.started
+    if rec.ended and rec.last_result:
+        out["teardown"] = rec.ended - rec.last_result
+    return {k: max(0.0, v) for k, v in out.items()}
 
 
 def _reason(err: BaseException) -> str:
@@ -126,27 +132,29 @@ class FinetuneStage(Stage):
         steps = planned_steps(ft, pq.ParquetFile(data_dir / "train.parquet").metadata.num_rows)
         rungs = asha_rungs(tn.grace_period, tn.reduction_factor, steps) if tn.scheduler == "asha" else []
         barrier = new_barrier_name() if tn.sync_rungs and rungs and concurrent > 1 else None
-        plans = {}
-        for c in spec.candidates:
-            if c.name in usable:
-                plans[c.name] = TrialPlan(c.name, str(data_dir / "train.parquet"), loop_config(
-                    spec, c.name, str(Path(usable[c.name]["path"]).resolve()), str(data_dir / "eval.parquet"),
-                    rungs, barrier, c.trust_remote_code, steps), storage_path=storage.rstrip("/") + "/train")
+        train_path, eval_path = str(data_dir / "train.parquet"), str(data_dir / "eval.parquet")
+        plans = {c.name: TrialPlan(c.name, train_args(
+            spec, c.name, str(Path(usable[c.name]["path"]).resolve()), train_path, eval_path, rungs, barrier,
+            c.trust_remote_code, steps), storage_path=storage.rstrip("/") + "/train")
+            for c in spec.candidates if c.name in usable}
         scaling = {"num_workers": ft.num_workers, "use_gpu": ft.use_gpu,
                    "resources_per_worker": ft.resources_per_worker}
-        log.info("finetune: %d candidates, %d steps each, %d at once (%s per trial; cluster %s), %s, "
-                 "rungs at steps %s%s", len(plans), steps, concurrent, per_trial, {k: cluster[k] for k in ("CPU", "GPU") if k in cluster},
-                 tn.scheduler, rungs or "-", " (synchronised)" if barrier else "")
+        log.info("finetune: %d candidates, %d steps each, %d at once (%s per trial, %s; cluster %s), %s, "
+                 "rungs at steps %s%s", len(plans), steps, concurrent, per_trial,
+                 "Ray Train local mode in the trial" if ft.local else "Ray Train worker group",
+                 {k: cluster[k] for k in ("CPU", "GPU") if k in cluster}, tn.scheduler, rungs or "-",
+                 " (synchronised)" if barrier else "")
         t0 = time.monotonic()
-        grid = tune_candidates(plans, scaling=scaling, metric=spec.select.metric, mode=spec.select.mode,
+        book = Book(planned_steps=steps, decide=bool(rungs) and not tn.finish_winner, expected=len(plans))
+        grid = tune_candidates(plans, book, scaling=scaling, metric=spec.select.metric, mode=spec.select.mode,
                                scheduler=tn.scheduler, grace_period=tn.grace_period,
-                               reduction_factor=tn.reduction_factor, max_steps=steps,
-                               max_concurrent=concurrent, max_failures=ft.max_failures, storage_path=storage,
-                               rung_timeout_s=tn.rung_timeout_s, barrier_name=barrier)
+                               reduction_factor=tn.reduction_factor, max_concurrent=concurrent,
+                               max_failures=ft.max_failures, storage_path=storage, rung_timeout_s=tn.rung_timeout_s,
+                               barrier_name=barrier, local=ft.local)
         outcomes = {}
         for result in grid:
             name = result.config["candidate"]
-            outcomes[name] = candidate_outcome(result, name, spec, ft.num_workers, steps)
+            outcomes[name] = candidate_outcome(result, name, spec, ft.num_workers, book)
         for e in failed_upstream:
             outcomes[e["name"]] = {"name": e["name"], "status": "failed", "steps": 0, "curve": [],
                                    "reason": f"model stage: {e.get('reason', 'failed')}", "worker_seconds": 0.0}
@@ -154,10 +162,12 @@ class FinetuneStage(Stage):
         seconds = time.monotonic() - t0
         atomic_write_json(ctx.out / "results.json", {
             "metric": spec.select.metric, "mode": spec.select.mode, "scheduler": tn.scheduler,
-            "rungs": rungs, "sync_rungs": bool(barrier), "max_steps": steps, "epochs": ft.epochs, "max_concurrent_trials": concurrent,
-            "num_workers": ft.num_workers, "method": ft.method, "deepspeed": ft.deepspeed.model_dump(),
+            "rungs": rungs, "sync_rungs": bool(barrier), "max_steps": steps, "epochs": ft.epochs,
+            "max_concurrent_trials": concurrent, "num_workers": ft.num_workers, "method": ft.method,
+            "deepspeed": ft.deepspeed.model_dump(), "finish_winner": tn.finish_winner,
+            "decided_at": book.decided_at, "winner": book.winner,
             "seconds": round(seconds, 3), "candidates": entries})
-        counts = {s: sum(e["status"] == s for e in entries) for s in ("finished", "stopped_early", "failed")}
+        counts = {s: sum(e["status"] == s for e in entries) for s in ("finished", "decided", "stopped_early", "failed")}
         metrics.record_trials(spec.name, counts)
         for e in entries:
             log.info("finetune: %s %s after %d steps, %s=%s, %.1f worker-s%s", e["name"], e["status"], e["steps"],
