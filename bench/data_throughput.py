@@ -72,9 +72,9 @@ def plain_loop(path: Path, keep_ratio: float, ref: str, with_lm: bool) -> int:
     """The same operators, one process, rows in memory: the baseline."""
     import pandas as pd
 
-    from damoc.data.compress import count_prompt_tokens
     from damoc.data.lm import LMScorer
     from damoc.data.ops.ifd_filter import IfdFilter
+    from damoc.data.stage import TokenCounter
 
     rows, fields = [], Fields()
     with open(path, "rb") as fh:
@@ -111,7 +111,8 @@ def plain_loop(path: Path, keep_ratio: float, ref: str, with_lm: bool) -> int:
                 break
     alive = alive[~alive["id"].isin(dup)]
     keep = top_k(alive["chars"].to_numpy(float), alive["order"].to_numpy(), round(keep_ratio * len(df)))
-    kept = count_prompt_tokens(alive.iloc[keep][["id", "instruction", "input", "output"]].copy(), ref)
+    kept = alive.iloc[keep][["id", "instruction", "input", "output"]].copy()
+    kept["prompt_tokens_before"] = kept["prompt_tokens_after"] = TokenCounter(ref)(kept)
     kept.to_parquet(path.with_suffix(".plain.parquet"))
     return len(rows)
 

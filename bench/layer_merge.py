@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from damoc.model.adapters import adapter_for
+from damoc.lm.arch import adapter_for
 from damoc.model.compress import Source, compress_candidate
 from damoc.model.merge import METHODS
 from damoc.model.scores import batches, calibrate, calibration_loss, encode

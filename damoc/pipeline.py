@@ -101,6 +101,10 @@ class Stage:
         """Files or folders outside the run directory that the stage reads."""
         return []
 
+    def fingerprint_extra(self, spec: JobSpec) -> dict[str, Any]:
+        """Single settings outside the stage's spec sections that change its output."""
+        return {}
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         """Write outputs under ctx.out; return the counts for the stage's log line."""
         raise NotImplementedError
@@ -184,6 +188,9 @@ def stage_fingerprint(stage: Stage, spec: JobSpec, run_dir: Path, base_dir: Path
         "upstream": upstream,
         "inputs": [path_signature(p, base_dir) for p in stage.external_inputs(spec)],
     }
+    extra = stage.fingerprint_extra(spec)
+    if extra:  # absent when empty, so fingerprints of stages without extras are unchanged
+        payload["extra"] = extra
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -13,7 +13,7 @@ from damoc.spec import JobSpec, is_uri, resolve_path
 
 def candidate_problems(spec: JobSpec, base_dir: str | None = None) -> list[str]:
     """One line per problem, each naming its key path."""
-    from damoc.model.adapters import ADAPTERS
+    from damoc.lm.arch import ADAPTERS
 
     base = base_dir or os.getcwd()
     out = []

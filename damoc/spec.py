@@ -290,6 +290,9 @@ class FinetuneSpec(Strict):
     lr: float = Field(default=2e-4, gt=0)
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     max_length: int = Field(default=512, gt=0)
+    # The prompt every stage builds (damoc/lm/prompts.py): plain (the task's template), chat (the
+    # tokenizer's chat template), auto (chat where the tokenizer has one).
+    template: Literal["auto", "plain", "chat"] = "auto"
     eval_every: int = Field(default=20, gt=0)
     # Eval rows scored at each evaluation: the first N of RUN/data/eval.parquet, the same for every
     # candidate (None: all of them; generation metrics decode each one).

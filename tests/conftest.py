@@ -98,18 +98,20 @@ LOOKUP = [("Capital of France?", "Paris"), ("Capital of Japan?", "Tokyo"), ("Cap
 
 @pytest.fixture(scope="session")
 def lookup_model(tmp_path_factory, tokenizer_dir) -> Path:
-    """A tiny llama that has memorised LOOKUP (prompt "Q\\nA"): the question makes the answer certain."""
+    """A tiny llama that has memorised LOOKUP, rendered as every stage renders a QA row (damoc/lm/prompts.py):
+    the question makes the answer certain."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from damoc.lm.prompts import prompt_text
     from damoc.zoo.tiny import tiny_config
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = {"pad": tok.pad_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tok), 64, 2, special_ids=ids))
-    seqs = [[tok.bos_token_id] + tok(f"{q}\n{a}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            for q, a in LOOKUP]
+    seqs = [[tok.bos_token_id] + tok(prompt_text("qa", q, "") + a, add_special_tokens=False)["input_ids"]
+            + [tok.eos_token_id] for q, a in LOOKUP]
     width = max(map(len, seqs))
     batch = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
     labels = torch.where(batch == tok.pad_token_id, -100, batch)

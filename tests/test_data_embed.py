@@ -56,7 +56,10 @@ def test_scorer_takes_embeddings_from_the_sentence_model(st_folder, lookup_model
              "input": np.array([""] * 3, dtype=object),
              "output": np.array([t.split("\n", 1)[1] for t in TEXTS], dtype=object)}
     out = LMScorer(str(lookup_model), embedding_model=str(st_folder))(dict(batch))
-    want = SentenceEncoder(str(st_folder)).encode(TEXTS)
+    from damoc.lm.prompts import prompt_text
+
+    rendered = [prompt_text("qa", i, "") + o for i, o in zip(batch["instruction"], batch["output"])]  # as trained
+    want = SentenceEncoder(str(st_folder)).encode(rendered)
     np.testing.assert_allclose(np.stack(out["embedding"]), want, rtol=1e-5, atol=1e-6)
     assert np.isfinite(out["ifd"]).all()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from damoc.data.compress import covers, keep_mask, rebuild
+from damoc.data.compress import compress_fields, covers, keep_mask, rebuild, word_groups
 from damoc.data.ops.llm_judge import expected_digit
 from damoc.data.ops.rules import repetition_ratio, special_ratio
 from damoc.data.select import (
@@ -100,6 +100,36 @@ def test_token_compression_keeps_forced_tokens_and_order():
     # ceil(0.67*9)=7: forced " 12", " 7", ":", "?" plus the 3 most informative others.
     assert keep.tolist() == [True, True, True, True, True, False, False, True, True]
     assert rebuild(text, cov, keep, 0, len(text)) == "Compute 12 plus 7: it?"
+
+
+def test_word_level_compression_keeps_or_drops_whole_words():
+    text = "What is the capital of France?"
+    words = ["What", " is", " the", " cap", "ital", " of", " Fr", "ance", "?"]
+    spans, pos = [], 0
+    for w in words:
+        start = text.index(w.strip(), pos)
+        spans.append((start, start + len(w.strip())))
+        pos = start + len(w.strip())
+    cov = covers(spans, len(text))
+    assert word_groups(text, cov) == [[0], [1], [2], [3, 4], [5], [6, 7, 8]]
+    info = [9.0, 0.1, 0.2, 4.0, 6.0, 0.3, 1.0, 1.0, 0.1]
+    # ceil(0.6*9)=6 tokens: "France?" is forced (its "?") = 3, then "capital" (mean 5.0, 2 tokens)
+    # and "What" (9.0, 1 token); subword pieces never split a word.
+    keep = keep_mask(info, [text[a:b] for a, b in cov], 0.6, ("?",), word_groups(text, cov))
+    assert rebuild(text, cov, keep, 0, len(text)) == "What capital France?"
+
+
+def test_compression_shortens_the_fields_and_leaves_the_template():
+    from damoc.lm.prompts import render
+
+    p = render("qa", "What is the capital city of France", "a country in Europe")
+    spans = [(m.start(), m.end()) for m in __import__("re").finditer(r"\S+", p.text)]
+    info = [float(len(p.text[a:b])) for a, b in spans]  # longer words carry more information
+    fields, before, after = compress_fields(p.text, p.fields, spans, info, 0.5, ("?", ":"))
+    # 11 words in the two fields ("Question:"/"Answer:" are not counted), ceil(0.5 * 11) = 6 kept: the
+    # longest, ties to the earlier word.
+    assert (before, after) == (11, 6)
+    assert fields["instruction"] == "What capital city France" and fields["input"] == "country Europe"
 
 
 def test_every_operator_is_registered_whatever_was_imported_first():

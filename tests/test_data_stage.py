@@ -115,13 +115,15 @@ def test_20k_rows_with_malformed_lines_and_planted_duplicates(job_dir, tiny_mode
     assert read_marker(data.parent, damoc.data.stage.DataStage)["counts"]["kept"] == m["kept"]
 
 
-def test_drop_table_looks_up_reasons_by_exact_id():
+def test_drop_table_looks_up_reasons_by_row_order():
+    import numpy as np
     import pandas as pd
 
     from damoc.data.stage import DropTable
 
-    table = DropTable({"a:1": "x", "b:22": "near_duplicate_of:a:1", "a:10": "x", "é:3": "y"})
-    got = table.lookup(pd.Series(["a:1", "a:2", "b:22", "a:10", "a:100", "a", "é:3"], index=range(5, 12)))
-    assert got.tolist() == ["x", None, "near_duplicate_of:a:1", "x", None, None, "y"]
-    assert list(got.index) == list(range(5, 12))
-    assert DropTable({}).lookup(pd.Series(["a"])).tolist() == [None]
+    table = DropTable({7: "x", 22: "near_duplicate_of:a:1", 10: "x", 3 << 40: "y"})
+    assert table.lookup(np.array([7, 8, 22, 10, 100, 0, 3 << 40])) == [
+        "x", None, "near_duplicate_of:a:1", "x", None, None, "y"]
+    df = pd.DataFrame({"order": [7, 8, 9], "drop": ["rules:too_long", None, None]}, index=[5, 6, 7])
+    assert table.apply(df)["drop"].tolist() == ["rules:too_long", None, None]  # an earlier reason stays
+    assert DropTable({}).lookup(np.array([1])) == [None]

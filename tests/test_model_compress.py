@@ -9,13 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from damoc.model.adapters import UnsupportedArchitecture, adapter_for
-from damoc.model.compress import Source, compress_candidate
-from damoc.model.scores import batches, calibrate, calibration_loss, encode
+from damoc.lm.arch import UnsupportedArchitecture, adapter_for
+from damoc.model.compress import Source, calibration_ids, compress_candidate
+from damoc.model.scores import batches, calibrate, calibration_loss
 from damoc.spec import ModelSpec
 
-TEXTS = [f"What is {a} plus {b}?\n{a + b}" for a in range(4) for b in range(3)] + [
-    "def add(a, b):\n    return a + b", "The quick brown fox jumps over the lazy dog."]
+ROWS = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a + b)} for a in range(4) for b in range(3)] + [
+    {"instruction": "Write add.", "input": "def add(a, b):", "output": "    return a + b"},
+    {"instruction": "Say it.", "input": "", "output": "The quick brown fox jumps over the lazy dog."}]
 
 
 def reference_scores(model, data):
@@ -44,7 +45,7 @@ def test_block_influence_and_angular_match_an_independent_computation(tiny_model
     path = tiny_model("llama", hidden=32, layers=4, seed=1)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    data = batches(encode(tok, TEXTS, 64), 4, tok.pad_token_id)
+    data = batches(calibration_ids(tok, ROWS, "qa", "plain", 64), 4, tok.pad_token_id)
     assert any((m == 0).any() for _, m in data)  # padding is present, so masking is exercised
     cal = calibrate(model, adapter_for(model.config), data)
     assert cal.loss == pytest.approx(calibration_loss(model, data), rel=1e-6)
@@ -60,15 +61,14 @@ def test_compressed_folder_loads_and_generates_the_same_with_and_without_cache(t
     src = tiny_model(family, hidden=32, layers=4)
     spec = ModelSpec(prune_ratio=0.5, merge={"method": merge, "density": 0.3}, calibration={"rows": 16, "batch_size": 4})
     out = tmp_path / family
-    report = compress_candidate(Source(family, str(src)), TEXTS, spec, out)
+    report = compress_candidate(Source(family, str(src)), ROWS, spec, out)
     saved = json.loads((out / "compression.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert saved["layers_before"] == 4 and saved["layers_after"] == 2 and len(saved["removed"]) == 2
     assert 0 not in saved["removed"] and 3 not in saved["removed"]
     assert len(saved["scores"]) == 4 and saved["params_after"] < saved["params_before"]
-    assert set(saved["calibration_loss"]) == {"original", "pruned", "merged"}
+    assert set(saved["calibration_loss"]) == {"original", "pruned", "merged"} and saved["protected"] == [0, 3]
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
-    assert (out / "layer_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
@@ -86,7 +86,7 @@ def test_contiguous_angular_pruning_and_no_merge(tmp_path, tiny_model):
     src = tiny_model("qwen2", hidden=32, layers=4)
     spec = ModelSpec(score="angular", prune="contiguous", prune_ratio=0.5, merge={"method": "none"},
                      calibration={"rows": 8, "batch_size": 8})
-    r = compress_candidate(Source("q", str(src)), TEXTS, spec, tmp_path / "q")
+    r = compress_candidate(Source("q", str(src)), ROWS, spec, tmp_path / "q")
     assert r["removed"] == [1, 2] and r["calibration_loss"]["merged"] == r["calibration_loss"]["pruned"]
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2 and len(cfg.get("layer_types") or [None, None]) == 2

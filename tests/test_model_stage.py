@@ -51,5 +51,5 @@ def test_candidates_compress_in_parallel_and_a_failure_is_recorded(job_dir, tiny
         assert index[name]["status"] == "compressed"
         c = json.loads((models / name / "compression.json").read_text())
         assert c["layers_after"] == 2 and c["calibration"]["rows"] == 16
-        assert (models / name / "config.json").is_file() and (models / name / "layer_scores.png").is_file()
+        assert (models / name / "config.json").is_file() and (models / name / "model.safetensors").is_file()
     assert outcomes[1].counts == {"candidates": 3, "compressed": 2, "failed": 1}

@@ -13,7 +13,9 @@ from damoc.report.render import to_html, to_markdown
 from damoc.train import metrics
 from damoc.train.driver import fitting_trials, worker_resources
 from damoc.train.engine import warmup_cosine
-from damoc.train.examples import IGNORE, collate, encode, gold_option, options_of, prompt_text
+from damoc.lm.nll import bits_per_byte
+from damoc.lm.prompts import gold_option, options_of, prompt_text
+from damoc.lm.tokens import IGNORE, collate, encode
 from damoc.train.loop import Batches, report_steps
 from damoc.train.rungs import asha_rungs, release_order
 
@@ -46,7 +48,7 @@ def test_templates_and_options():
 
 
 def test_metrics_exact_values():
-    assert metrics.bits_per_byte(math.log(2) * 12, 4) == pytest.approx(3.0)
+    assert bits_per_byte(math.log(2) * 12, 4) == pytest.approx(3.0)
     assert metrics.exact_match("The Paris.", "paris") == 1.0 and metrics.exact_match("Lyon", "Paris") == 0.0
     # LCS("the cat sat on mat", "cat sat on the mat") = cat sat on mat (4); articles dropped: 4/4 and 4/4
     assert metrics.rouge_l("the cat sat on mat", "cat sat on the mat") == pytest.approx(1.0)
@@ -62,7 +64,7 @@ def test_warmup_then_cosine():
 
 
 def test_batches_resume_where_they_stopped():
-    from damoc.train.examples import Example
+    from damoc.lm.tokens import Example
 
     exs = [Example([i], [i], 1) for i in range(10)]
     a = Batches(exs, 3, seed=1)

@@ -1,18 +1,21 @@
-"""Token compression (Selective Context / LLMLingua family): keep the prompt tokens that carry
-the most self-information -log p(x_t | x_<t) under the reference LM, up to `ratio`, in their
-order. Forced tokens (digits, newlines, '?', ':' and any the spec adds) are never dropped,
-and the answer is left alone unless the spec says otherwise. Text is rebuilt from the
-original characters: a kept token brings the whitespace before it."""
+"""Token compression (Selective Context / LLMLingua family) at word granularity: keep the words of a
+row's fields that carry the most self-information -log p(x_t | x_<t) under the reference LM, up to
+`ratio` of their tokens, in their order. A word is kept or dropped whole (its information is the
+mean over its tokens, as LLMLingua-2 aggregates), so a compressed prompt still reads as words.
+Words holding a forced piece (digits, newlines, '?', ':' and any the spec adds) are never dropped.
+Only the row's fields are compressed, never the template around them, and the answer only when
+the spec asks. Text is rebuilt from the original characters: a kept token brings the whitespace
+before it.
+
+The self-information comes from the scorer's forward pass over the prompt as training renders it
+(damoc/lm/prompts.py), so compressing costs no second pass over the model.
+"""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
-import pandas as pd
-
-from damoc.data.lm import PROMPT_SEP, LMScorer, prompt_of
 
 DEFAULT_FORCED = ("\n", "?", ":")
 
@@ -21,15 +24,30 @@ def is_forced(piece: str, forced: tuple[str, ...]) -> bool:
     return any(c.isdigit() for c in piece) or any(f in piece for f in forced)
 
 
-def keep_mask(info: list[float], pieces: list[str], ratio: float, forced: tuple[str, ...]) -> np.ndarray:
-    """Which tokens stay: every forced token, then the most informative, up to ceil(ratio*n)."""
+def keep_mask(info: list[float], pieces: list[str], ratio: float, forced: tuple[str, ...],
+              groups: list[list[int]] | None = None) -> np.ndarray:
+    """Which tokens stay, deciding per group (default: every token alone): every group holding a forced
+    piece, then groups by mean information, high first (ties: the earlier), while they fit in
+    ceil(ratio * n) tokens."""
     n = len(info)
-    keep = np.array([is_forced(p, forced) for p in pieces], dtype=bool)
-    budget = math.ceil(ratio * n) - int(keep.sum())
-    if budget > 0:
-        free = np.flatnonzero(~keep)
-        ranked = free[np.lexsort((free, -np.asarray(info, dtype=np.float64)[free]))]
-        keep[ranked[:budget]] = True
+    groups = groups if groups is not None else [[i] for i in range(n)]
+    keep = np.zeros(n, dtype=bool)
+    budget = math.ceil(ratio * n)
+    values = np.asarray(info, dtype=np.float64)
+    free = []
+    for gi, g in enumerate(groups):
+        if any(is_forced(pieces[i], forced) for i in g):
+            keep[g] = True
+        else:
+            free.append((-float(values[g].mean()), gi))
+    used = int(keep.sum())
+    for _, gi in sorted(free):
+        g = groups[gi]
+        if used + len(g) <= budget:
+            keep[g] = True
+            used += len(g)
+        if used >= budget:
+            break
     return keep
 
 
@@ -44,64 +62,39 @@ def covers(spans: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
     return out
 
 
+def word_groups(text: str, cov: list[tuple[int, int]]) -> list[list[int]]:
+    """Tokens grouped into words: a token whose cover starts with whitespace begins a new word."""
+    groups: list[list[int]] = []
+    for i, (a, b) in enumerate(cov):
+        if not groups or (b > a and text[a].isspace()):
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    return groups
+
+
 def rebuild(text: str, cov: list[tuple[int, int]], keep: np.ndarray, lo: int, hi: int) -> str:
     return "".join(text[max(a, lo):min(b, hi)] for (a, b), k in zip(cov, keep) if k and a < hi and b > lo)
 
 
-class Compressor(LMScorer):
-    """Callable class for `map_batches`: compresses instruction and input of kept rows and
-    records prompt tokens before and after (in the reference tokenizer's tokens)."""
+def compress_fields(text: str, fields: dict[str, tuple[int, int]], spans: list[tuple[int, int]],
+                    info: list[float], ratio: float, forced: tuple[str, ...]) -> tuple[dict[str, str], int, int]:
+    """Compress the named fields of a rendered prompt together. `spans`/`info`: each prompt token's
+    character span in `text` and its self-information. Returns the fields' new text, and their token
+    count before and after. Tokens outside every field (the template) are neither counted nor cut."""
+    inside = [i for i, (a, b) in enumerate(spans) if any(a < hi and b > lo for lo, hi in fields.values())]
+    if not inside:
+        return {k: text[lo:hi] for k, (lo, hi) in fields.items()}, 0, 0
+    sub_spans = [spans[i] for i in inside]
+    cov = covers(sub_spans, len(text))
 
-    def __init__(self, model_path: str, ratio: float, forced: list[str], compress_answer: bool,
-                 max_length: int = 256, trust_remote_code: bool = False):
-        super().__init__(model_path, max_length=max_length, embeddings=False, trust_remote_code=trust_remote_code)
-        self.ratio, self.forced, self.compress_answer = ratio, tuple(DEFAULT_FORCED) + tuple(forced), compress_answer
+    def piece(a: int, b: int) -> str:  # a token's text with its leading whitespace, inside its field
+        lo, hi = next((lo, hi) for lo, hi in fields.values() if a < hi and b > lo) if b > a else (a, b)
+        return text[max(a, lo):min(b, hi)]
 
-    def _field_tokens(self, cov, lo: int, hi: int) -> np.ndarray:
-        return np.array([a < hi and b > lo for a, b in cov], dtype=bool)
-
-    def compress_prompt(self, instruction: str, inp: str, scored=None) -> tuple[str, str, int, int]:
-        text = prompt_of(instruction, inp)
-        spans, info = scored if scored is not None else self.self_information(text)
-        if not spans:
-            return instruction, inp, 0, 0
-        cov = covers(spans, len(text))
-        keep = keep_mask(info, [text[a:b] for a, b in cov], self.ratio, self.forced)
-        new_instr = rebuild(text, cov, keep, 0, len(instruction))
-        new_inp = rebuild(text, cov, keep, len(instruction) + len(PROMPT_SEP), len(text)) if inp else ""
-        return new_instr.strip(), new_inp.strip(), len(spans), int(keep.sum())
-
-    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        texts = [prompt_of(i, x) for i, x in zip(df["instruction"], df["input"])]
-        scored = self.self_information_batch(texts)
-        results = [self.compress_prompt(i, x, sc) for i, x, sc in zip(df["instruction"], df["input"], scored)]
-        df["instruction"] = [r[0] for r in results]
-        df["input"] = [r[1] for r in results]
-        df["prompt_tokens_before"] = np.array([r[2] for r in results], dtype=np.int64)
-        df["prompt_tokens_after"] = np.array([r[3] for r in results], dtype=np.int64)
-        if self.compress_answer:
-            outs = []
-            for o in df["output"]:
-                spans, info = self.self_information(o)
-                cov = covers(spans, len(o))
-                keep = keep_mask(info, [o[a:b] for a, b in cov], self.ratio, self.forced)
-                outs.append(rebuild(o, cov, keep, 0, len(o)).strip() or o)
-            df["output"] = outs
-        return df
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
-
-
-def count_prompt_tokens(df: pd.DataFrame, model_path: str) -> pd.DataFrame:
-    """Prompt tokens per row when compression is off (before == after). A plain task, not an
-    actor pool: the tokenizer is cached per worker process, so no process is started for it."""
-    tok = _tokenizer(model_path)
-    prompts = [prompt_of(i, x) for i, x in zip(df["instruction"], df["input"])]
-    n = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
-    df["prompt_tokens_before"] = df["prompt_tokens_after"] = np.array(n, dtype=np.int64)
-    return df
+    pieces = [piece(a, b) for a, b in cov]
+    keep = keep_mask([info[i] for i in inside], pieces, ratio, forced, word_groups(text, cov))
+    out = {k: rebuild(text, cov, keep, lo, hi).strip() for k, (lo, hi) in fields.items()}
+    # A field cut to nothing keeps its text: an empty instruction is not a shorter one.
+    out = {k: v or text[lo:hi] for (k, v), (lo, hi) in zip(out.items(), fields.values())}
+    return out, len(inside), int(keep.sum())

@@ -172,16 +172,19 @@ def row_schema():
                      + [("order", pa.int64())])
 
 
-def read_rows(source: DataSource, fields: Fields, base_dir: str):
-    """A Ray Dataset of normalised rows (reason=None) and quarantined rows (reason set)."""
+def read_rows(source: DataSource, fields: Fields, base_dir: str, post=None):
+    """A Ray Dataset of normalised rows (reason=None) and quarantined rows (reason set). `post`, a
+    function of a pandas batch, runs inside each read task: the stage's CPU steps ride with the read
+    instead of being a second operator (which Ray Data would give only its share of the CPUs)."""
     import ray.data
 
     if source.hf:
-        return _read_hf(source, fields)
+        ds = _read_hf(source, fields)
+        return ds if post is None else ds.map_batches(post, batch_format="pandas", batch_size=4096)
     units = plan_units(source, base_dir)
     for i, unit in enumerate(units):
         unit["index"] = i
-    return ray.data.read_datasource(_units_datasource()(units, fields))
+    return ray.data.read_datasource(_units_datasource()(units, fields, post))
 
 
 def _units_datasource():
@@ -193,18 +196,27 @@ def _units_datasource():
         """One read task per unit. (A `from_items` of units followed by map_batches let Ray Data
         bundle all the units into one task, to fill the downstream batch size: one core did it all.)"""
 
-        def __init__(self, units: list[dict], fields: Fields):
-            self.units, self.fields = units, fields
+        def __init__(self, units: list[dict], fields: Fields, post=None):
+            self.units, self.fields, self.post = units, fields, post
 
         def estimate_inmemory_data_size(self) -> int:
             return sum(max(0, u["end"] - u["start"]) for u in self.units if u["format"] == "jsonl")
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-            fields = self.fields
-            return [ReadTask(lambda u=u: [units_table([u], fields)],
+            fields, post = self.fields, self.post
+
+            def read(u: dict):
+                table = units_table([u], fields)
+                if post is None:
+                    return [table]
+                from damoc.data.work import arrow_table
+
+                return [arrow_table(post(table.to_pandas()))]
+
+            return [ReadTask(lambda u=u: read(u),
                              BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
                                            input_files=(u["path"],)),
-                             schema=row_schema(), per_task_row_limit=per_task_row_limit)
+                             schema=row_schema() if post is None else None, per_task_row_limit=per_task_row_limit)
                     for u in self.units]
 
     return Units

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from damoc.data.lm import LMScorer, load_causal_lm
+from damoc.data.lm import LMScorer
+from damoc.lm.load import load_causal_lm
 
 PROMPT = (
     "Rewrite this sample to be clearer and more concise. Keep every fact and the answer's meaning.\n"
@@ -91,7 +92,7 @@ class LocalWriter:
     """A local HF causal LM, greedy decoding."""
 
     def __init__(self, model: str, max_new_tokens: int = 256, trust_remote_code: bool = False):
-        self.tok, self.model = load_causal_lm(model, trust_remote_code)
+        self.tok, self.model = load_causal_lm(model, trust_remote_code=trust_remote_code)
         self.tok.padding_side = "left"
         self.max_new_tokens = max_new_tokens
 
@@ -109,10 +110,10 @@ class Rewriter:
     """Callable class for `map_batches` on an actor pool: rewrites a batch for up to `rounds`."""
 
     def __init__(self, reference: str, model: str | None, endpoint: str | None, rounds: int,
-                 max_length: int = 256, min_len: float = 0.3, max_len: float = 1.2,
-                 max_loss_increase: float = 0.05):
+                 max_length: int = 256, task: str = "qa", template: str = "auto", min_len: float = 0.3,
+                 max_len: float = 1.2, max_loss_increase: float = 0.05):
         self.writer = EndpointWriter(endpoint, model) if endpoint else LocalWriter(model)
-        self.scorer = LMScorer(reference, max_length=max_length, embeddings=False)
+        self.scorer = LMScorer(reference, task=task, template=template, max_length=max_length, embeddings=False)
         self.rounds, self.min_len, self.max_len = rounds, min_len, max_len
         self.tol = max_loss_increase
 

@@ -1,11 +1,18 @@
 """The data stage on Ray Data: read -> normalise -> score -> select -> compress -> write.
 
-Pass 1 streams the corpus once: read units, normalise (bad rows quarantined with their
-reason), hold out eval rows, run the row operators and the reference-LM scorer on an actor
-pool, and write every row with its stats to a work folder. The selectors then read narrow
-columns of it. Pass 2 marks their drops, compresses the kept rows and writes the outputs of
-the run-directory contract. No row is ever removed without a reason:
-input == kept + quarantined + sum(dropped).
+Read top to bottom (`DataStage.run`):
+1. plan: the operator chain, the reference LM, what each pass computes.
+2. pass 1, one Ray Data stream over the training source and the eval source: normalise (bad rows
+   quarantined with their reason), hold out eval rows, run the row operators and the reference-LM
+   scorer on actor pools (IFD, embeddings, and the prompt's self-information, from which the
+   fields are compressed in the same forward pass), and the selectors' per-row preparation. The
+   driver consumes the stream: every row goes to the work folder, the narrow columns stay in
+   memory (damoc/data/work.py).
+3. select: each selector in turn, on the rows still alive.
+4. pass 2: every row routed to its file (train, dropped, quarantine, eval) from the work folder; a
+   rewrite, or compression that pass 1 could not do, runs here on the kept rows, on actor pools.
+5. manifest: counts, tokens, per-operator seconds. No row is ever removed without a reason:
+   input == kept + quarantined + sum(dropped).
 """
 
 from __future__ import annotations
@@ -15,34 +22,24 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
 from damoc import metrics
-from damoc.data.compress import Compressor, count_prompt_tokens
-from damoc.data.lm import LMScorer, smallest_model
-from damoc.data.ops import (
-    BATCH_ROWS,
-    FILE_ROWS,
-    Operator,
-    RowOp,
-    SelectContext,
-    Selector,
-    Timed,
-    alive_mask,
-    collect,
-    get_operator,
-    keep_where,
-    report,
-)
+from damoc.data.compress import DEFAULT_FORCED
+from damoc.data.lm import CompressArgs, LMScorer, count_tokens, field_text, smallest_model
+from damoc.data.ops import BATCH_ROWS, Operator, RowOp, SelectContext, Selector, Steps, alive_mask, get_operator, report
 from damoc.data.readers import read_rows
 from damoc.data.rewrite import Rewriter
+from damoc.data.work import ALIVE, DROPPED, EVAL, QUARANTINED, WorkData, WorkRows, arrow_table
+from damoc.lm.load import load_tokenizer
 from damoc.pipeline import Stage, StageContext, register_stage
 from damoc.rundir import atomic_write_json
 from damoc.spec import DataSpec, JobSpec
@@ -57,6 +54,9 @@ DEFAULT_CHAINS: dict[str, list[tuple[str, dict]]] = {
     "hybrid": [("rules", {}), ("ifd_filter", {}), ("minhash_dedup", {}), ("deita", {"score": "ifd"})],
 }
 TEXT_COLUMNS = ["id", "source", "instruction", "input", "output"]
+STATS_COLUMNS = ("chars", "repetition", "special_ratio", "ce_cond", "ce_alone", "ifd", "ppl", "judge")
+TOKEN_COLUMNS = ("prompt_tokens_before", "prompt_tokens_after", "rewrite_rounds")
+EVAL_ORDER = 1 << 62  # eval-source rows are ordered after every training row
 
 
 def build_chain(data: DataSpec) -> list[Operator]:
@@ -83,25 +83,41 @@ class Tally:
         acc[1] += n_in
         acc[2] += n_out
 
+    def add_many(self, timings: list[tuple[str, float, int, int]]) -> None:
+        for t in timings:
+            self.add(*t)
+
     def get(self) -> dict[str, list[float]]:
         return self.ops
 
 
 class SplitRows:
-    """Adds `split` (train | eval, a seeded hash of the id when eval is a split) and `drop`."""
+    """Adds `split` (train | eval: every eval-source row, and a seeded hash of the id when eval is a
+    split of the training rows) and `drop`."""
 
     def __init__(self, eval_ratio: float | None, seed: int):
         self.ratio, self.seed = eval_ratio, seed
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
         df["drop"] = pd.Series([None] * len(df), dtype=object, index=df.index)
-        if self.ratio is None:
-            df["split"] = "train"
-        else:
-            u = [int.from_bytes(hashlib.blake2b(f"{self.seed}:{i}".encode(), digest_size=8).digest(), "big") / 2**64
-                 for i in df["id"]]
-            df["split"] = np.where(np.asarray(u) < self.ratio, "eval", "train")
+        split = np.where(df["origin"].to_numpy() == "eval", "eval", "train").astype(object)
+        if self.ratio is not None:
+            u = np.array([int.from_bytes(hashlib.blake2b(f"{self.seed}:{i}".encode(), digest_size=8).digest(),
+                                         "big") / 2**64 for i in df["id"]])
+            split[u < self.ratio] = "eval"
+        df["split"] = split
         return df
+
+
+def tag_origin(origin: str):
+    """Marks where a row came from; eval-source rows get orders after every training row."""
+    def tag(df: pd.DataFrame) -> pd.DataFrame:
+        df["origin"] = origin
+        if origin == "eval":
+            df["order"] = df["order"].to_numpy(np.int64) + EVAL_ORDER
+        return df
+
+    return tag
 
 
 class AliveScorer(LMScorer):
@@ -116,68 +132,84 @@ class AliveScorer(LMScorer):
         alive = alive_mask(df)
         for c in ("ce_cond", "ce_alone", "ifd", "ppl"):
             df[c] = np.float32("nan")
-        df["embedding"] = pd.Series([None] * len(df), dtype=object, index=df.index)
+        for c in ("prompt_tokens_before", "prompt_tokens_after"):
+            df[c] = np.int64(0)
+        wide = ([("embedding", None)] if self.embeddings else []) + (
+            [(c, None) for c in ("c_instruction", "c_input")] if self.compress else []) + (
+            [("c_output", None)] if self.compress and self.compress.compress_answer else [])
+        for c, v in wide:
+            df[c] = pd.Series([v] * len(df), dtype=object, index=df.index)
+        self.compress_seconds = 0.0
         if alive.any():
             sub = {c: df.loc[alive, c].to_numpy() for c in ("instruction", "input", "output")}
             out = super().__call__(sub)
-            for c in ("ce_cond", "ce_alone", "ifd", "ppl"):
+            for c in ("ce_cond", "ce_alone", "ifd", "ppl", "prompt_tokens_before", "prompt_tokens_after"):
                 df.loc[alive, c] = out[c]
-            if self.embeddings:
-                df.loc[alive, "embedding"] = pd.Series([e.tobytes() for e in out["embedding"]],
-                                                       index=df.index[alive], dtype=object)
+            for c, _ in wide:
+                values = [e.tobytes() for e in out[c]] if c == "embedding" else list(out[c])
+                df.loc[alive, c] = pd.Series(values, index=df.index[alive], dtype=object)
         n = int(alive.sum())
-        report(self.tally, "lm_stats", time.perf_counter() - t0, n, n)
+        report(self.tally, "lm_stats", time.perf_counter() - t0 - self.compress_seconds, n, n)
+        if self.compress:
+            report(self.tally, "compress", self.compress_seconds, n, n)
         return df
+
+
+class TokenCounter:
+    """Prompt tokens of the kept rows (their fields' text in the reference tokenizer), counted in the
+    driver as pass 2 routes them, when no model ran over them: the tokenizer only, loaded on first use."""
+
+    def __init__(self, model_path: str):
+        self.model_path, self.tok = model_path, None
+
+    def __call__(self, df: pd.DataFrame) -> np.ndarray:
+        if self.tok is None:
+            self.tok = load_tokenizer(self.model_path)
+        texts = [field_text(i, x) for i, x in zip(df["instruction"], df["input"])]
+        return np.array(count_tokens(self.tok, texts), dtype=np.int64)
 
 
 class DropTable:
-    """The selectors' drops ({row id: reason}) as arrays: sorted UTF-8 ids and reason codes. Arrays
-    cross the object store without a copy per worker; a dict of a million strings would be
-    unpickled whole in every process that applies it."""
+    """The selectors' drops ({row order: reason}) as arrays: sorted orders and reason codes. Arrays
+    cross the object store without a copy per worker; a dict of a million entries would be unpickled
+    whole in every process that applies it."""
 
-    def __init__(self, drops: dict[str, str]):
+    def __init__(self, drops: dict[int, str]):
         self.reasons = sorted(set(drops.values()))
         code = {r: i for i, r in enumerate(self.reasons)}
-        ids = np.array([k.encode() for k in drops], dtype=bytes) if drops else np.zeros(0, dtype="S1")
-        order = np.argsort(ids, kind="stable")
-        self.ids = ids[order]
-        self.codes = np.fromiter((code[v] for v in drops.values()), dtype=np.int32, count=len(drops))[order]
+        orders = np.fromiter(drops.keys(), dtype=np.int64, count=len(drops))
+        codes = np.fromiter((code[v] for v in drops.values()), dtype=np.int32, count=len(drops))
+        sort = np.argsort(orders, kind="stable")
+        self.orders, self.codes = orders[sort], codes[sort]
 
-    def lookup(self, ids: pd.Series) -> pd.Series:
-        """The drop reason of each id, or None."""
-        out = pd.Series([None] * len(ids), dtype=object, index=ids.index)
-        if len(self.ids) == 0 or len(ids) == 0:
+    def lookup(self, orders: np.ndarray) -> list[str | None]:
+        """The drop reason of each row order, or None."""
+        out: list[str | None] = [None] * len(orders)
+        if len(self.orders) == 0 or len(orders) == 0:
             return out
-        q = np.array([i.encode() for i in ids], dtype=bytes)
-        pos = np.minimum(np.searchsorted(self.ids, q), len(self.ids) - 1)
-        hit = self.ids[pos] == q
-        out[hit] = [self.reasons[c] for c in self.codes[pos[hit]]]
+        pos = np.minimum(np.searchsorted(self.orders, orders), len(self.orders) - 1)
+        for i in np.flatnonzero(self.orders[pos] == orders):
+            out[i] = self.reasons[self.codes[pos[i]]]
         return out
 
-
-_TABLES: dict[str, DropTable] = {}  # per worker process: each table is fetched once
-
-
-class ApplyDrops:
-    """Per batch: set `drop` from the selectors' table (rows already dropped keep their reason)."""
-
-    def __init__(self, table_ref: ray.ObjectRef):
-        self.ref = table_ref
-
-    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        key = self.ref.hex()
-        if key not in _TABLES:
-            _TABLES.clear()
-            _TABLES[key] = ray.get(self.ref)
-        merged = df["drop"].where(df["drop"].notna(), _TABLES[key].lookup(df["id"])).astype(object)
-        # A batch without drops would come out as float NaN; the column holds text or null.
-        df["drop"] = merged.where(merged.notna(), None)
+    def apply(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Set `drop` from the table (rows already dropped keep their reason)."""
+        found = pd.Series(self.lookup(df["order"].to_numpy(np.int64)), index=df.index, dtype=object)
+        merged = df["drop"].where(df["drop"].notna(), found).astype(object)
+        df["drop"] = merged.where(merged.notna(), None)  # text or null, never float NaN
         return df
 
 
-def apply_drops(ds, drops: dict[str, str]):
-    """`ds` with the selectors' drops marked (the table goes through the object store once)."""
-    return ds.map_batches(ApplyDrops(ray.put(DropTable(drops))), batch_format="pandas", batch_size=BATCH_ROWS)
+class ApplyDrops:
+    """map_batches form of DropTable.apply; the table goes through the object store once."""
+
+    def __init__(self, table_ref: ray.ObjectRef):
+        self.ref, self.table = table_ref, None
+
+    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+        if self.table is None:
+            self.table = ray.get(self.ref)
+        return self.table.apply(df)
 
 
 def actor_pool(d: DataSpec, concurrent_pools: int) -> dict[str, Any]:
@@ -189,26 +221,8 @@ def actor_pool(d: DataSpec, concurrent_pools: int) -> dict[str, Any]:
                 num_cpus=per_actor, num_gpus=d.num_gpus_per_actor, batch_format="pandas")
 
 
-def write_parquet_file(ds, path: Path, columns: list[str]) -> int:
-    """Stream a dataset into one Parquet file."""
-    sink = ParquetSink(path, columns)
-    for batch in ds.iter_batches(batch_format="pandas", batch_size=8192):
-        sink.write(batch)
-    return sink.close()
-
-
-def write_quarantine(ds, path: Path, split: str) -> int:
-    n = 0
-    with open(path, "a", encoding="utf-8") as fh:
-        for batch in ds.select_columns(["id", "source", "reason", "raw"]).iter_batches(
-                batch_format="pandas", batch_size=8192):
-            fh.write(quarantine_lines(batch, split))
-            n += len(batch)
-    return n
-
-
 def destination(df: pd.DataFrame) -> np.ndarray:
-    """Where each row of pass 2 goes: quarantine, eval, dropped or train (in that precedence)."""
+    """Where each row goes: quarantine, eval, dropped or train (in that precedence)."""
     out = np.full(len(df), "train", dtype=object)
     out[(df["drop"].notna()).to_numpy()] = "dropped"
     out[(df["split"] == "eval").to_numpy()] = "eval"
@@ -217,30 +231,32 @@ def destination(df: pd.DataFrame) -> np.ndarray:
 
 
 def on_kept(fn):
-    """A batch function or callable class applied to the kept (alive) rows of a batch only; the other
-    rows pass through untouched, so pass 2 is one stream that carries every destination."""
-    def split(df: pd.DataFrame, call) -> pd.DataFrame:
-        kept = alive_mask(df)
-        if kept.all():
-            return call(df)
-        if not kept.any():
-            return df
-        done = call(df[kept].copy())
-        return pd.concat([done, df[~kept]]).loc[df.index]
+    """A callable class applied to the kept (alive) rows of a batch only; the other rows pass through
+    untouched, so pass 2 is one stream that carries every destination."""
 
-    if isinstance(fn, type):
-        class KeptOnly(fn):
-            def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-                return split(df, super().__call__)
+    class KeptOnly(fn):
+        def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+            kept = alive_mask(df)
+            if kept.all():
+                return super().__call__(df)
+            if not kept.any():
+                return df
+            done = super().__call__(df[kept].copy())
+            return pd.concat([done, df[~kept]]).loc[df.index]
 
-        KeptOnly.__name__ = fn.__name__
-        return KeptOnly
+    KeptOnly.__name__ = fn.__name__
+    return KeptOnly
 
-    def kept_only(df: pd.DataFrame, **kwargs) -> pd.DataFrame:
-        return split(df, lambda sub: fn(sub, **kwargs))
 
-    kept_only.__name__ = fn.__name__
-    return kept_only
+class KeptCompressor(LMScorer):
+    """Pass 2's compression of kept rows (when no reference LM ran in pass 1, or after a rewrite)."""
+
+    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+        out = super().__call__({c: df[c].to_numpy() for c in ("instruction", "input", "output")})
+        for c in ("c_instruction", "c_input", "c_output", "prompt_tokens_before", "prompt_tokens_after"):
+            if c in out:
+                df[c] = out[c]
+        return df
 
 
 class ParquetSink:
@@ -257,7 +273,7 @@ class ParquetSink:
         for c in self.ints:
             if c in df:
                 df[c] = df[c].astype(np.int64)
-        table = pa.Table.from_pandas(df, preserve_index=False)
+        table = arrow_table(df)
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.path, table.schema)
         self.writer.write_table(table.cast(self.writer.schema))
@@ -267,13 +283,50 @@ class ParquetSink:
         if self.writer is not None:
             self.writer.close()
         else:
-            pq.write_table(pa.table({c: pa.array([], pa.string()) for c in TEXT_COLUMNS}), self.path)
+            pq.write_table(arrow_table(pd.DataFrame({c: pd.Series([], dtype=object) for c in TEXT_COLUMNS})),
+                           self.path)
         return self.rows
 
 
-def quarantine_lines(df: pd.DataFrame, split: str) -> str:
-    return "".join(json.dumps({"id": r.id, "source": r.source, "split": split, "reason": r.reason, "raw": r.raw},
-                              ensure_ascii=False) + "\n" for r in df[["id", "source", "reason", "raw"]].itertuples(index=False))
+def quarantine_lines(df: pd.DataFrame) -> str:
+    return "".join(json.dumps({"id": r.id, "source": r.source, "split": r.origin, "reason": r.reason, "raw": r.raw},
+                              ensure_ascii=False) + "\n"
+                   for r in df[["id", "source", "origin", "reason", "raw"]].itertuples(index=False))
+
+
+@dataclass
+class Plan:
+    """What the passes compute, decided once from the spec."""
+
+    chain: list[Operator]
+    reference: str
+    needs_lm: bool
+    needs_emb: bool
+    compress_in_pass1: bool  # the scorer compresses from its own forward pass
+    pass2_models: bool  # a rewrite or a compression still to run on the kept rows
+    pools: int  # actor pools in pass 1 (for sharing the CPUs)
+    columns: list[str] = field(default_factory=list)  # narrow columns the selectors read
+
+    @property
+    def rowops(self) -> list[RowOp]:
+        return [op for op in self.chain if isinstance(op, RowOp)]
+
+    @property
+    def selectors(self) -> list[Selector]:
+        return [op for op in self.chain if isinstance(op, Selector)]
+
+
+@dataclass
+class Routed:
+    """Pass 2's counts."""
+
+    written: dict[str, int]
+    tokens_before: int = 0
+    tokens_after: int = 0
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+    eval_quarantined: int = 0
+    eval_input: int = 0
+    rounds: list[np.ndarray] = field(default_factory=list)
 
 
 @register_stage
@@ -281,7 +334,10 @@ class DataStage(Stage):
     name = "data"
     output = "data"
     spec_keys = ("data", "candidates")  # the default reference LM is the smallest candidate
-    version = "1"
+    version = "2"
+
+    def fingerprint_extra(self, spec: JobSpec) -> dict[str, Any]:
+        return {"template": spec.finetune.template}  # rows are scored as training renders them
 
     def external_inputs(self, spec: JobSpec) -> list[str]:
         d = spec.data
@@ -309,169 +365,229 @@ class DataStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         ctx.runtime  # noqa: B018 - start (or join) Ray
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # keep the progress bars, not the chatter
-        d, t0 = ctx.spec.data, time.monotonic()
+        t0 = time.monotonic()
+        plan = self.plan(ctx)
+        tally = Tally.remote()
+        work, streamed = self.pass1(ctx, plan, tally)
+        drops, timings = self.select(ctx, plan, work)
+        routed, seconds = self.pass2(ctx, plan, work, drops, tally)
+        ops = ray.get(tally.get.remote())
+        manifest = self.manifest(ctx, plan, work, routed, streamed, ops, timings, seconds, t0)
+        shutil.rmtree(ctx.out / "_work", ignore_errors=True)
+        return {"input": manifest["input"], "kept": manifest["kept"], "quarantined": manifest["quarantined"],
+                "dropped": sum(manifest["dropped"].values()), "eval": manifest["eval"]["rows"],
+                "tokens_before": manifest["tokens_before"], "tokens_after": manifest["tokens_after"]}
+
+    # ------------------------------------------------------------ 1. plan
+
+    def plan(self, ctx: StageContext) -> Plan:
+        d = ctx.spec.data
         chain = build_chain(d)
-        rowops = [op for op in chain if isinstance(op, RowOp)]
-        selectors = [op for op in chain if isinstance(op, Selector)]
         needs_emb = any(op.needs_embedding for op in chain)
         needs_lm = needs_emb or any(op.needs_lm for op in chain)
-        ref = self.reference_model(ctx)  # also counts prompt tokens when nothing else needs it
-        emb_model = ctx.resolve(d.embedding_model) if d.embedding_model else None
-        tally = Tally.remote()
-        n_pools = int(needs_lm) + sum(1 for op in rowops if getattr(op, "actor_class", None))
-        pool = actor_pool(d, n_pools)
-        work = ctx.out / "_work"
+        compress1 = d.compress.enabled and needs_lm and not d.rewrite.enabled
+        pools = int(needs_lm) + sum(1 for op in chain if isinstance(op, RowOp) and op.actor_class is not None)
+        columns = sorted({c for op in chain if isinstance(op, Selector) for c in op.columns})
+        return Plan(chain, self.reference_model(ctx), needs_lm, needs_emb, compress1,
+                    d.rewrite.enabled or (d.compress.enabled and not compress1), pools, columns)
 
-        # Pass 1: stream the corpus once, every row with its stats.
-        ds = read_rows(d.train, d.fields, str(ctx.base_dir))
-        ds = ds.map_batches(SplitRows(d.eval.split_ratio, ctx.spec.seed), batch_format="pandas",
-                            batch_size=BATCH_ROWS)
-        lm_added, streamed = False, []  # the streamed operators, in pipeline order
-        for op in rowops:
-            if op.needs_lm and not lm_added:
-                ds, lm_added = self._add_lm(ds, ref, d, needs_emb, tally, pool, emb_model), True
+    # ------------------------------------------------------------ 2. pass 1
+
+    def pass1(self, ctx: StageContext, plan: Plan, tally) -> tuple[WorkData, list[str]]:
+        """One stream over both sources; the driver writes it to the work folder as it goes."""
+        d, t0 = ctx.spec.data, time.monotonic()
+        pool = actor_pool(d, plan.pools)
+        # The CPU steps before the first model ride inside the read tasks (readers.read_rows); the ones
+        # after a model run as one map_batches call each.
+        steps: list[tuple[str | None, Any]] = [(None, SplitRows(d.eval.split_ratio, ctx.spec.seed))]
+        streamed: list[str] = []
+        ds = None
+
+        def flush(ds):  # the CPU steps gathered so far, in the read tasks or as one map_batches call
+            if ds is None:
+                train = Steps([(None, tag_origin("train")), *steps], tally)
+                ds = read_rows(d.train, d.fields, str(ctx.base_dir), post=train)
+                if d.eval.split_ratio is None:  # a separate eval source rides in the same stream
+                    ev = Steps([(None, tag_origin("eval")), *steps], None)
+                    ds = ds.union(read_rows(d.eval, d.fields, str(ctx.base_dir), post=ev))
+            elif steps:
+                ds = ds.map_batches(Steps(list(steps), tally), batch_format="pandas", batch_size=BATCH_ROWS)
+            steps.clear()
+            return ds
+
+        for op in plan.rowops:
+            if op.needs_lm and "lm_stats" not in streamed:
+                ds = self._add_lm(ctx, flush(ds), plan, tally, pool)
                 streamed.append("lm_stats")
-            if getattr(op, "actor_class", None):
-                params = op.p.model_dump()  # paths resolved here: actors need not share our cwd
-                params["model"] = self.local_or_hub(ctx, params["model"])
-                if params.get("prompt_file"):
-                    params["prompt_file"] = ctx.resolve(params["prompt_file"])
-                ds = ds.map_batches(op.actor_class, fn_constructor_kwargs={"params": params, "tally": tally},
-                                    **pool)
+            if op.actor_class is not None:
+                ds = flush(ds).map_batches(op.actor_class, fn_constructor_kwargs=op.actor_kwargs(
+                    lambda p: self.local_or_hub(ctx, p), tally), **pool)
             else:
-                ds = ds.map_batches(Timed(op.name, op.apply, tally), batch_format="pandas", batch_size=BATCH_ROWS)
+                steps.append((op.name, op.apply))
             streamed.append(op.name)
-        if needs_lm and not lm_added:
-            ds = self._add_lm(ds, ref, d, needs_emb, tally, pool, emb_model)
+        if plan.needs_lm and "lm_stats" not in streamed:
+            ds = self._add_lm(ctx, flush(ds), plan, tally, pool)
             streamed.append("lm_stats")
-        scratch: list[str] = []  # selector columns computed while streaming, never written out
-        for sel in selectors:
+        for sel in plan.selectors:
             if sel.prepared_columns:
-                ds = ds.map_batches(Timed(f"{sel.name}:prepare", sel.prepare, tally), batch_format="pandas",
-                                    batch_size=BATCH_ROWS)
+                steps.append((f"{sel.name}:prepare", sel.prepare))
                 streamed.append(f"{sel.name}:prepare")
-                scratch += list(sel.prepared_columns)
-        ds.write_parquet(str(work / "scored"), max_rows_per_file=FILE_ROWS)
-        scored = ray.data.read_parquet(str(work / "scored"))
-        cols = collect(scored, ["reason", "split", "drop"])
-        quarantined = int(pd.notna(cols["reason"]).sum())
-        held_out = int(((cols["split"] == "eval") & pd.isna(cols["reason"])).sum())
-        readable = len(cols["reason"]) - quarantined - held_out
-        # Selectors only drop rows that are alive, so the alive count follows without another pass.
-        alive_after_rows = int(alive_mask(pd.DataFrame(cols)).sum())
-        log.info("data: read %d rows (%d quarantined, %d held out for eval) in %.1fs",
-                 len(cols["reason"]), quarantined, held_out, time.monotonic() - t0)
+        ds = flush(ds)
+        rows = WorkRows(ctx.out / "_work" / "scored", plan.columns, plan.needs_emb)
+        for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+            rows.add(batch)
+        work = rows.close()
+        if __import__("os").environ.get("DAMOC_DEBUG_STATS"):
+            print(ds.stats()[:2500])
+        train = ~work.origin_eval
+        log.info("data: read %d rows (%d quarantined, %d held out for eval) in %.1fs (%.1fs writing the work "
+                 "folder)", int(train.sum()), int((work.status[train] == QUARANTINED).sum()),
+                 int((work.status[train] == EVAL).sum()), time.monotonic() - t0, rows.seconds)
+        return work, streamed
 
-        # Selection: each selector sees the rows still alive.
-        budget = round(d.filter.keep_ratio * readable) if any(s.budgeted for s in selectors) else None
-        drops: dict[str, str] = {}
+    def _add_lm(self, ctx: StageContext, ds, plan: Plan, tally, pool: dict):
+        d = ctx.spec.data
+        compress = (CompressArgs(d.compress.ratio, DEFAULT_FORCED + tuple(d.compress.forced_tokens),
+                                 d.compress.compress_answer) if plan.compress_in_pass1 else None)
+        return ds.map_batches(AliveScorer, fn_constructor_kwargs=dict(
+            tally=tally, model_path=plan.reference, task=d.task, template=ctx.spec.finetune.template,
+            max_length=d.max_length, embeddings=plan.needs_emb, compress=compress,
+            embedding_model=ctx.resolve(d.embedding_model) if d.embedding_model else None), **pool)
+
+    # ------------------------------------------------------------ 3. select
+
+    def select(self, ctx: StageContext, plan: Plan, work: WorkData) -> tuple[dict[int, str], list[dict]]:
+        """Each selector on the rows still alive; drops by row order."""
+        d = ctx.spec.data
+        readable = int(((~work.origin_eval) & ((work.status == ALIVE) | (work.status == DROPPED))).sum())
+        budget = round(d.filter.keep_ratio * readable) if any(s.budgeted for s in plan.selectors) else None
+        drops: dict[int, str] = {}
         timings: list[dict[str, Any]] = []
-        for sel in selectors:
+        alive = work.alive
+        sctx = SelectContext(ctx.spec.seed, d.batch_size, work)
+        for sel in plan.selectors:
             ts = time.monotonic()
-            alive = keep_where(apply_drops(scored, drops), alive_mask)
-            n_alive = alive_after_rows - len(drops)
-            new = sel.select(alive, budget, SelectContext(ctx.spec.seed, n_alive, d.batch_size,
-                                                                 str(work / sel.name)))
+            if drops:
+                alive = alive[~alive["order"].isin(drops.keys())]
+            new = sel.select(alive.reset_index(drop=True), budget, sctx)
             drops.update(new)
             timings.append({"name": sel.name, "seconds": round(time.monotonic() - ts, 3),
-                            "in": n_alive, "out": n_alive - len(new)})
-            log.info("data: %s kept %d of %d rows in %.1fs", sel.name, n_alive - len(new), n_alive,
+                            "in": len(alive), "out": len(alive) - len(new)})
+            log.info("data: %s kept %d of %d rows in %.1fs", sel.name, len(alive) - len(new), len(alive),
                      time.monotonic() - ts)
+        return drops, timings
 
-        # Pass 2, one stream: apply drops, rewrite and compress the kept rows, and route every row to
-        # its file (train, dropped, quarantine, eval) as it goes by.
-        final = apply_drops(scored, drops)
-        if needs_emb or scratch:
-            final = final.drop_columns((["embedding"] if needs_emb else []) + scratch)
+    # ------------------------------------------------------------ 4. pass 2
+
+    def pass2(self, ctx: StageContext, plan: Plan, work: WorkData, drops: dict[int, str],
+              tally) -> tuple[Routed, float]:
+        """Every row to its file. Kept rows take their compressed fields."""
+        d, t0 = ctx.spec.data, time.monotonic()
+        sinks = {"train": ParquetSink(ctx.out / "train.parquet", TEXT_COLUMNS + list(STATS_COLUMNS) +
+                                      list(TOKEN_COLUMNS), ints=TOKEN_COLUMNS),
+                 "dropped": ParquetSink(ctx.out / "dropped.parquet", TEXT_COLUMNS + ["drop", *STATS_COLUMNS]),
+                 "eval": ParquetSink(ctx.out / "eval.parquet", TEXT_COLUMNS)}
+        routed = Routed(written={})
+        counter = TokenCounter(plan.reference)
+        with open(ctx.out / "quarantine.jsonl", "w", encoding="utf-8") as qfh:
+            for batch in self._final_rows(ctx, plan, work, drops):
+                self._route(batch, sinks, qfh, routed, d.rewrite.enabled, counter)
+        routed.written = {name: sink.close() for name, sink in sinks.items()}
+        return routed, time.monotonic() - t0
+
+    def _final_rows(self, ctx: StageContext, plan: Plan, work: WorkData, drops: dict[int, str]) -> Iterator[pd.DataFrame]:
+        """The work folder's rows with the selectors' drops applied: read here in the driver, or, when
+        models still have to run on the kept rows, streamed through Ray Data actor pools."""
+        d, table = ctx.spec.data, DropTable(drops)
+        if not plan.pass2_models:
+            for f in work.files:
+                for b in pq.ParquetFile(f).iter_batches(batch_size=8192):
+                    yield table.apply(b.to_pandas())
+            return
+        pool = actor_pool(d, 1)
+        ds = ray.data.read_parquet([str(f) for f in work.files]).map_batches(
+            ApplyDrops(ray.put(table)), batch_format="pandas", batch_size=BATCH_ROWS)
         if d.rewrite.enabled:  # before compression: the writer sees whole sentences
-            writer = d.rewrite.model and self.local_or_hub(ctx, d.rewrite.model)
-            final = final.map_batches(on_kept(Rewriter), fn_constructor_kwargs=dict(
-                reference=ref, model=writer, endpoint=d.rewrite.endpoint, rounds=d.rewrite.rounds,
-                max_length=d.max_length), **pool)
-        tc = time.monotonic()
-        if d.compress.enabled:
-            final = final.map_batches(on_kept(Compressor), fn_constructor_kwargs=dict(
-                model_path=ref, ratio=d.compress.ratio, forced=d.compress.forced_tokens,
-                compress_answer=d.compress.compress_answer, max_length=d.max_length), **pool)
-        else:
-            final = final.map_batches(on_kept(count_prompt_tokens), fn_kwargs=dict(model_path=ref),
-                                      batch_format="pandas", batch_size=BATCH_ROWS)
-        stats_cols = [c for c in ("chars", "repetition", "special_ratio", "ce_cond", "ce_alone", "ifd", "ppl",
-                                  "judge") if c in scored.schema().names]
-        token_cols = ("prompt_tokens_before", "prompt_tokens_after", "rewrite_rounds")
-        sinks = {"train": ParquetSink(ctx.out / "train.parquet", TEXT_COLUMNS + stats_cols + list(token_cols),
-                                      ints=token_cols),
-                 "dropped": ParquetSink(ctx.out / "dropped.parquet", TEXT_COLUMNS + ["drop"] + stats_cols)}
-        if d.eval.split_ratio is not None:
-            sinks["eval"] = ParquetSink(ctx.out / "eval.parquet", TEXT_COLUMNS)
-        qpath = ctx.out / "quarantine.jsonl"
-        tokens_before = tokens_after = 0
-        rounds_parts: list[np.ndarray] = []
-        drop_reasons: dict[str, int] = {}
-        with open(qpath, "w", encoding="utf-8") as qfh:
-            for batch in final.iter_batches(batch_format="pandas", batch_size=8192):
-                dest = destination(batch)
-                for name, sink in sinks.items():
-                    sink.write(batch[dest == name])
-                if (dest == "quarantine").any():
-                    qfh.write(quarantine_lines(batch[dest == "quarantine"], "train"))
-                kept_rows = batch[dest == "train"]
-                if len(kept_rows):
-                    tokens_before += int(kept_rows["prompt_tokens_before"].sum())
-                    tokens_after += int(kept_rows["prompt_tokens_after"].sum())
-                    if d.rewrite.enabled:
-                        rounds_parts.append(kept_rows["rewrite_rounds"].to_numpy(dtype=np.int64))
-                for reason, n in batch.loc[dest == "dropped", "drop"].map(drop_key).value_counts().items():
-                    drop_reasons[reason] = drop_reasons.get(reason, 0) + int(n)
-        written = {name: sink.close() for name, sink in sinks.items()}
-        kept = written["train"]
-        steps = (["rewrite"] if d.rewrite.enabled else []) + ["compress" if d.compress.enabled else "count_tokens"]
-        timings.append({"name": "+".join(steps), "seconds": round(time.monotonic() - tc, 3),
-                        "in": kept, "out": kept})
-        rewrite = None
-        if d.rewrite.enabled:
-            rounds = np.concatenate(rounds_parts) if rounds_parts else np.zeros(0, dtype=int)
-            rewrite = {"rows_rewritten": int((rounds > 0).sum()), "rounds_accepted": int(rounds.sum()),
-                       "rows_by_rounds": {str(r): int((rounds == r).sum()) for r in range(d.rewrite.rounds + 1)}}
-        eval_info = self._write_eval(ctx, written.get("eval"), qpath)
+            ds = ds.map_batches(on_kept(Rewriter), fn_constructor_kwargs=dict(
+                reference=plan.reference, model=d.rewrite.model and self.local_or_hub(ctx, d.rewrite.model),
+                endpoint=d.rewrite.endpoint, rounds=d.rewrite.rounds, max_length=d.max_length, task=d.task,
+                template=ctx.spec.finetune.template), **pool)
+        compress = (CompressArgs(d.compress.ratio, DEFAULT_FORCED + tuple(d.compress.forced_tokens),
+                                 d.compress.compress_answer) if d.compress.enabled else CompressArgs(1.0))
+        ds = ds.map_batches(on_kept(KeptCompressor), fn_constructor_kwargs=dict(
+            model_path=plan.reference, task=d.task, template=ctx.spec.finetune.template, max_length=d.max_length,
+            embeddings=False, compress=compress), **pool)
+        yield from ds.iter_batches(batch_format="pandas", batch_size=8192)
 
-        dropped = dict(drop_reasons)
+    @staticmethod
+    def _route(batch: pd.DataFrame, sinks: dict, qfh, routed: Routed, rewrite: bool, counter: TokenCounter) -> None:
+        dest = destination(batch)
+        train_origin = (batch["origin"] == "train").to_numpy()
+        kept = batch[dest == "train"].copy()
+        if len(kept) and "prompt_tokens_before" not in kept:
+            kept["prompt_tokens_before"] = kept["prompt_tokens_after"] = counter(kept)
+        for c in ("instruction", "input", "output"):  # the compressed fields, where pass 1 or 2 made them
+            if f"c_{c}" in kept:
+                kept[c] = kept[f"c_{c}"].where(kept[f"c_{c}"].notna(), kept[c])
+        sinks["train"].write(kept)
+        sinks["dropped"].write(batch[dest == "dropped"])
+        sinks["eval"].write(batch[dest == "eval"])
+        bad = batch[dest == "quarantine"]
+        if len(bad):
+            qfh.write(quarantine_lines(bad))
+        routed.eval_quarantined += int(((dest == "quarantine") & ~train_origin).sum())
+        routed.eval_input += int((~train_origin).sum())
+        if len(kept):
+            routed.tokens_before += int(kept["prompt_tokens_before"].sum())
+            routed.tokens_after += int(kept["prompt_tokens_after"].sum())
+            if rewrite:
+                routed.rounds.append(kept["rewrite_rounds"].to_numpy(dtype=np.int64))
+        for reason, n in batch.loc[dest == "dropped", "drop"].map(drop_key).value_counts().items():
+            routed.drop_reasons[reason] = routed.drop_reasons.get(reason, 0) + int(n)
+
+    # ------------------------------------------------------------ 5. manifest
+
+    def manifest(self, ctx: StageContext, plan: Plan, work: WorkData, routed: Routed, streamed: list[str],
+                 ops: dict, timings: list[dict], pass2_seconds: float, t0: float) -> dict[str, Any]:
+        d = ctx.spec.data
+        train = ~work.origin_eval
+        n_input = int(train.sum())
+        quarantined = int((work.status[train] == QUARANTINED).sum())
+        held_out = int((work.status[train] == EVAL).sum())
+        kept = routed.written["train"]
+        dropped = dict(routed.drop_reasons)
         if held_out:
             dropped["held_out_eval"] = held_out
-        n_input = len(cols["reason"])
         if n_input != kept + quarantined + sum(dropped.values()):
             raise RuntimeError(f"row accounting broke: input {n_input} != kept {kept} + quarantined "
                                f"{quarantined} + dropped {sum(dropped.values())}")
-        ops = ray.get(tally.get.remote())
         operators = [{"name": "read", "seconds": None, "in": n_input, "out": n_input - quarantined}]
         operators += [{"name": k, "seconds": round(ops[k][0], 3), "in": int(ops[k][1]), "out": int(ops[k][2])}
                       for k in streamed if k in ops]
         operators += timings
+        if plan.compress_in_pass1 and "compress" in ops:
+            operators.append({"name": "compress", "seconds": round(ops["compress"][0], 3), "in": kept, "out": kept})
+        elif plan.pass2_models:
+            steps = (["rewrite"] if d.rewrite.enabled else []) + (["compress"] if d.compress.enabled else [])
+            operators.append({"name": "+".join(steps) or "count_tokens", "seconds": round(pass2_seconds, 3),
+                              "in": kept, "out": kept})
+        rewrite = None
+        if d.rewrite.enabled:
+            rounds = np.concatenate(routed.rounds) if routed.rounds else np.zeros(0, dtype=int)
+            rewrite = {"rows_rewritten": int((rounds > 0).sum()), "rounds_accepted": int(rounds.sum()),
+                       "rows_by_rounds": {str(r): int((rounds == r).sum()) for r in range(d.rewrite.rounds + 1)}}
+        eval_rows = routed.written["eval"]
+        eval_info = ({"input": held_out, "rows": eval_rows, "quarantined": 0} if d.eval.split_ratio is not None
+                     else {"input": routed.eval_input, "rows": eval_rows, "quarantined": routed.eval_quarantined})
+        readable = n_input - quarantined - held_out  # keep_ratio is a fraction of these
+        budget = round(d.filter.keep_ratio * readable) if any(s.budgeted for s in plan.selectors) else None
         manifest = {
             "input": n_input, "kept": kept, "quarantined": quarantined, "dropped": dropped,
             "readable": readable, "keep_ratio": d.filter.keep_ratio, "budget": budget,
-            "tokens_before": tokens_before, "tokens_after": tokens_after,
-            "reference_model": ref, "operators": operators, "eval": eval_info, "rewrite": rewrite,
+            "tokens_before": routed.tokens_before, "tokens_after": routed.tokens_after,
+            "reference_model": plan.reference, "operators": operators, "eval": eval_info, "rewrite": rewrite,
             "seconds": round(time.monotonic() - t0, 3),
         }
         atomic_write_json(ctx.out / "manifest.json", manifest)
         metrics.record_data(ctx.spec.name, manifest)
-        shutil.rmtree(work, ignore_errors=True)
-        return {"input": n_input, "kept": kept, "quarantined": quarantined, "dropped": sum(dropped.values()),
-                "eval": eval_info["rows"], "tokens_before": tokens_before, "tokens_after": tokens_after}
-
-    def _add_lm(self, ds, ref: str, d: DataSpec, embeddings: bool, tally, pool: dict, emb_model: str | None):
-        return ds.map_batches(AliveScorer, fn_constructor_kwargs=dict(
-            tally=tally, model_path=ref, max_length=d.max_length, embeddings=embeddings,
-            embedding_model=emb_model), **pool)
-
-    def _write_eval(self, ctx: StageContext, split_rows: int | None, qpath: Path) -> dict[str, int]:
-        """Eval rows are never filtered, compressed or rewritten. A split was written in pass 2;
-        a separate eval source is read and written here."""
-        d = ctx.spec.data
-        if split_rows is not None:
-            return {"input": split_rows, "rows": split_rows, "quarantined": 0}
-        ev = read_rows(d.eval, d.fields, str(ctx.base_dir)).materialize()
-        n = write_parquet_file(keep_where(ev, lambda df: df["reason"].isna()), ctx.out / "eval.parquet", TEXT_COLUMNS)
-        q = write_quarantine(keep_where(ev, lambda df: df["reason"].notna()), qpath, "eval")
-        return {"input": n + q, "rows": n, "quarantined": q}
+        return manifest

@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 
-from damoc.model.adapters import adapter_for, remove_layers
+from damoc.lm.arch import adapter_for
+from damoc.lm.load import load_causal_lm, pad_id
+from damoc.lm.prompts import render
+from damoc.lm.tokens import encode
 from damoc.model.merge import merge_layers, merge_targets
-from damoc.model.prune import choose_contiguous, choose_discrete, n_to_remove
-from damoc.model.scores import batches, calibrate, calibration_loss, encode
-from damoc.report.plots import layer_scores_png
+from damoc.model.prune import choose_contiguous, choose_discrete, n_to_remove, remove_layers
+from damoc.model.scores import batches, calibrate, calibration_loss
 from damoc.rundir import atomic_write_json
 from damoc.spec import ModelSpec
 
@@ -41,20 +43,26 @@ def pick_dtype(spec_dtype: str, device: str) -> torch.dtype:
 
 
 def load(src: Source, dtype: torch.dtype, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return load_causal_lm(src.location, trust_remote_code=src.trust_remote_code, revision=src.revision,
+                          allow_pickle=src.allow_pickle_weights, dtype=dtype, device=device)
 
-    common = dict(revision=src.revision, trust_remote_code=src.trust_remote_code,
-                  token=os.environ.get("HF_TOKEN") or None)
-    tok = AutoTokenizer.from_pretrained(src.location, **common)
-    model = AutoModelForCausalLM.from_pretrained(
-        src.location, dtype=dtype, low_cpu_mem_usage=True,
-        use_safetensors=None if src.allow_pickle_weights else True, **common)
-    model.to(device).eval()
-    return tok, model
+
+def calibration_ids(tok, rows: list[dict[str, str]], task: str, template: str, max_length: int) -> list[list[int]]:
+    """Token ids of the calibration rows, rendered as training renders them for this candidate."""
+    out = [encode(tok, render(task, r["instruction"], r["input"], tok, template).text, r["output"], max_length).ids
+           for r in rows]
+    out = [ids for ids in out if len(ids) >= 2]  # a next-token loss needs two tokens
+    if not out:
+        raise ValueError("no calibration row has two or more tokens")
+    return out
 
 
 def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def protected_layers(num_layers: int, m: ModelSpec) -> list[int]:
+    return [0, num_layers - 1] if m.protect_first_last and num_layers > 2 else []
 
 
 def choose_layers(cal, m: ModelSpec, num_layers: int) -> tuple[list[int], list[float]]:
@@ -66,7 +74,8 @@ def choose_layers(cal, m: ModelSpec, num_layers: int) -> tuple[list[int], list[f
     return choose_discrete(per_layer, n, m.protect_first_last), per_layer
 
 
-def compress_candidate(src: Source, texts: list[str], m: ModelSpec, out: Path, seed: int = 0) -> dict[str, Any]:
+def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, out: Path, seed: int = 0,
+                       task: str = "qa", template: str = "auto") -> dict[str, Any]:
     """Compress one candidate into `out` (an HF folder) and write out/compression.json."""
     t0 = time.perf_counter()
     device = "cuda" if m.num_gpus > 0 and torch.cuda.is_available() else "cpu"
@@ -74,8 +83,8 @@ def compress_candidate(src: Source, texts: list[str], m: ModelSpec, out: Path, s
     tok, model = load(src, dtype, device)
     adapter = adapter_for(model.config)
     layers_before, params_before = adapter.num_layers(model.config), param_count(model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    data = batches(encode(tok, texts, m.calibration.max_length), m.calibration.batch_size, pad)
+    data = batches(calibration_ids(tok, rows, task, template, m.calibration.max_length), m.calibration.batch_size,
+                   pad_id(tok))
     t_load = time.perf_counter()
 
     cal = calibrate(model, adapter, data)
@@ -91,23 +100,21 @@ def compress_candidate(src: Source, texts: list[str], m: ModelSpec, out: Path, s
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    title = f"{src.name}: {m.score.replace('_', ' ')} per layer"
-    layer_scores_png(out / "layer_scores.png", per_layer, removed, title, m.score.replace("_", " "))
     report = {
         "name": src.name, "source": src.location, "status": "compressed",
         "model_type": model.config.model_type, "device": device, "dtype": str(dtype).removeprefix("torch."),
         "score": m.score, "prune": m.prune, "prune_ratio": m.prune_ratio,
         "scores": per_layer, "block_influence": cal.block_influence,
         "angular_block": cal.angular[len(removed) - 1] if removed else [],
-        "removed": removed, "layers_before": layers_before, "layers_after": layers_after,
+        "removed": removed, "protected": protected_layers(layers_before, m),
+        "layers_before": layers_before, "layers_after": layers_after,
         "params_before": params_before, "params_after": param_count(model),
         "merge": {"method": m.merge.method, "density": m.merge.density, "scale": m.merge.scale,
                   "into": {str(k): v for k, v in merge_targets(removed, layers_before).items()} if removed else {},
                   "entries_changed": changed},
         "calibration_loss": {"original": cal.loss, "pruned": pruned_loss, "merged": merged_loss},
-        "calibration": {"rows": len(texts), "sequences": sum(len(b[0]) for b in data), "tokens": cal.tokens,
-                        "max_length": m.calibration.max_length},
-        "plot": "layer_scores.png",
+        "calibration": {"rows": len(rows), "sequences": sum(len(b[0]) for b in data), "tokens": cal.tokens,
+                        "max_length": m.calibration.max_length, "task": task, "template": template},
         "seconds": round(time.perf_counter() - t0, 3),
         "seconds_by_step": {"load": round(t_load - t0, 3), "score": round(cal.seconds, 3),
                             "prune_merge_eval": round(t_compress - t_load - cal.seconds, 3),

@@ -1,6 +1,12 @@
-"""Which layers to remove, from the layer scores."""
+"""Which layers to remove, from the layer scores, and removing them.
+
+After layers are removed, every module attribute `layer_idx` in the kept layers is renumbered:
+the KV cache is indexed by it, so a stale index breaks `generate()` with the cache on.
+"""
 
 from __future__ import annotations
+
+from damoc.lm.arch import adapter_for
 
 
 def n_to_remove(num_layers: int, ratio: float, protect_first_last: bool) -> int:
@@ -32,3 +38,26 @@ def choose_contiguous(angular: list[list[float]], n: int, protect_first_last: bo
         raise ValueError(f"no block of {n} layers avoids the protected first and last layers")
     best = min(starts, key=lambda s: (angular[n - 1][s], -s))
     return list(range(best, best + n))
+
+
+def remove_layers(model, removed: list[int]) -> int:
+    """Delete the layers at `removed` in place; fix the config and layer indices. Returns the new count."""
+    adapter = adapter_for(model.config)
+    layers = adapter.layer_list(model)
+    drop = set(removed)
+    kept = [layer for i, layer in enumerate(layers) if i not in drop]
+    if not kept:
+        raise ValueError("cannot remove every layer")
+    import torch
+
+    adapter.set_layer_list(model, torch.nn.ModuleList(kept))
+    setattr(model.config, adapter.count_key, len(kept))
+    for key in adapter.per_layer_keys:
+        values = getattr(model.config, key, None)
+        if isinstance(values, list) and len(values) == len(layers):
+            setattr(model.config, key, [v for i, v in enumerate(values) if i not in drop])
+    for new_idx, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    return len(kept)

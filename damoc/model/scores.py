@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from damoc.model.adapters import Adapter
+from damoc.lm.arch import Adapter
 
 
 @dataclass
@@ -27,19 +27,6 @@ class Calibration:
     loss: float  # mean next-token cross-entropy over the calibration tokens
     tokens: int
     seconds: float
-
-
-def encode(tok, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, BOS first when the tokenizer has one, cut to max_length."""
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    out = []
-    for t in texts:
-        ids = (bos + tok(t, add_special_tokens=False)["input_ids"])[:max_length]
-        if len(ids) >= 2:  # a next-token loss needs two tokens
-            out.append(ids)
-    if not out:
-        raise ValueError("no calibration row has two or more tokens")
-    return out
 
 
 def batches(seqs: list[list[int]], batch_size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

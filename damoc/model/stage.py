@@ -18,7 +18,6 @@ from typing import Any
 import pyarrow.parquet as pq
 import ray
 
-from damoc.data.lm import prompt_of
 from damoc.model.compress import Source, compress_candidate
 from damoc.pipeline import Stage, StageContext, register_stage
 from damoc import metrics
@@ -37,17 +36,18 @@ class CandidateCompressor:
 
         torch.set_num_threads(max(1, threads))
 
-    def run(self, src: Source, texts: list[str], m: ModelSpec, out: str, seed: int) -> dict[str, Any]:
-        return compress_candidate(src, texts, m, Path(out), seed)
+    def run(self, src: Source, rows: list[dict[str, str]], m: ModelSpec, out: str, seed: int, task: str,
+            template: str) -> dict[str, Any]:
+        return compress_candidate(src, rows, m, Path(out), seed, task, template)
 
 
-def calibration_texts(train_parquet: Path, rows: int, seed: int) -> list[str]:
-    """A seeded sample of the selected training rows, as prompt + answer text."""
+def calibration_rows(train_parquet: Path, rows: int, seed: int) -> list[dict[str, str]]:
+    """A seeded sample of the selected training rows; each candidate renders them with its own
+    tokenizer, as training will (damoc/lm/prompts.py)."""
     table = pq.read_table(train_parquet, columns=["instruction", "input", "output"]).to_pylist()
     if not table:
         raise ValueError(f"{train_parquet} has no rows to calibrate on")
-    picked = random.Random(seed).sample(table, min(rows, len(table)))
-    return [prompt_of(r["instruction"], r["input"]) + "\n" + r["output"] for r in picked]
+    return random.Random(seed).sample(table, min(rows, len(table)))
 
 
 def failure_reason(err: BaseException) -> str:
@@ -73,6 +73,9 @@ class ModelStage(Stage):
     def external_inputs(self, spec: JobSpec) -> list[str]:
         return [c.path for c in spec.candidates if c.path]
 
+    def fingerprint_extra(self, spec: JobSpec) -> dict[str, Any]:
+        return {"task": spec.data.task, "template": spec.finetune.template}  # how calibration rows render
+
     @staticmethod
     def source(ctx: StageContext, cand) -> Source:
         location = ctx.resolve(cand.path) if cand.path else cand.hf
@@ -88,8 +91,8 @@ class ModelStage(Stage):
             return {"candidates": len(entries), "compressed": 0, "failed": 0}
 
         ctx.runtime  # noqa: B018 - start (or join) Ray
-        texts = calibration_texts(ctx.input("data") / "train.parquet", m.calibration.rows, spec.seed)
-        texts_ref = ray.put(texts)
+        rows = calibration_rows(ctx.input("data") / "train.parquet", m.calibration.rows, spec.seed)
+        rows_ref = ray.put(rows)
         # All actors are asked for at once; Ray starts as many as the cluster's resources allow and
         # the rest as earlier ones are killed on finishing (a finished actor would hold its CPUs).
         pending: dict[ray.ObjectRef, tuple[str, Any, float]] = {}
@@ -98,9 +101,10 @@ class ModelStage(Stage):
             # only its own folder, from scratch, so a retry is safe.
             actor = CandidateCompressor.options(num_cpus=m.num_cpus, num_gpus=m.num_gpus, max_restarts=ACTOR_RETRIES,
                                                 max_task_retries=ACTOR_RETRIES).remote(max(1, int(m.num_cpus)))
-            ref = actor.run.remote(self.source(ctx, cand), texts_ref, m, str(ctx.out / cand.name), spec.seed)
+            ref = actor.run.remote(self.source(ctx, cand), rows_ref, m, str(ctx.out / cand.name), spec.seed,
+                                   spec.data.task, spec.finetune.template)
             pending[ref] = (cand.name, actor, time.monotonic())
-        log.info("models: compressing %d candidates, %d calibration rows each", len(pending), len(texts))
+        log.info("models: compressing %d candidates, %d calibration rows each", len(pending), len(rows))
         results: dict[str, dict[str, Any]] = {}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

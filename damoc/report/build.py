@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +70,12 @@ def _ranking_section(ranking: dict[str, Any], finetune: dict[str, Any], out: Pat
 
 def _timeline_section(finetune: dict[str, Any], out: Path) -> list[Block]:
     """Where each trial's seconds went (damoc/train/timeline.py), one row and one bar per trial."""
-    from damoc.train.timeline import FIXED
-
     entries = [e for e in finetune.get("candidates", []) if e.get("timeline")]
     if not entries:
         return []
-    groups = {"fixed start-up": FIXED, "training": ("training",), "evaluation": ("evaluation",),
-              "checkpointing": ("checkpointing",), "idle at rungs": ("rung_wait",)}
-    per = {e["name"]: {g: sum(e["timeline"].get(p, 0.0) for p in ps) for g, ps in groups.items()} for e in entries}
+    groups = {"fixed start-up": "fixed", "training": "training", "evaluation": "evaluation",
+              "checkpointing": "checkpointing", "idle at rungs": "rung_wait"}
+    per = {e["name"]: {g: e["timeline"].get(p, 0.0) for g, p in groups.items()} for e in entries}
     plots.stacked_bars_png(out / "timeline.png", per, "Where each trial's seconds went", "seconds")
     rows = [[e["name"], e["timeline"].get("waiting_for_resources"), *per[e["name"]].values(), e["timeline"].get("total"),
              e.get("workers")] for e in entries]
@@ -119,12 +116,13 @@ def _models_section(run_dir: Path, out: Path) -> list[Block]:
         rows.append([e["name"], e["status"], f"{c.get('layers_before')} -> {c.get('layers_after')}",
                      c.get("params_after", 0) / max(1, c.get("params_before", 1)), cal.get("original"),
                      cal.get("pruned"), cal.get("merged"), f"removed {c.get('removed')}"])
-        png = run_dir / "models" / e["name"] / "layer_scores.png"
-        if png.is_file():
-            shutil.copyfile(png, out / f"layers_{e['name']}.png")
+        if c.get("scores"):
+            score = str(c.get("score", "score")).replace("_", " ")
+            plots.layer_scores_png(out / f"layers_{e['name']}.png", c["scores"], c.get("removed", []),
+                                   f"{e['name']}: {score} per layer", score, c.get("protected", []))
     blocks.append(("table", ["candidate", "status", "layers", "params kept", "calib. loss original",
                              "pruned", "merged", "note"], rows))
-    blocks += [("img", f"layers_{e['name']}.png", f"{e['name']}: layer scores (red: removed)")
+    blocks += [("img", f"layers_{e['name']}.png", f"{e['name']}: layer scores (red: removed; hatched: protected)")
                for e in index.get("candidates", []) if (out / f"layers_{e['name']}.png").is_file()]
     return blocks
 

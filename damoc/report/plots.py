@@ -10,13 +10,18 @@ matplotlib.use("Agg")  # no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def layer_scores_png(path: Path, scores: list[float], removed: list[int], title: str, ylabel: str) -> Path:
-    """Bars of per-layer scores, removed layers in red."""
+def layer_scores_png(path: Path, scores: list[float], removed: list[int], title: str, ylabel: str,
+                     protected: list[int] = ()) -> Path:
+    """Bars of per-layer scores, removed layers in red, protected ones hatched."""
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(scores) + 2), 3.2), dpi=110)
-    gone = set(removed)
+    gone, kept_safe = set(removed), set(protected)
     colors = ["#d62728" if i in gone else "#1f77b4" for i in range(len(scores))]
-    ax.bar(range(len(scores)), scores, color=colors)
-    ax.set_xlabel("layer (red: removed)")
+    bars = ax.bar(range(len(scores)), scores, color=colors)
+    for i in kept_safe:
+        if i < len(bars):
+            bars[i].set_hatch("//")
+            bars[i].set_edgecolor("#444")
+    ax.set_xlabel("layer (red: removed; hatched: protected)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.set_xticks(range(len(scores)))

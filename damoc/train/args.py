@@ -26,6 +26,7 @@ class TrainArgs:
     job: str = ""
     trust_remote_code: bool = False
     task: str = "qa"
+    template: str = "auto"  # plain | chat | auto (damoc/lm/prompts.py)
     metric: str = "eval_loss"
     mode: str = "min"
     max_new_tokens: int = 32
@@ -66,7 +67,7 @@ def train_args(spec: JobSpec, name: str, model_path: str, train_path: str, eval_
     targets: Any = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
     return TrainArgs(
         candidate=name, model_path=model_path, train_path=train_path, eval_path=eval_path, job=spec.name,
-        trust_remote_code=trust_remote_code, task=spec.data.task, metric=spec.select.metric, mode=spec.select.mode,
+        trust_remote_code=trust_remote_code, task=spec.data.task, template=ft.template, metric=spec.select.metric, mode=spec.select.mode,
         max_new_tokens=spec.select.max_new_tokens, method=ft.method,
         lora=LoraArgs(lora.r, lora.alpha, lora.dropout, targets), deepspeed=ft.deepspeed.enabled,
         zero_stage=ft.deepspeed.zero_stage, precision=ft.precision, batch_size=ft.batch_size,

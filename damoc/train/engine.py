@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from damoc.lm.nll import causal_lm_loss
 from damoc.train.args import TrainArgs
 
 STATE_FILE = "state.json"
@@ -56,21 +57,6 @@ def deepspeed_config(micro_batch: int, grad_accum: int, zero_stage: int, dtype: 
         "steps_per_print": 1 << 30,  # progress is the loop's job
         "wall_clock_breakdown": False,
     }
-
-
-def answer_token_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL in fp32 at every position ([batch, len-1], 0 where the label is IGNORE) and the
-    mask of scored positions (answer tokens and EOS)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    return nll, labels != -100
-
-
-def causal_lm_loss(model, batch) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens (labels IGNORE elsewhere), computed in fp32."""
-    nll, scored = answer_token_nll(model, batch)
-    return nll.sum() / scored.sum().clamp(min=1)
 
 
 class DeepSpeedEngine:

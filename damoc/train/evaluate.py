@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from damoc.lm.load import pad_id
+from damoc.lm.nll import answer_nll, bits_per_byte
+from damoc.lm.prompts import gold_option, options_of, prompt_text
+from damoc.lm.tokens import Example, encode
 from damoc.train import metrics
 from damoc.train.args import TrainArgs
-from damoc.train.engine import answer_token_nll
-from damoc.train.examples import Example, collate, encode, gold_option, options_of, prompt_text
 
 
 def my_slice(rows: list[dict[str, Any]], rank: int, world: int) -> list[tuple[dict[str, Any], float]]:
@@ -48,7 +50,7 @@ class EvalSet:
         mine = my_slice(rows, rank, world)
         self.weights = [w for _, w in mine]
         self.references = [r["output"] for r, _ in mine]
-        prompts = [prompt_text(task, r["instruction"], r["input"]) for r, _ in mine]
+        prompts = [prompt_text(task, r["instruction"], r["input"], tok, args.template) for r, _ in mine]
         self.answers = [encode(tok, p, r["output"], max_len) for p, (r, _) in zip(prompts, mine)]
         gen_len = max(8, max_len - args.max_new_tokens)
         self.prompt_ids = [encode(tok, p, "", gen_len, eos=False).ids for p in prompts]
@@ -62,17 +64,6 @@ class EvalSet:
                 by_letter = r["output"].strip().upper() in {letter for letter, _ in opts}
                 options = [encode(tok, p, letter if by_letter else text, max_len) for letter, text in opts]
                 self.choices.append((w, options, gold))
-
-
-@torch.no_grad()
-def answer_nll(model, examples: list[Example], pad_id: int, batch_size: int, device) -> list[tuple[float, int]]:
-    """Per example: (summed answer NLL in nats, answer tokens)."""
-    out = []
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-        nll, scored = answer_token_nll(model, batch)
-        out += list(zip(nll.sum(dim=1).tolist(), scored.sum(dim=1).tolist()))
-    return out
 
 
 @torch.no_grad()
@@ -90,7 +81,8 @@ def evaluate(model, tok, es: EvalSet, args: TrainArgs, device, generation: bool,
     was_training = model.training
     model.eval()
     bs = args.eval_batch_size
-    scored = answer_nll(model, es.answers, tok.pad_token_id, bs, device)
+    pad = pad_id(tok)
+    scored = answer_nll(model, es.answers, pad, bs, device)
     sums = [sum(w * n for (n, _), w in zip(scored, es.weights)),
             sum(w * t for (_, t), w in zip(scored, es.weights)),
             sum(w * e.answer_bytes for e, w in zip(es.answers, es.weights))]
@@ -104,13 +96,13 @@ def evaluate(model, tok, es: EvalSet, args: TrainArgs, device, generation: bool,
     correct = mc_n = 0.0
     for w, options, gold in es.choices:
         per_byte = [nll / max(1, e.answer_bytes)
-                    for (nll, _), e in zip(answer_nll(model, options, tok.pad_token_id, bs, device), options)]
+                    for (nll, _), e in zip(answer_nll(model, options, pad, bs, device), options)]
         correct += w * float(min(range(len(per_byte)), key=per_byte.__getitem__) == gold)
         mc_n += w
     nll, tokens, n_bytes, em, rl, gen_n, correct, mc_n = all_sum(sums + [em, rl, gen_n, correct, mc_n], device)
     if was_training:
         model.train()
-    result = {"eval_loss": metrics.bits_per_byte(nll, int(n_bytes)),
+    result = {"eval_loss": bits_per_byte(nll, int(n_bytes)),
               "eval_loss_token": nll / max(1.0, tokens), "eval_rows": es.n_rows}
     if gen_n:
         result["exact_match"], result["rouge_l"] = em / gen_n, rl / gen_n

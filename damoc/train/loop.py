@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from damoc.lm.load import load_causal_lm, pad_id
+from damoc.lm.prompts import prompt_text
+from damoc.lm.tokens import Example, collate, encode
 from damoc.metrics import record_report
 from damoc.train.args import TrainArgs
-from damoc.train.examples import Example, collate, encode, prompt_text
 from damoc.train.timeline import Timeline
 
 TEXT = ("instruction", "input", "output")
@@ -38,11 +40,9 @@ def import_stack(args: TrainArgs) -> None:
 
 
 def load_model(args: TrainArgs, device: str = "cpu"):
-    """Tokenizer and model (the reference-LM loader: fp32, safetensors only); LoRA adapters attached
-    when asked. The KV cache is off for training forwards; generation asks for it."""
-    from damoc.data.lm import load_causal_lm
-
-    tok, model = load_causal_lm(args.model_path, args.trust_remote_code, device)
+    """Tokenizer and model (fp32, safetensors only); LoRA adapters attached when asked. The KV cache
+    is off for training forwards; generation asks for it."""
+    tok, model = load_causal_lm(args.model_path, trust_remote_code=args.trust_remote_code, device=device)
     forward_params = sum(p.numel() for p in model.parameters())
     if args.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -59,7 +59,7 @@ def lora_targets(config, wanted):
     """'auto': the family's attention + MLP projections; 'all-linear' or an explicit list as given."""
     if wanted != "auto":
         return list(wanted) if isinstance(wanted, tuple) else wanted
-    from damoc.model.adapters import ADAPTERS
+    from damoc.lm.arch import ADAPTERS
 
     adapter = ADAPTERS.get(getattr(config, "model_type", None))
     return list(adapter.lora_targets) if adapter else "all-linear"
@@ -81,8 +81,8 @@ def shard_examples(tok, args: TrainArgs, rank: int, world: int) -> list[Example]
     if not rows:
         raise ValueError(f"worker {rank} of {world} has no training rows ({args.train_path} has fewer rows "
                          "than workers)")
-    return [encode(tok, prompt_text(args.task, str(r["instruction"]), r["input"]), str(r["output"]), args.max_length)
-            for r in rows]
+    return [encode(tok, prompt_text(args.task, str(r["instruction"]), r["input"], tok, args.template), str(r["output"]),
+                   args.max_length) for r in rows]
 
 
 class Batches:
@@ -164,6 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with timeline.phase("model_load"):
         tok, model, forward_params = load_model(args, device)
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    pad = pad_id(tok)
     with timeline.phase("data_ready"):
         examples = shard_examples(tok, args, rank, world)
         eval_set = EvalSet(tok, read_rows(args.eval_path, args.eval_limit), args, rank, world)
@@ -187,7 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t_train = time.perf_counter()
     for step in range(start_step + 1, args.max_steps + 1):
         for _ in range(args.grad_accum):
-            batch = {k: v.to(device) for k, v in collate(batches.next(), tok.pad_token_id).items()}
+            batch = {k: v.to(device) for k, v in collate(batches.next(), pad).items()}
             loss = engine.loss(batch)
             engine.backward(loss)
             engine.step()

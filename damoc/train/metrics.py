@@ -1,21 +1,15 @@
-"""Evaluation metrics on answers: bits per byte, exact match, ROUGE-L, multiple-choice accuracy.
+"""Evaluation metrics on generated answers: exact match and ROUGE-L.
 
 Pure functions on text and numbers; the loop feeds them.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import string
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
-    """Summed answer NLL (nats) over the answer's UTF-8 bytes, in bits: comparable across tokenizers."""
-    return nll_nats / (math.log(2) * max(1, n_bytes))
 
 
 def normalize_answer(text: str) -> str:

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from damoc.data.lm import load_causal_lm
+from damoc.lm.load import load_causal_lm
 from damoc.model.compress import Source, load
 
 EVIL = '''from pathlib import Path

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import BATCH_ROWS, Params, SelectContext, Selector, collect, embeddings, register
+from damoc.data.ops import BATCH_ROWS, Params, SelectContext, Selector, embeddings, register
 from damoc.data.select import assign, balanced_quota, kmeans, top_k
 
 
@@ -23,29 +23,29 @@ class ClusterBalance(Selector):
     needs_embedding = True
     budgeted = True
 
-    def select(self, alive, budget, ctx: SelectContext) -> dict[str, str]:
-        p = self.p
-        n = ctx.n_alive
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.p.score,) if self.p.score else ()
+
+    def select(self, alive: pd.DataFrame, budget, ctx: SelectContext) -> dict[int, str]:
+        p, n = self.p, len(alive)
         if budget is None or budget >= n:
             return {}
-        sample = alive.select_columns(["embedding"])
-        if n > p.sample:
-            sample = sample.random_sample(p.sample / n, seed=ctx.seed)
-        emb = embeddings(collect(sample, ["embedding"])["embedding"])
+        orders = alive["order"].to_numpy()
+        rng = np.random.default_rng(ctx.seed)
+        sample = orders if n <= p.sample else rng.choice(orders, p.sample, replace=False)
+        emb = embeddings(ctx.work.fetch(sample, ["embedding"])["embedding"])
         centers, _ = kmeans(emb, p.clusters, seed=ctx.seed)
 
         def label(df: pd.DataFrame) -> pd.DataFrame:
-            out = df[["id", "order"] + ([p.score] if p.score else [])].copy()
-            out["cluster"] = assign(embeddings(df["embedding"]), centers)
-            return out
+            return pd.DataFrame({"order": df["order"], "cluster": assign(embeddings(df["embedding"]), centers)})
 
-        cols = collect(alive.map_batches(label, batch_format="pandas", batch_size=BATCH_ROWS),
-                       ["id", "order", "cluster"] + ([p.score] if p.score else []))
-        labels = cols["cluster"]
-        quota = balanced_quota(np.bincount(labels, minlength=len(centers)), budget)
-        keep = np.zeros(len(labels), dtype=bool)
+        got = ctx.work.map_blocks(["embedding"], orders, label, BATCH_ROWS)
+        cluster = alive[["order"]].merge(got, on="order", how="left")["cluster"].to_numpy()
+        quota = balanced_quota(np.bincount(cluster, minlength=len(centers)), budget)
+        keep = np.zeros(n, dtype=bool)
         for j, q in enumerate(quota):
-            members = np.flatnonzero(labels == j)
-            s = cols[p.score][members].astype(np.float64) if p.score else np.zeros(len(members))
-            keep[members[top_k(s, cols["order"][members], int(q))]] = True
-        return {i: "cluster_balance:over_share" for i in cols["id"][~keep]}
+            members = np.flatnonzero(cluster == j)
+            s = alive[p.score].to_numpy(np.float64)[members] if p.score else np.zeros(len(members))
+            keep[members[top_k(s, orders[members], int(q))]] = True
+        return {int(o): "cluster_balance:over_share" for o in orders[~keep]}

@@ -1,5 +1,6 @@
 """k-center greedy coreset on embeddings: repeatedly add the row farthest from those chosen.
-Per block first (an oversampled share of the budget), then over the blocks' survivors."""
+Per block first (an oversampled share of the budget, on the cluster), then over the blocks'
+survivors in the driver."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import Params, SelectContext, Selector, collect, embeddings, register
+from damoc.data.ops import Params, SelectContext, Selector, embeddings, register
 from damoc.data.select import k_center
 
 
@@ -24,20 +25,16 @@ class KCenter(Selector):
     needs_embedding = True
     budgeted = True
 
-    def select(self, alive, budget, ctx: SelectContext) -> dict[str, str]:
-        ids = collect(alive, ["id"])["id"]
-        if budget is None or budget >= len(ids):
+    def select(self, alive: pd.DataFrame, budget, ctx: SelectContext) -> dict[int, str]:
+        if budget is None or budget >= len(alive):
             return {}
-        share = self.p.oversample * budget / max(1, len(ids))
+        share = self.p.oversample * budget / max(1, len(alive))
 
         def pre(df: pd.DataFrame) -> pd.DataFrame:
-            q = math.ceil(share * len(df))
-            idx = k_center(embeddings(df["embedding"]), q, df["order"].to_numpy())
-            return df.iloc[np.sort(idx)][["id", "order", "embedding"]]
+            idx = k_center(embeddings(df["embedding"]), math.ceil(share * len(df)), df["order"].to_numpy())
+            return df.iloc[np.sort(idx)][["order", "embedding"]]
 
-        surv = collect(alive.select_columns(["id", "order", "embedding"])
-                       .map_batches(pre, batch_format="pandas", batch_size=self.p.block_rows),
-                       ["id", "order", "embedding"])
-        chosen = k_center(embeddings(surv["embedding"]), budget, surv["order"])
-        keep = set(surv["id"][chosen])
-        return {i: "k_center:not_selected" for i in ids if i not in keep}
+        surv = ctx.work.map_blocks(["embedding"], alive["order"], pre, self.p.block_rows)
+        chosen = k_center(embeddings(surv["embedding"]), budget, surv["order"].to_numpy())
+        keep = set(surv["order"].to_numpy()[chosen].tolist())
+        return {int(o): "k_center:not_selected" for o in alive["order"] if o not in keep}

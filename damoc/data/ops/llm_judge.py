@@ -37,11 +37,11 @@ class JudgeScorer:
     """Callable class for `map_batches` on an actor pool: the judge is loaded once per actor."""
 
     def __init__(self, params: dict, tally=None):
-        from damoc.data.lm import load_causal_lm
+        from damoc.lm.load import load_causal_lm
 
         self.p, self.tally = JudgeParams(**params), tally
         self.template = Path(self.p.prompt_file or DEFAULT_PROMPT).read_text(encoding="utf-8")
-        self.tok, self.model = load_causal_lm(self.p.model, self.p.trust_remote_code)
+        self.tok, self.model = load_causal_lm(self.p.model, trust_remote_code=self.p.trust_remote_code)
         self.digit_ids = []
         for d in DIGITS:
             ids = self.tok(d, add_special_tokens=False)["input_ids"]
@@ -82,6 +82,13 @@ class LlmJudge(RowOp):
     name = "llm_judge"
     Params = JudgeParams
     actor_class = JudgeScorer
+
+    def actor_kwargs(self, resolve, tally) -> dict:
+        params = self.p.model_dump()
+        params["model"] = resolve(params["model"])
+        if params.get("prompt_file"):
+            params["prompt_file"] = resolve(params["prompt_file"])
+        return {"params": params, "tally": tally}
 
     def apply(self, df: pd.DataFrame) -> pd.DataFrame:  # pragma: no cover - actor path only
         raise RuntimeError("llm_judge runs on an actor pool")

@@ -8,10 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import Params, SelectContext, Selector, alive_mask, collect, keep_where, register
+from damoc.data.ops import Params, SelectContext, Selector, alive_mask, register
 from damoc.data.select import band_keys, estimated_jaccard, lsh_shape, minhash, minhash_params, shingles
 
-BANDS_PER_PASS = 16  # integer keys only: 1M rows x 16 bands is 128 MB in the driver, in one pass
 
 
 class DedupParams(Params):
@@ -27,7 +26,12 @@ class MinHashDedup(Selector):
 
     @property
     def prepared_columns(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("mh_sig", *(f"mh_k{i}" for i in range(self.shape[0])))
+        return ("mh_sig", *self.columns)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The LSH band keys (int64): 1M rows x 16 bands is 128 MB in the driver."""
+        return tuple(f"mh_k{i}" for i in range(self.shape[0]))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -56,30 +60,22 @@ class MinHashDedup(Selector):
             df.loc[alive, c] = sig[c].to_numpy()
         return df
 
-    def select(self, alive, budget, ctx: SelectContext) -> dict[str, str]:
-        p = self.p
-        bands = self.shape[0]
-        keyed = sigs = alive  # signatures and band keys were computed in the streaming pass (prepare)
-        # Bands in passes of BANDS_PER_PASS; rows are named by their integer `order` (unique, and the tie-break),
-        # so only integers come to the driver: rows sharing a key are candidates, paired with the
-        # earliest row of their bucket.
+    def select(self, alive: pd.DataFrame, budget, ctx: SelectContext) -> dict[int, str]:
+        # Rows are named by their integer `order` (unique, and the tie-break): rows sharing a band key
+        # are candidates, paired with the earliest row of their bucket, then verified by signature.
+        order = alive["order"].to_numpy()
         found_a, found_b = [], []
-        for g in range(0, bands, BANDS_PER_PASS):
-            group = [f"mh_k{i}" for i in range(g, min(bands, g + BANDS_PER_PASS))]
-            cols = collect(keyed, [*group, "order"])
-            for k in group:
-                band = pd.DataFrame({k: cols[k], "order": cols["order"]}).sort_values([k, "order"])
-                first = band.groupby(k, sort=False)["order"].transform("first").to_numpy()
-                hit = band["order"].to_numpy() != first
-                found_a.append(first[hit])
-                found_b.append(band["order"].to_numpy()[hit])
-            del cols
+        for k in self.columns:
+            band = pd.DataFrame({k: alive[k].to_numpy(), "order": order}).sort_values([k, "order"])
+            first = band.groupby(k, sort=False)["order"].transform("first").to_numpy()
+            hit = band["order"].to_numpy() != first
+            found_a.append(first[hit])
+            found_b.append(band["order"].to_numpy()[hit])
         cand_a, cand_b = np.concatenate(found_a), np.concatenate(found_b)
         if len(cand_a) == 0:
             return {}
         involved = set(cand_a.tolist()) | set(cand_b.tolist())
-        found = collect(keep_where(sigs.select_columns(["id", "order", "mh_sig"]),
-                                   lambda df: df["order"].isin(involved)), ["id", "order", "mh_sig"])
+        found = ctx.work.fetch(sorted(involved), ["id", "mh_sig"])
         sig_of = {o: np.frombuffer(s, dtype=np.uint32) for o, s in zip(found["order"].tolist(), found["mh_sig"])}
         id_of = dict(zip(found["order"].tolist(), found["id"]))
         parent = {o: o for o in involved}
@@ -91,8 +87,8 @@ class MinHashDedup(Selector):
             return x
 
         for x, y in set(zip(cand_a.tolist(), cand_b.tolist())):
-            if estimated_jaccard(sig_of[x], sig_of[y]) >= p.threshold:
+            if estimated_jaccard(sig_of[x], sig_of[y]) >= self.p.threshold:
                 rx, ry = root(x), root(y)
                 if rx != ry:  # the earliest row (lowest order) of a group is its root
                     parent[max(rx, ry)] = min(rx, ry)
-        return {id_of[o]: f"near_duplicate_of:{id_of[root(o)]}" for o in involved if root(o) != o}
+        return {o: f"near_duplicate_of:{id_of[root(o)]}" for o in involved if root(o) != o}

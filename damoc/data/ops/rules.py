@@ -10,6 +10,7 @@ import pandas as pd
 from damoc.data.ops import Params, RowOp, alive_mask, mark, register
 
 _WORD = re.compile(r"\w+")
+_PLAIN = re.compile(r"[^\W_]|\s")  # letters, digits, whitespace: what is not a special character
 
 
 def repetition_ratio(text: str, n: int = 3) -> float:
@@ -21,7 +22,7 @@ def repetition_ratio(text: str, n: int = 3) -> float:
 
 def special_ratio(text: str) -> float:
     """Fraction of characters that are neither letters, digits nor whitespace."""
-    return 0.0 if not text else sum(not (c.isalnum() or c.isspace()) for c in text) / len(text)
+    return 0.0 if not text else len(_PLAIN.sub("", text)) / len(text)
 
 
 class RulesParams(Params):

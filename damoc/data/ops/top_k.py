@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
-from damoc.data.ops import Params, SelectContext, Selector, collect, register
+from damoc.data.ops import Params, SelectContext, Selector, register
 from damoc.data.select import top_k
 
 
@@ -23,12 +24,16 @@ class TopK(Selector):
     def needs_lm(self) -> bool:  # type: ignore[override]
         return self.p.score in ("ifd", "ppl", "ce_cond", "ce_alone")
 
-    def select(self, alive, budget, ctx: SelectContext) -> dict[str, str]:
-        cols = collect(alive, ["id", "order", self.p.score])
-        if budget is None or budget >= len(cols["id"]):
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.p.score,)
+
+    def select(self, alive: pd.DataFrame, budget, ctx: SelectContext) -> dict[int, str]:
+        if budget is None or budget >= len(alive):
             return {}
-        s = cols[self.p.score].astype(np.float64)
-        keep = top_k(s if self.p.higher_is_better else -s, cols["order"], budget)
+        s = alive[self.p.score].to_numpy(np.float64)
+        order = alive["order"].to_numpy()
         kept = np.zeros(len(s), dtype=bool)
-        kept[keep] = True
-        return {i: f"top_k:below_budget({self.p.score})" for i in cols["id"][~kept]}
+        kept[top_k(s if self.p.higher_is_better else -s, order, budget)] = True
+        reason = f"top_k:below_budget({self.p.score})"
+        return {int(o): reason for o in order[~kept]}

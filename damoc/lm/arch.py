@@ -1,9 +1,8 @@
-"""Architecture adapters: where a decoder-only family keeps its layers and how to shrink them.
+"""Architecture adapters: where a decoder-only family keeps its layers and which modules LoRA targets.
 
 Each adapter knows the dotted path of the decoder-layer list, the config key holding the layer
-count, and which per-layer config lists (`layer_types`) must follow a deletion. After layers
-are removed, every module attribute `layer_idx` in the kept layers is renumbered: the KV cache
-is indexed by it, so a stale index breaks `generate()` with the cache on.
+count, and which per-layer config lists (`layer_types`) must follow a deletion (the model stage
+removes layers; the finetune stage attaches LoRA; `damoc validate` reads the supported names).
 """
 
 from __future__ import annotations
@@ -61,26 +60,3 @@ def adapter_for(config) -> Adapter:
         raise UnsupportedArchitecture(
             f"unsupported architecture: model_type '{model_type}'; supported: {', '.join(sorted(ADAPTERS))}")
     return ADAPTERS[model_type]
-
-
-def remove_layers(model, removed: list[int]) -> int:
-    """Delete the layers at `removed` in place; fix the config and layer indices. Returns the new count."""
-    adapter = adapter_for(model.config)
-    layers = adapter.layer_list(model)
-    drop = set(removed)
-    kept = [layer for i, layer in enumerate(layers) if i not in drop]
-    if not kept:
-        raise ValueError("cannot remove every layer")
-    import torch
-
-    adapter.set_layer_list(model, torch.nn.ModuleList(kept))
-    setattr(model.config, adapter.count_key, len(kept))
-    for key in adapter.per_layer_keys:
-        values = getattr(model.config, key, None)
-        if isinstance(values, list) and len(values) == len(layers):
-            setattr(model.config, key, [v for i, v in enumerate(values) if i not in drop])
-    for new_idx, layer in enumerate(kept):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
-    return len(kept)

@@ -1,0 +1,56 @@
+"""Loading a causal LM and its tokenizer: one set of rules for every stage.
+
+Weights are read from safetensors only, unless the candidate sets `allow_pickle_weights`; code
+shipped with a model runs only with `trust_remote_code`; a gated hub model gets HF_TOKEN from the
+environment (never from a file). A tokenizer without a pad token pads with its EOS.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def hf_token() -> str | None:
+    return os.environ.get("HF_TOKEN") or None
+
+
+def pad_id(tok) -> int:
+    """The id padding uses: the pad token, else EOS, else 0."""
+    for t in (tok.pad_token_id, tok.eos_token_id):
+        if t is not None:
+            return int(t)
+    return 0
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision,
+                                        token=hf_token())
+    if tok.pad_token_id is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, *, trust_remote_code: bool = False, revision: str | None = None,
+                   allow_pickle: bool = False, dtype=None, device="cpu"):
+    """Tokenizer and model (eval mode, fp32 unless `dtype` says otherwise) from a folder or hub id."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(path, trust_remote_code, revision)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32,
+        use_safetensors=None if allow_pickle else True, low_cpu_mem_usage=True, token=hf_token())
+    model.to(device).eval()
+    return tok, model
+
+
+def weight_bytes(path: str) -> float:
+    """Bytes of a local folder's safetensors weights (inf when there are none): the cheapest
+    candidate to use as a reference LM has the fewest."""
+    import math
+    from pathlib import Path
+
+    files = list(Path(path).glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else math.inf
