@@ -112,7 +112,7 @@ def plain_loop(path: Path, keep_ratio: float, ref: str, with_lm: bool) -> int:
     alive = alive[~alive["id"].isin(dup)]
     keep = top_k(alive["chars"].to_numpy(float), alive["order"].to_numpy(), round(keep_ratio * len(df)))
     kept = alive.iloc[keep][["id", "instruction", "input", "output"]].copy()
-    kept["prompt_tokens_before"] = kept["prompt_tokens_after"] = TokenCounter(ref)(kept)
+    kept["prompt_tokens_before"] = kept["prompt_tokens_after"] = TokenCounter(ref)(kept["instruction"].tolist(), kept["input"].tolist())
     kept.to_parquet(path.with_suffix(".plain.parquet"))
     return len(rows)
 

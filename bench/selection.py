@@ -84,7 +84,7 @@ def reference_spec(spec: dict[str, Any], out: Path, train_rows: int) -> dict[str
     ref["model"] = {"enabled": False}
     ref["tune"] = {"scheduler": "none"}
     from damoc.spec import FinetuneSpec
-    from damoc.train.stage import planned_steps
+    from damoc.plan import planned_steps
 
     ft = ref["finetune"]
     ft["eval_every"] = max(1, planned_steps(FinetuneSpec(**ft), train_rows) // 4)

@@ -13,6 +13,7 @@ included), and their ratios (target: steady-state ratio >= 0.8). Never run by th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -22,8 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from damoc.train.engine import causal_lm_loss, resolve_precision, warmup_cosine
-from damoc.train.examples import collate, encode, prompt_text
+from damoc.lm.nll import causal_lm_loss
+from damoc.lm.prompts import prompt_text
+from damoc.lm.tokens import collate, encode
+from damoc.train.args import LoraArgs, TrainArgs
+from transformers import get_cosine_schedule_with_warmup
+
+from damoc.train.engine import resolve_precision
 from damoc.train.loop import Batches, load_model
 
 
@@ -41,23 +47,23 @@ def build(out: Path, hidden: int, layers: int) -> tuple[Path, Path]:
     return model, data
 
 
-def plain_loop(cfg: dict, data: Path) -> tuple[float, float]:
+def plain_loop(cfg: TrainArgs, data: Path) -> tuple[float, float]:
     """(steady tokens/s, end-to-end tokens/s) of a bare single-process loop."""
     t_start = time.perf_counter()
-    torch.set_num_threads(cfg["threads"])
-    torch.manual_seed(cfg["seed"])
-    dtype = resolve_precision(cfg["precision"], True, False)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    dtype = resolve_precision(cfg.precision, True, False)
     tok, model, _ = load_model(cfg)
     model.to(dtype).train()
     rows = pq.read_table(data / "train.parquet").to_pylist()
-    exs = [encode(tok, prompt_text("qa", r["instruction"], r["input"]), r["output"], cfg["max_length"]) for r in rows]
-    batches = Batches(exs, cfg["batch_size"], cfg["seed"])
+    exs = [encode(tok, prompt_text("qa", r["instruction"], r["input"], tok, cfg.template), r["output"], cfg.max_length)
+           for r in rows]
+    batches = Batches(exs, cfg.batch_size, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(int(cfg["warmup_ratio"] * cfg["max_steps"]),
-                                                                 cfg["max_steps"]))
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
     tokens, t_train = 0, 0.0
-    for _ in range(cfg["max_steps"]):
+    for _ in range(cfg.max_steps):
         t = time.perf_counter()
         batch = collate(batches.next(), tok.pad_token_id)
         loss = causal_lm_loss(model, batch)
@@ -71,8 +77,7 @@ def plain_loop(cfg: dict, data: Path) -> tuple[float, float]:
     return tokens / t_train, tokens / (time.perf_counter() - t_start)
 
 
-def ray_train(cfg: dict, data: Path, storage: Path) -> tuple[float, float]:
-    import ray.data
+def ray_train(cfg: TrainArgs, data: Path, storage: Path) -> tuple[float, float]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -80,10 +85,9 @@ def ray_train(cfg: dict, data: Path, storage: Path) -> tuple[float, float]:
 
     t_start = time.perf_counter()
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=cfg,
-        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg["threads"]}),
-        run_config=ray.train.RunConfig(name="bench", storage_path=str(storage)),
-        datasets={"train": ray.data.from_arrow(pq.read_table(data / "train.parquet"))})
+        train_loop_per_worker, train_loop_config={"args": cfg},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg.threads}),
+        run_config=ray.train.RunConfig(name="bench", storage_path=str(storage)))
     m = trainer.fit().metrics
     return m["train_tokens"] / m["train_seconds"], m["train_tokens"] / (time.perf_counter() - t_start)
 
@@ -104,22 +108,20 @@ def main() -> None:
     threads = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="damoc-bench-") as tmp:
         model, data = build(Path(tmp), args.hidden, args.layers)
-        base = {"candidate": "bench", "model_path": str(model), "eval_path": str(data / "eval.parquet"),
-                "trust_remote_code": False, "task": "qa", "metric": "eval_loss", "mode": "min", "max_new_tokens": 8,
-                "method": args.method, "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "auto"},
-                "deepspeed": {"enabled": True, "zero_stage": 2}, "batch_size": args.batch_size,
-                "eval_batch_size": args.batch_size, "grad_accum": 1, "lr": 2e-4, "warmup_ratio": 0.05,
-                "max_steps": args.steps, "max_length": 256, "eval_every": args.steps, "eval_limit": 8,
-                "seed": 0, "threads": threads, "rungs": [], "barrier": None}
+        base = TrainArgs(candidate="bench", model_path=str(model), train_path=str(data / "train.parquet"),
+                         eval_path=str(data / "eval.parquet"), max_new_tokens=8, method=args.method,
+                         lora=LoraArgs(8, 16, 0.0, "auto"), batch_size=args.batch_size,
+                         eval_batch_size=args.batch_size, lr=2e-4, max_steps=args.steps, max_length=256,
+                         eval_every=args.steps, eval_limit=8, threads=threads)
         print(f"llama hidden {args.hidden}, {args.layers} layers, {args.method}, batch {args.batch_size}, "
               f"{args.steps} steps, {threads} CPU threads")
         with connect(None, num_cpus=threads):
             for precision in args.precisions.split(","):
-                cfg = {**base, "precision": precision}
+                cfg = dataclasses.replace(base, precision=precision)
                 plain_steady, plain_e2e = plain_loop(cfg, data)
                 print(f"{precision}: plain loop {plain_steady:,.0f} tok/s steady, {plain_e2e:,.0f} end-to-end")
                 for engine in args.engines.split(","):
-                    cfg["deepspeed"] = {"enabled": engine == "deepspeed", "zero_stage": 2}
+                    cfg = dataclasses.replace(cfg, deepspeed=engine == "deepspeed")
                     label = "Ray Train + DeepSpeed ZeRO-2" if engine == "deepspeed" else "Ray Train, plain torch"
                     ray_steady, ray_e2e = ray_train(cfg, data, Path(tmp) / f"store-{precision}-{engine}")
                     print(f"{precision}: {label} (1 worker) {ray_steady:,.0f} tok/s steady, {ray_e2e:,.0f} "

@@ -37,10 +37,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from damoc.plan import format_plan, project
+
+    try:
+        spec = load_spec(args.job)
+    except SpecError as err:
+        _print_spec_error(err)
+        return EXIT_BAD_INPUT
+    p = project(spec)
+    print(json.dumps(p, indent=2, default=str) if args.json else format_plan(p))
+    return EXIT_OK
+
+
 def cmd_select(args: argparse.Namespace) -> int:
-    from damoc.logs import log_to_file
-    from damoc.pipeline import Pipeline, PipelineError, StageFailed, parse_stage_list
-    from damoc.rundir import RunLocked
+    import contextlib
+
+    from damoc.logs import QuietTerminal, log_to_file
+    from damoc.pipeline import Pipeline, PipelineError, parse_stage_list
 
     try:
         spec = load_spec(args.job)
@@ -55,7 +71,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     def start_ray():
         from damoc.runtime import connect
 
-        return connect(args.address)
+        return connect(args.address, num_cpus=args.cpus)
 
     pipeline = Pipeline(spec, runtime_factory=start_ray)
     try:
@@ -63,16 +79,34 @@ def cmd_select(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"damoc select: run directory {pipeline.run_dir} is not writable: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    log.info("job %s: stages %s%s -> %s", spec.name, ",".join(stages), " (resume)" if args.resume else "",
-             pipeline.run_dir)
+    libraries = pipeline.run_dir / "logs" / "libraries.log"
+    quiet = contextlib.nullcontext() if getattr(args, "verbose", False) else QuietTerminal(libraries)
+    with quiet as terminal:
+        if terminal is not None:
+            log.info("job %s: library output (Ray, Tune, DeepSpeed, warnings) goes to %s; -v shows it here",
+                     spec.name, libraries)
+        code = _select(args, spec, stages, pipeline, handler, terminal)
+    return code
+
+
+def _select(args, spec, stages, pipeline, handler, terminal) -> int:
+    from damoc.pipeline import PipelineError, StageFailed
+    from damoc.rundir import RunLocked
+
+    out = terminal.stdout if terminal is not None else sys.stdout
+    resume = not args.fresh
+    log.info("job %s: stages %s -> %s (%s)", spec.name, ",".join(stages), pipeline.run_dir,
+             "stages whose inputs are unchanged are kept, an interrupted fine-tuning continues; --fresh recomputes"
+             if resume else "--fresh: every stage recomputed")
     from damoc.preflight import candidate_problems
 
     for line in candidate_problems(spec):  # those candidates fail in their stage; the others run
         log.warning("%s: %s", args.job, line)
     try:
-        outcomes = pipeline.run(stages, resume=args.resume)
+        outcomes = pipeline.run(stages, resume=resume)
     except (PipelineError, StageFailed, RunLocked, OSError) as err:  # OSError: full disk, lost mount
         log.error("%s", err)
+        log.info("the run's log, with the traceback: %s (-v shows it here)", pipeline.run_dir / "logs" / "damoc.log")
         return EXIT_FAILED
     finally:
         logging.getLogger("damoc").removeHandler(handler)
@@ -83,8 +117,8 @@ def cmd_select(args: argparse.Namespace) -> int:
 
         ranking = read_json(pipeline.run_dir / "report" / "ranking.json")
         if ranking:
-            print(ranking_table(ranking))
-            print(f"report: {pipeline.run_dir / 'report' / 'report.html'}")
+            print(ranking_table(ranking), file=out)
+            print(f"report: {pipeline.run_dir / 'report' / 'report.html'}", file=out)
     ran = [o for o in outcomes if o.status == "ran"]
     log.info("job %s: %d stage(s) ran, %d skipped, %.1fs; run directory %s", spec.name, len(ran),
              len(outcomes) - len(ran), sum(o.seconds for o in outcomes), pipeline.run_dir)
@@ -137,28 +171,48 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     if not args.force and is_current(args.out, args.preset, args.seed):
         log.info("zoo %s: up to date (preset %s, seed %d)", args.out, args.preset, args.seed)
         return EXIT_OK
-    with connect(args.address):
-        info = build_zoo(args.out, args.preset, args.seed, force=args.force)
+    from damoc.zoo.real import FetchError
+
+    try:
+        with connect(args.address):
+            info = build_zoo(args.out, args.preset, args.seed, force=args.force)
+    except FetchError as err:
+        print(f"damoc zoo build: {err}", file=sys.stderr)
+        return EXIT_FAILED
     for c in info["candidates"]:
-        print(f"  {c['name']:<10} {c['family']:<9} {c['params']:>9,d} params  {c['steps']:>4d} steps  "
+        print(f"  {c['name']:<22} {c['family']:<9} {c['params']:>11,d} params  {c['steps']:>4d} steps  "
               f"loss {c['final_loss']:.3f}  ({c['mix']})")
+    if (Path(args.out) / "job.yaml").is_file():
+        print(f"job spec: {Path(args.out) / 'job.yaml'}")
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="damoc", description="Select the best LLM to fine-tune, cheaply.")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show everything on the terminal: library output, debug lines, tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="check a job spec; exit 2 listing every problem")
     v.add_argument("job", type=Path)
     v.set_defaults(func=cmd_validate)
 
+    pl = sub.add_parser("plan", help="project the cost of fine-tuning every candidate in full vs DaMoC")
+    pl.add_argument("job", type=Path)
+    pl.add_argument("--json", action="store_true", help="print the projection as JSON")
+    pl.set_defaults(func=cmd_plan)
+
     s = sub.add_parser("select", help="run the selection job and write the run directory")
     s.add_argument("job", type=Path)
     s.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local cluster)")
     s.add_argument("--stages", default=None, help="comma-separated subset of data,models,finetune,report")
-    s.add_argument("--resume", action="store_true", help="skip stages whose inputs are unchanged")
+    s.add_argument("--cpus", type=int, default=None, help="CPUs of the embedded cluster (default: all of this machine's)")
+    s.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show everything on the terminal: library output, debug lines, tracebacks")
+    s.add_argument("--resume", action="store_true",
+                   help="keep stages whose inputs are unchanged and continue an interrupted fine-tuning (the default)")
+    s.add_argument("--fresh", action="store_true", help="recompute every stage, even those whose output is current")
     s.set_defaults(func=cmd_select)
 
     r = sub.add_parser("report", help="(re)write the report of a run from its files")
@@ -186,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from damoc.logs import setup_logging
 
-    setup_logging()
     args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     return args.func(args)
 
 

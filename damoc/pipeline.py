@@ -72,6 +72,8 @@ class StageContext:
     out: Path  # the temporary folder this stage writes into
     base_dir: Path
     _runtime_factory: Callable[[], Any] = field(repr=False)
+    fingerprint: str = ""  # of this stage's inputs: names work a later attempt may pick up
+    resume: bool = False  # continue work an interrupted attempt left (a stage that can)
 
     def input(self, stage_output: str) -> Path:
         """An upstream stage's finished folder, e.g. ctx.input("data") / "train.parquet"."""
@@ -305,7 +307,7 @@ class Pipeline:
 
         log.info("stage %s: running", name)
         tmp = new_temp_dir(final)
-        ctx = StageContext(self.spec, self.run_dir, tmp, self.base_dir, self._get_runtime)
+        ctx = StageContext(self.spec, self.run_dir, tmp, self.base_dir, self._get_runtime, fp, resume)
         t0 = time.monotonic()
         try:  # the marker and the swap are inside: a full disk there leaves nothing half-done
             counts = stage.run(ctx) or {}
@@ -323,6 +325,7 @@ class Pipeline:
             seconds = time.monotonic() - t0
             if isinstance(exc, Exception):
                 log.error("stage %s: failed after %.1fs: %s: %s", name, seconds, type(exc).__name__, exc)
+                log.debug("stage %s: the traceback", name, exc_info=exc)  # the run's log; the terminal with -v
                 raise StageFailed(name, seconds, exc) from exc
             raise
         log.info("stage %s: done in %.1fs %s", name, seconds, format_counts(counts))

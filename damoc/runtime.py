@@ -124,6 +124,7 @@ def connect(
     *,
     num_cpus: int | None = None,
     num_gpus: int | None = None,
+    object_store_memory: int | None = None,
     include_dashboard: bool = True,
     log_to_driver: bool = True,
 ) -> Runtime:
@@ -159,6 +160,7 @@ def connect(
                 address="local",  # a new instance, even if another one runs on this host
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
+                object_store_memory=object_store_memory,
                 include_dashboard=include_dashboard,
                 dashboard_host="127.0.0.1",
                 dashboard_port=dashboard_port,

@@ -75,6 +75,7 @@ class DataSource(Strict):
     hf: str | None = None
     split: str = "train"
     format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
+    rows: int | None = Field(default=None, gt=0)  # expected rows, for `damoc plan` where it cannot read the source
 
     @field_validator("path")
     @classmethod
@@ -202,6 +203,7 @@ class Candidate(Strict):
     revision: str | None = None
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
+    params: float | None = Field(default=None, gt=0)  # for `damoc plan` where the config cannot be read
 
     @field_validator("path")
     @classmethod

@@ -83,3 +83,52 @@ def test_three_candidates_ranked_weak_one_stopped_early(tmp_path, tiny_model, to
     assert main(["report", str(run)]) == 0 and (run / "report" / "report.md").is_file()
     assert (run / "report" / "_stage.json").is_file()
     assert main(["compare", str(run), str(run), "--json"]) == 0
+
+
+@pytest.mark.slow
+def test_stop_when_decided_ranks_as_finishing_the_winner_does(tmp_path, tiny_model):
+    """ASHA (rungs at 2 and 4, rf 2) keeps two of three candidates at step 2 and one at step 4: the
+    selection is decided there. Stopping the winner at step 4 (the default) and training it to step 8
+    (tune.finish_winner) give the same ranking; only the winner's last step differs."""
+    import shutil
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", QA_ROWS * 3)
+    good = tiny_model("llama", hidden=32, layers=2)
+    base = spec_dict(**{
+        "data.filter": {"method": "none"}, "data.compress": {"enabled": False}, "data.eval": {"split_ratio": 0.2},
+        "candidates": [{"name": "llama-a", "path": str(good)},
+                       {"name": "gpt2-b", "path": str(tiny_model("gpt2", hidden=32, layers=2))},
+                       {"name": "llama-bad", "path": str(hopeless(good, tmp_path / "bad"))}],
+        "model": {"enabled": False},
+        "finetune": {"num_workers": 1, "max_steps": 8, "eval_every": 2, "batch_size": 4, "lr": 5e-3},
+        "tune": {"grace_period": 2, "reduction_factor": 2}})
+    rt = connect(None, num_cpus=4)  # three one-worker trials at once: every rung is synchronised
+    shared = type("Shared", (), {"address": rt.address})()
+    try:
+        first = Pipeline(spec_from_data(base, base_dir=str(tmp_path)), base_dir=tmp_path,
+                         runtime_factory=lambda: shared)
+        first.run(["data", "models", "finetune", "report"])
+        shutil.copytree(first.run_dir, tmp_path / "runs" / "finish")
+        base["output_dir"], base["tune"]["finish_winner"] = "runs/finish", True
+        second = Pipeline(spec_from_data(base, base_dir=str(tmp_path)), base_dir=tmp_path,
+                          runtime_factory=lambda: shared)
+        second.run(["finetune", "report"])
+    finally:
+        rt.shutdown()
+
+    decided = json.loads((first.run_dir / "report" / "ranking.json").read_text())
+    finished = json.loads((second.run_dir / "report" / "ranking.json").read_text())
+    assert [c["name"] for c in decided["candidates"]] == [c["name"] for c in finished["candidates"]]
+    assert decided["decided_at"] == 4 and finished["decided_at"] is None and finished["finish_winner"]
+    win, win_full = decided["candidates"][0], finished["candidates"][0]
+    assert win["status"] == "decided" and win["steps"] == 4  # the winner's trial ended at the deciding rung
+    assert win_full["status"] == "finished" and win_full["steps"] == 8
+    assert decided["candidates"][-1]["name"] == "llama-bad" and decided["candidates"][-1]["steps"] == 2
+    for a, b in zip(decided["candidates"][1:], finished["candidates"][1:]):  # the stopped ones are the same
+        assert (a["status"], a["steps"], a["score"]) == ("stopped_early", b["steps"], b["score"])
+    results = json.loads((first.run_dir / "finetune" / "results.json").read_text())
+    for e in results["candidates"]:  # every trial's timeline adds up to its wall time
+        t = e["timeline"]
+        assert t["fixed"] > 0 and t["training"] > 0 and t["total"] <= e["trial_seconds"] + 1.0
+    report = (first.run_dir / "report" / "report.md").read_text()
+    assert "Decided at step 4" in report and "Trial timelines" in report

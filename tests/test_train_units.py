@@ -12,7 +12,6 @@ from damoc.report.ranking import rank_candidates
 from damoc.report.render import to_html, to_markdown
 from damoc.train import metrics
 from damoc.train.driver import fitting_trials, worker_resources
-from damoc.train.engine import warmup_cosine
 from damoc.lm.nll import bits_per_byte
 from damoc.lm.prompts import gold_option, options_of, prompt_text
 from damoc.lm.tokens import IGNORE, collate, encode
@@ -50,17 +49,33 @@ def test_templates_and_options():
 def test_metrics_exact_values():
     assert bits_per_byte(math.log(2) * 12, 4) == pytest.approx(3.0)
     assert metrics.exact_match("The Paris.", "paris") == 1.0 and metrics.exact_match("Lyon", "Paris") == 0.0
-    # LCS("the cat sat on mat", "cat sat on the mat") = cat sat on mat (4); articles dropped: 4/4 and 4/4
-    assert metrics.rouge_l("the cat sat on mat", "cat sat on the mat") == pytest.approx(1.0)
     # LCS("b1 b2 b3 b4", "b1 x b3") = 2: P 2/4, R 2/3 -> F 4/7
     assert metrics.rouge_l("b1 b2 b3 b4", "b1 x b3") == pytest.approx(4 / 7)
     assert metrics.first_line("  42\nmore text") == "42"
 
 
-def test_warmup_then_cosine():
-    f = warmup_cosine(4, 20)
-    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0.0)
+def test_rouge_l_is_the_rouge_score_packages():
+    # rouge-score, default tokenizer, no stemmer: "the" counts, LCS 4 of 5 words each way -> P = R = F = 0.8
+    assert metrics.rouge_l("the cat sat on mat", "cat sat on the mat") == pytest.approx(0.8)
+    assert metrics.rouge_l("Paris, France!", "paris france") == pytest.approx(1.0)
+    assert metrics.exact_match("The Paris.", "paris") == 1.0  # exact match keeps SQuAD's normalisation
+
+
+def test_the_schedule_is_transformers_warmup_cosine():
+    import torch
+
+    from damoc.train.args import TrainArgs
+    from damoc.train.engine import build_engine
+
+    model = torch.nn.Linear(2, 2)
+    args = TrainArgs("c", "m", "t", "e", lr=1.0, warmup_ratio=0.2, max_steps=20, deepspeed=False, local=True)
+    engine = build_engine(model, args, torch.float32, "cpu")
+    lrs = []
+    for _ in range(20):
+        lrs.append(engine.lr)
+        engine.optimizer.step()
+        engine.scheduler.step()
+    assert lrs[:4] == [0.0, 0.25, 0.5, 0.75] and lrs[4] == 1.0 and lrs[12] == pytest.approx(0.5)
 
 
 def test_batches_resume_where_they_stopped():
@@ -111,7 +126,7 @@ def test_trial_concurrency_from_cluster_resources():
 
 def test_epochs_set_the_steps_capped_by_max_steps():
     from damoc.spec import FinetuneSpec
-    from damoc.train.stage import planned_steps
+    from damoc.plan import planned_steps
 
     assert planned_steps(FinetuneSpec(max_steps=200), 10_000) == 200  # no epochs: max_steps
     ft = FinetuneSpec(epochs=2, batch_size=8, num_workers=2, grad_accum=2, max_steps=1000)

@@ -42,6 +42,17 @@ def test_api_qa_rows_are_real_docstrings():
     assert split_rows(rows, 0.2, seed=0) == (train, evals)
 
 
+def test_wide_domain_sets_cover_methods_and_modules():
+    api = {r["source"]: r for r in api_qa_rows(wide=True)}
+    assert api["json.encoder.JSONEncoder.encode"]["instruction"] == (
+        "What does the Python method json.encoder.JSONEncoder.encode do?")
+    assert api["json.encoder.JSONEncoder.encode"]["input"] == "Signature: encode(self, o)"
+    assert len(api) > 2 * len(api_qa_rows())  # a few thousand rows, as a user's domain set has
+    general = {r["source"] for r in general_qa_rows(wide=True)}
+    assert "shutil" in general and len(general) > len(general_qa_rows())
+    assert len(reading_comprehension_rows(wide=True)) > 2 * len(reading_comprehension_rows())
+
+
 def test_general_qa_and_reading_comprehension_sets():
     general = {r["question"]: r for r in general_qa_rows()}
     assert general['In Python, what is the "assert" statement?']["answer"] == (

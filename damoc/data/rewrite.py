@@ -89,17 +89,23 @@ class EndpointWriter:
 
 
 class LocalWriter:
-    """A local HF causal LM, greedy decoding."""
+    """A local HF causal LM, greedy decoding; an instruct model gets the prompt as a user turn of its
+    chat template."""
 
     def __init__(self, model: str, max_new_tokens: int = 256, trust_remote_code: bool = False):
         self.tok, self.model = load_causal_lm(model, trust_remote_code=trust_remote_code)
         self.tok.padding_side = "left"
         self.max_new_tokens = max_new_tokens
+        self.chat = bool(getattr(self.tok, "chat_template", None))
 
     def __call__(self, prompts: list[str]) -> list[str]:
         import torch
 
-        enc = self.tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=1024)
+        if self.chat:
+            prompts = [self.tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                    add_generation_prompt=True) for p in prompts]
+        enc = self.tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=1024,
+                       add_special_tokens=not self.chat)
         with torch.no_grad():
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
                                       pad_token_id=self.tok.pad_token_id)
@@ -124,23 +130,30 @@ class Rewriter:
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
         rows = [{"instruction": i, "input": x, "output": o}
                 for i, x, o in zip(df["instruction"], df["input"], df["output"])]
+        before = [dict(r) for r in rows]
         accepted = np.zeros(len(rows), dtype=np.int64)
+        outcomes: list[list[str]] = [[] for _ in rows]  # per row, per round: "accepted" or why not
         loss = self._loss(rows) if rows else np.zeros(0)
         for _ in range(self.rounds):
             replies = self.writer([PROMPT.format(**r) for r in rows])
             proposals: list[Any] = [parse_reply(t) for t in replies]
-            ok = [i for i, p in enumerate(proposals)
-                  if p is not None and passes_checks(rows[i], p, self.min_len, self.max_len) is None]
+            verdict = {i: "unreadable reply" if p is None else passes_checks(rows[i], p, self.min_len, self.max_len)
+                       for i, p in enumerate(proposals)}
+            ok = [i for i, v in verdict.items() if v is None]
             if ok:  # the reference LM must not find the answer harder to predict
-                better = [(i, nl) for i, nl in zip(ok, self._loss([proposals[i] for i in ok]))
-                          if nl <= loss[i] + self.tol]
-                for i, nl in better:
-                    rows[i], loss[i] = proposals[i], nl
-                    accepted[i] += 1
-                ok = [i for i, _ in better]
-            if not ok:
+                losses = dict(zip(ok, self._loss([proposals[i] for i in ok])))
+                for i in ok:
+                    if losses[i] <= loss[i] + self.tol:
+                        rows[i], loss[i] = proposals[i], losses[i]
+                        accepted[i] += 1
+                    else:
+                        verdict[i] = "answer harder for the reference LM"
+            for i, v in verdict.items():
+                outcomes[i].append(v or "accepted")
+            if not any(v is None for v in verdict.values()):
                 break  # a round that accepts nothing ends the rewriting
         for f in ("instruction", "input", "output"):
             df[f] = [r[f] for r in rows]
         df["rewrite_rounds"] = accepted
+        df["rewrite_log"] = [json.dumps({"outcomes": o, "before": b}) for o, b in zip(outcomes, before)]
         return df

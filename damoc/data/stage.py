@@ -17,6 +17,7 @@ Read top to bottom (`DataStage.run`):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -38,7 +41,7 @@ from damoc.data.lm import CompressArgs, LMScorer, count_tokens, field_text, smal
 from damoc.data.ops import BATCH_ROWS, Operator, RowOp, SelectContext, Selector, Steps, alive_mask, get_operator, report
 from damoc.data.readers import read_rows
 from damoc.data.rewrite import Rewriter
-from damoc.data.work import ALIVE, DROPPED, EVAL, QUARANTINED, WorkData, WorkRows, arrow_table
+from damoc.data.work import ALIVE, DROPPED, EVAL, QUARANTINED, WorkData, WorkRows, equals, fix_types, valid
 from damoc.lm.load import load_tokenizer
 from damoc.pipeline import Stage, StageContext, register_stage
 from damoc.rundir import atomic_write_json
@@ -57,12 +60,20 @@ TEXT_COLUMNS = ["id", "source", "instruction", "input", "output"]
 STATS_COLUMNS = ("chars", "repetition", "special_ratio", "ce_cond", "ce_alone", "ifd", "ppl", "judge")
 TOKEN_COLUMNS = ("prompt_tokens_before", "prompt_tokens_after", "rewrite_rounds")
 EVAL_ORDER = 1 << 62  # eval-source rows are ordered after every training row
+EXAMPLES = 5  # before/after rows kept for the report
 
 
 def build_chain(data: DataSpec) -> list[Operator]:
     steps = ([(o.name, o.params) for o in data.filter.operators] if data.filter.operators is not None
              else DEFAULT_CHAINS[data.filter.method])
     return [get_operator(name)(**params) for name, params in steps]
+
+
+def _rss_mib() -> str:
+    import psutil
+
+    m = psutil.Process().memory_full_info()
+    return f"{m.rss / 2**20:.0f} (private {m.uss / 2**20:.0f})"
 
 
 def drop_key(reason: str) -> str:
@@ -155,32 +166,53 @@ class AliveScorer(LMScorer):
         return df
 
 
+@functools.lru_cache(maxsize=4)
+def cached_tokenizer(path: str):
+    """A tokenizer loaded once per process (Ray reuses task processes)."""
+    return load_tokenizer(path)
+
+
 class TokenCounter:
     """Prompt tokens of the kept rows (their fields' text in the reference tokenizer), counted in the
     driver as pass 2 routes them, when no model ran over them: the tokenizer only, loaded on first use."""
 
     def __init__(self, model_path: str):
         self.model_path, self.tok = model_path, None
+        self.known: tuple[np.ndarray, np.ndarray] | None = None  # (sorted orders, counts) counted elsewhere
 
-    def __call__(self, df: pd.DataFrame) -> np.ndarray:
+    def __call__(self, instructions: list[str], inputs: list[str], orders: np.ndarray | None = None) -> np.ndarray:
+        if self.known is not None and orders is not None:
+            known, counts = self.known
+            return counts[np.searchsorted(known, orders)]
         if self.tok is None:
-            self.tok = load_tokenizer(self.model_path)
-        texts = [field_text(i, x) for i, x in zip(df["instruction"], df["input"])]
+            self.tok = cached_tokenizer(self.model_path)
+        texts = [field_text(i, x or "") for i, x in zip(instructions, inputs)]
         return np.array(count_tokens(self.tok, texts), dtype=np.int64)
 
 
-class DropTable:
-    """The selectors' drops ({row order: reason}) as arrays: sorted orders and reason codes. Arrays
-    cross the object store without a copy per worker; a dict of a million entries would be unpickled
-    whole in every process that applies it."""
+@ray.remote(num_cpus=1)
+def count_part_tokens(path: str, drops: DropTable, model_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted orders, prompt tokens) of the rows of one part file that go to train."""
+    t = drops.apply_arrow(pq.read_table(path, columns=["order", "instruction", "input", "drop", "split", "reason"]))
+    kept = t.filter(pa.array(destination(t) == "train"))
+    orders = kept["order"].to_numpy().astype(np.int64, copy=False)
+    counts = TokenCounter(model_path)(kept["instruction"].to_pylist(), kept["input"].to_pylist())
+    sort = np.argsort(orders)
+    return orders[sort], counts[sort]
 
-    def __init__(self, drops: dict[int, str]):
-        self.reasons = sorted(set(drops.values()))
-        code = {r: i for i, r in enumerate(self.reasons)}
-        orders = np.fromiter(drops.keys(), dtype=np.int64, count=len(drops))
-        codes = np.fromiter((code[v] for v in drops.values()), dtype=np.int32, count=len(drops))
+
+class DropTable:
+    """The selectors' drops (reasons indexed by row order) as arrays: sorted orders and reason codes.
+    Arrays cross the object store without a copy per worker; a dict of a million entries would be
+    unpickled whole in every process that applies it."""
+
+    def __init__(self, drops: pd.Series | dict[int, str]):
+        drops = drops if isinstance(drops, pd.Series) else pd.Series(drops, dtype=object)
+        codes, reasons = pd.factorize(drops.to_numpy(dtype=object))
+        self.reasons = list(reasons)
+        orders = drops.index.to_numpy(dtype=np.int64)
         sort = np.argsort(orders, kind="stable")
-        self.orders, self.codes = orders[sort], codes[sort]
+        self.orders, self.codes = orders[sort], codes.astype(np.int32)[sort]
 
     def lookup(self, orders: np.ndarray) -> list[str | None]:
         """The drop reason of each row order, or None."""
@@ -191,6 +223,12 @@ class DropTable:
         for i in np.flatnonzero(self.orders[pos] == orders):
             out[i] = self.reasons[self.codes[pos[i]]]
         return out
+
+    def apply_arrow(self, table: pa.Table) -> pa.Table:
+        """`apply` on an Arrow batch."""
+        found = pa.array(self.lookup(table["order"].to_numpy().astype(np.int64, copy=False)), type=pa.string())
+        merged = pc.coalesce(table["drop"].cast(pa.string()), found)
+        return table.set_column(table.schema.get_field_index("drop"), "drop", merged)
 
     def apply(self, df: pd.DataFrame) -> pd.DataFrame:
         """Set `drop` from the table (rows already dropped keep their reason)."""
@@ -221,12 +259,12 @@ def actor_pool(d: DataSpec, concurrent_pools: int) -> dict[str, Any]:
                 num_cpus=per_actor, num_gpus=d.num_gpus_per_actor, batch_format="pandas")
 
 
-def destination(df: pd.DataFrame) -> np.ndarray:
+def destination(table: pa.Table) -> np.ndarray:
     """Where each row goes: quarantine, eval, dropped or train (in that precedence)."""
-    out = np.full(len(df), "train", dtype=object)
-    out[(df["drop"].notna()).to_numpy()] = "dropped"
-    out[(df["split"] == "eval").to_numpy()] = "eval"
-    out[df["reason"].notna().to_numpy()] = "quarantine"
+    out = np.full(table.num_rows, "train", dtype=object)
+    out[valid(table, "drop")] = "dropped"
+    out[equals(table, "split", "eval")] = "eval"
+    out[valid(table, "reason")] = "quarantine"
     return out
 
 
@@ -266,32 +304,54 @@ class ParquetSink:
         self.path, self.columns, self.ints = path, columns, ints
         self.writer, self.rows = None, 0
 
-    def write(self, df: pd.DataFrame) -> None:
-        if df.empty:
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
             return
-        df = df[[c for c in self.columns if c in df]].copy()
+        table = table.select([c for c in self.columns if c in table.column_names])
         for c in self.ints:
-            if c in df:
-                df[c] = df[c].astype(np.int64)
-        table = arrow_table(df)
+            if c in table.column_names:
+                table = table.set_column(table.schema.get_field_index(c), c, table[c].cast(pa.int64()))
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.path, table.schema)
         self.writer.write_table(table.cast(self.writer.schema))
-        self.rows += len(df)
+        self.rows += table.num_rows
 
     def close(self) -> int:
         if self.writer is not None:
             self.writer.close()
         else:
-            pq.write_table(arrow_table(pd.DataFrame({c: pd.Series([], dtype=object) for c in TEXT_COLUMNS})),
-                           self.path)
+            pq.write_table(pa.table({c: pa.array([], pa.string()) for c in TEXT_COLUMNS}), self.path)
         return self.rows
 
 
-def quarantine_lines(df: pd.DataFrame) -> str:
-    return "".join(json.dumps({"id": r.id, "source": r.source, "split": r.origin, "reason": r.reason, "raw": r.raw},
-                              ensure_ascii=False) + "\n"
-                   for r in df[["id", "source", "origin", "reason", "raw"]].itertuples(index=False))
+def quarantine_lines(table: pa.Table) -> str:
+    return "".join(json.dumps({"id": r["id"], "source": r["source"], "split": r["origin"], "reason": r["reason"],
+                               "raw": r["raw"]}, ensure_ascii=False) + "\n"
+                   for r in table.select(["id", "source", "origin", "reason", "raw"]).to_pylist())
+
+
+def budget_note(keep_ratio: float, budget: int | None, kept: int, dropped: dict[str, int], plan) -> str | None:
+    """Why fewer rows than keep_ratio asked for were kept: the drops that are not the budget's own, the
+    largest first, with the operator that made them."""
+    if budget is None or kept >= budget:
+        return None
+    budget_reasons = ("below_budget", "not_selected", "over_share")
+    others = sorted(((k, n) for k, n in dropped.items() if k != "held_out_eval"
+                     and not any(b in k for b in budget_reasons)), key=lambda kv: -kv[1])
+    names = {op.name: op for op in plan.chain}
+    culprit = ", ".join(f"{k} dropped {n:,d} ({owner(k, names)})" for k, n in others[:3]) or "no operator"
+    return (f"keep_ratio {keep_ratio:g} asked for {budget:,d} rows but {kept:,d} were kept: {culprit} before "
+            "the budget applied")
+
+
+def owner(reason: str, operators: dict) -> str:
+    """The operator a drop reason comes from."""
+    prefix = {"ifd>": "ifd_filter", "near_duplicate": "minhash_dedup", "judge<": "llm_judge", "perplexity>":
+              "perplexity_filter", "rules:": "rules"}
+    for p, name in prefix.items():
+        if reason.startswith(p):
+            return name
+    return reason.split(":", 1)[0] if reason.split(":", 1)[0] in operators else "an operator"
 
 
 @dataclass
@@ -327,6 +387,25 @@ class Routed:
     eval_quarantined: int = 0
     eval_input: int = 0
     rounds: list[np.ndarray] = field(default_factory=list)
+    rewrite_rounds: list[dict[str, Any]] = field(default_factory=list)  # per round: proposed, accepted, refused
+    examples: dict[str, list[dict[str, str]]] = field(default_factory=lambda: {"compress": [], "rewrite": []})
+
+    def note_rewrites(self, logs: list[str], after: list[dict[str, str]]) -> None:
+        """Per-round acceptance and refusal reasons, and a few rows before and after."""
+        for text, row in zip(logs, after):
+            log_ = json.loads(text)
+            for r, outcome in enumerate(log_["outcomes"]):
+                while len(self.rewrite_rounds) <= r:
+                    self.rewrite_rounds.append({"round": len(self.rewrite_rounds) + 1, "proposed": 0, "accepted": 0,
+                                                "refused": {}})
+                stats = self.rewrite_rounds[r]
+                stats["proposed"] += 1
+                if outcome == "accepted":
+                    stats["accepted"] += 1
+                else:
+                    stats["refused"][outcome] = stats["refused"].get(outcome, 0) + 1
+            if "accepted" in log_["outcomes"] and len(self.examples["rewrite"]) < EXAMPLES:
+                self.examples["rewrite"].append({"before": log_["before"], "after": row})
 
 
 @register_stage
@@ -369,8 +448,11 @@ class DataStage(Stage):
         plan = self.plan(ctx)
         tally = Tally.remote()
         work, streamed = self.pass1(ctx, plan, tally)
+        log.debug("data: driver RSS %s MiB after pass 1", _rss_mib())
         drops, timings = self.select(ctx, plan, work)
+        log.debug("data: driver RSS %s MiB after selection", _rss_mib())
         routed, seconds = self.pass2(ctx, plan, work, drops, tally)
+        log.debug("data: driver RSS %s MiB after pass 2", _rss_mib())
         ops = ray.get(tally.get.remote())
         manifest = self.manifest(ctx, plan, work, routed, streamed, ops, timings, seconds, t0)
         shutil.rmtree(ctx.out / "_work", ignore_errors=True)
@@ -434,11 +516,9 @@ class DataStage(Stage):
                 streamed.append(f"{sel.name}:prepare")
         ds = flush(ds)
         rows = WorkRows(ctx.out / "_work" / "scored", plan.columns, plan.needs_emb)
-        for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             rows.add(batch)
         work = rows.close()
-        if __import__("os").environ.get("DAMOC_DEBUG_STATS"):
-            print(ds.stats()[:2500])
         train = ~work.origin_eval
         log.info("data: read %d rows (%d quarantined, %d held out for eval) in %.1fs (%.1fs writing the work "
                  "folder)", int(train.sum()), int((work.status[train] == QUARANTINED).sum()),
@@ -456,30 +536,30 @@ class DataStage(Stage):
 
     # ------------------------------------------------------------ 3. select
 
-    def select(self, ctx: StageContext, plan: Plan, work: WorkData) -> tuple[dict[int, str], list[dict]]:
-        """Each selector on the rows still alive; drops by row order."""
+    def select(self, ctx: StageContext, plan: Plan, work: WorkData) -> tuple[pd.Series, list[dict]]:
+        """Each selector on the rows still alive; their drops, reasons indexed by row order."""
         d = ctx.spec.data
         readable = int(((~work.origin_eval) & ((work.status == ALIVE) | (work.status == DROPPED))).sum())
         budget = round(d.filter.keep_ratio * readable) if any(s.budgeted for s in plan.selectors) else None
-        drops: dict[int, str] = {}
+        parts: list[pd.Series] = []
         timings: list[dict[str, Any]] = []
         alive = work.alive
         sctx = SelectContext(ctx.spec.seed, d.batch_size, work)
         for sel in plan.selectors:
             ts = time.monotonic()
-            if drops:
-                alive = alive[~alive["order"].isin(drops.keys())]
+            if parts:
+                alive = alive[~alive["order"].isin(parts[-1].index)]
             new = sel.select(alive.reset_index(drop=True), budget, sctx)
-            drops.update(new)
+            parts.append(new)
             timings.append({"name": sel.name, "seconds": round(time.monotonic() - ts, 3),
                             "in": len(alive), "out": len(alive) - len(new)})
             log.info("data: %s kept %d of %d rows in %.1fs", sel.name, len(alive) - len(new), len(alive),
                      time.monotonic() - ts)
-        return drops, timings
+        return (pd.concat(parts) if parts else pd.Series([], dtype=object)), timings
 
     # ------------------------------------------------------------ 4. pass 2
 
-    def pass2(self, ctx: StageContext, plan: Plan, work: WorkData, drops: dict[int, str],
+    def pass2(self, ctx: StageContext, plan: Plan, work: WorkData, drops: pd.Series,
               tally) -> tuple[Routed, float]:
         """Every row to its file. Kept rows take their compressed fields."""
         d, t0 = ctx.spec.data, time.monotonic()
@@ -490,19 +570,26 @@ class DataStage(Stage):
         routed = Routed(written={})
         counter = TokenCounter(plan.reference)
         with open(ctx.out / "quarantine.jsonl", "w", encoding="utf-8") as qfh:
-            for batch in self._final_rows(ctx, plan, work, drops):
+            for batch in self._final_rows(ctx, plan, work, drops, counter):
                 self._route(batch, sinks, qfh, routed, d.rewrite.enabled, counter)
         routed.written = {name: sink.close() for name, sink in sinks.items()}
         return routed, time.monotonic() - t0
 
-    def _final_rows(self, ctx: StageContext, plan: Plan, work: WorkData, drops: dict[int, str]) -> Iterator[pd.DataFrame]:
+    def _final_rows(self, ctx: StageContext, plan: Plan, work: WorkData, drops: pd.Series,
+                    counter: TokenCounter) -> Iterator[pa.Table]:
         """The work folder's rows with the selectors' drops applied: read here in the driver, or, when
-        models still have to run on the kept rows, streamed through Ray Data actor pools."""
+        models still have to run on the kept rows, streamed through Ray Data actor pools. When no model
+        counted the prompt tokens, the kept rows of each part file are counted by a Ray task while the
+        driver routes (the one part of routing that is heavy)."""
         d, table = ctx.spec.data, DropTable(drops)
         if not plan.pass2_models:
-            for f in work.files:
+            ref = ray.put(table)
+            counts = ([count_part_tokens.remote(str(f), ref, plan.reference) for f in work.files]
+                      if not plan.needs_lm else [])
+            for i, f in enumerate(work.files):
+                counter.known = ray.get(counts[i]) if counts else None
                 for b in pq.ParquetFile(f).iter_batches(batch_size=8192):
-                    yield table.apply(b.to_pandas())
+                    yield table.apply_arrow(pa.Table.from_batches([b]))
             return
         pool = actor_pool(d, 1)
         ds = ray.data.read_parquet([str(f) for f in work.files]).map_batches(
@@ -517,33 +604,47 @@ class DataStage(Stage):
         ds = ds.map_batches(on_kept(KeptCompressor), fn_constructor_kwargs=dict(
             model_path=plan.reference, task=d.task, template=ctx.spec.finetune.template, max_length=d.max_length,
             embeddings=False, compress=compress), **pool)
-        yield from ds.iter_batches(batch_format="pandas", batch_size=8192)
+        for b in ds.iter_batches(batch_format="pyarrow", batch_size=8192):
+            yield fix_types(b)
 
     @staticmethod
-    def _route(batch: pd.DataFrame, sinks: dict, qfh, routed: Routed, rewrite: bool, counter: TokenCounter) -> None:
+    def _route(batch: pa.Table, sinks: dict, qfh, routed: Routed, rewrite: bool, counter: TokenCounter) -> None:
+        """One batch to its files, in Arrow: the driver turns only the kept rows' prompts into text."""
         dest = destination(batch)
-        train_origin = (batch["origin"] == "train").to_numpy()
-        kept = batch[dest == "train"].copy()
-        if len(kept) and "prompt_tokens_before" not in kept:
-            kept["prompt_tokens_before"] = kept["prompt_tokens_after"] = counter(kept)
+        train_origin = equals(batch, "origin", "train")
+        kept = batch.filter(pa.array(dest == "train"))
+        if kept.num_rows and "c_instruction" in kept.column_names and len(routed.examples["compress"]) < EXAMPLES:
+            for r in kept.slice(0, EXAMPLES - len(routed.examples["compress"])).select(
+                    ["instruction", "input", "c_instruction", "c_input"]).to_pylist():
+                routed.examples["compress"].append(
+                    {"before": {"instruction": r["instruction"], "input": r["input"]},
+                     "after": {"instruction": r["c_instruction"], "input": r["c_input"]}})
+        if kept.num_rows and rewrite:
+            routed.note_rewrites(kept["rewrite_log"].to_pylist(),
+                                 kept.select(["instruction", "input", "output"]).to_pylist())
+        if kept.num_rows and "prompt_tokens_before" not in kept.column_names:
+            n = pa.array(counter(kept["instruction"].to_pylist(), kept["input"].to_pylist(),
+                                 kept["order"].to_numpy().astype(np.int64, copy=False)))
+            kept = kept.append_column("prompt_tokens_before", n).append_column("prompt_tokens_after", n)
         for c in ("instruction", "input", "output"):  # the compressed fields, where pass 1 or 2 made them
-            if f"c_{c}" in kept:
-                kept[c] = kept[f"c_{c}"].where(kept[f"c_{c}"].notna(), kept[c])
+            if f"c_{c}" in kept.column_names:
+                kept = kept.set_column(kept.schema.get_field_index(c), c,
+                                       pc.coalesce(kept[f"c_{c}"].cast(pa.string()), kept[c]))
         sinks["train"].write(kept)
-        sinks["dropped"].write(batch[dest == "dropped"])
-        sinks["eval"].write(batch[dest == "eval"])
-        bad = batch[dest == "quarantine"]
-        if len(bad):
-            qfh.write(quarantine_lines(bad))
+        sinks["dropped"].write(batch.filter(pa.array(dest == "dropped")))
+        sinks["eval"].write(batch.filter(pa.array(dest == "eval")))
+        if (dest == "quarantine").any():
+            qfh.write(quarantine_lines(batch.filter(pa.array(dest == "quarantine"))))
         routed.eval_quarantined += int(((dest == "quarantine") & ~train_origin).sum())
         routed.eval_input += int((~train_origin).sum())
-        if len(kept):
-            routed.tokens_before += int(kept["prompt_tokens_before"].sum())
-            routed.tokens_after += int(kept["prompt_tokens_after"].sum())
+        if kept.num_rows:
+            routed.tokens_before += int(pc.sum(kept["prompt_tokens_before"]).as_py() or 0)
+            routed.tokens_after += int(pc.sum(kept["prompt_tokens_after"]).as_py() or 0)
             if rewrite:
-                routed.rounds.append(kept["rewrite_rounds"].to_numpy(dtype=np.int64))
-        for reason, n in batch.loc[dest == "dropped", "drop"].map(drop_key).value_counts().items():
-            routed.drop_reasons[reason] = routed.drop_reasons.get(reason, 0) + int(n)
+                routed.rounds.append(kept["rewrite_rounds"].to_numpy().astype(np.int64))
+        for item in pc.value_counts(batch.filter(pa.array(dest == "dropped"))["drop"]).to_pylist():
+            key = drop_key(item["values"])
+            routed.drop_reasons[key] = routed.drop_reasons.get(key, 0) + int(item["counts"])
 
     # ------------------------------------------------------------ 5. manifest
 
@@ -575,17 +676,22 @@ class DataStage(Stage):
         if d.rewrite.enabled:
             rounds = np.concatenate(routed.rounds) if routed.rounds else np.zeros(0, dtype=int)
             rewrite = {"rows_rewritten": int((rounds > 0).sum()), "rounds_accepted": int(rounds.sum()),
-                       "rows_by_rounds": {str(r): int((rounds == r).sum()) for r in range(d.rewrite.rounds + 1)}}
+                       "rows_by_rounds": {str(r): int((rounds == r).sum()) for r in range(d.rewrite.rounds + 1)},
+                       "rounds": routed.rewrite_rounds, "examples": routed.examples["rewrite"]}
         eval_rows = routed.written["eval"]
         eval_info = ({"input": held_out, "rows": eval_rows, "quarantined": 0} if d.eval.split_ratio is not None
                      else {"input": routed.eval_input, "rows": eval_rows, "quarantined": routed.eval_quarantined})
         readable = n_input - quarantined - held_out  # keep_ratio is a fraction of these
         budget = round(d.filter.keep_ratio * readable) if any(s.budgeted for s in plan.selectors) else None
+        note = budget_note(d.filter.keep_ratio, budget, kept, dropped, plan)
+        if note:
+            log.warning("data: %s", note)
         manifest = {
-            "input": n_input, "kept": kept, "quarantined": quarantined, "dropped": dropped,
+            "input": n_input, "kept": kept, "quarantined": quarantined, "dropped": dropped, "budget_note": note,
             "readable": readable, "keep_ratio": d.filter.keep_ratio, "budget": budget,
             "tokens_before": routed.tokens_before, "tokens_after": routed.tokens_after,
             "reference_model": plan.reference, "operators": operators, "eval": eval_info, "rewrite": rewrite,
+            "examples": {"compress": routed.examples["compress"]},
             "seconds": round(time.monotonic() - t0, 3),
         }
         atomic_write_json(ctx.out / "manifest.json", manifest)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 FILE_ROWS = 20_000  # rows per part file: the unit of parallel reads later
@@ -32,6 +33,14 @@ def arrow_table(df: pd.DataFrame) -> pa.Table:
     must not give that column the null type (the next batch could not be written beside it)."""
     return pa.Table.from_pandas(df, schema=pa.schema([pa.field(c, _arrow_type(c, df[c])) for c in df.columns]),
                                 preserve_index=False)
+
+
+def fix_types(table: pa.Table) -> pa.Table:
+    """An Arrow batch with its all-null columns given their real type (text, or bytes for BINARY)."""
+    if not any(pa.types.is_null(f.type) for f in table.schema):
+        return table
+    return table.cast(pa.schema([pa.field(f.name, (pa.binary() if f.name in BINARY else pa.string())
+                                          if pa.types.is_null(f.type) else f.type) for f in table.schema]))
 
 
 def _arrow_type(name: str, col: pd.Series) -> pa.DataType:
@@ -75,11 +84,20 @@ class PartWriter:
             self.writer.close()
 
 
-def status_of(df: pd.DataFrame) -> np.ndarray:
-    status = np.full(len(df), ALIVE, dtype=np.int8)
-    status[df["drop"].notna().to_numpy()] = DROPPED
-    status[(df["split"] == "eval").to_numpy()] = EVAL
-    status[df["reason"].notna().to_numpy()] = QUARANTINED
+def valid(table: pa.Table, column: str) -> np.ndarray:
+    """Where a column is set (not null), as a numpy mask."""
+    return pc.is_valid(table[column]).to_numpy(zero_copy_only=False)
+
+
+def equals(table: pa.Table, column: str, value: str) -> np.ndarray:
+    return pc.fill_null(pc.equal(table[column], value), False).to_numpy(zero_copy_only=False)
+
+
+def status_of(table: pa.Table) -> np.ndarray:
+    status = np.full(table.num_rows, ALIVE, dtype=np.int8)
+    status[valid(table, "drop")] = DROPPED
+    status[equals(table, "split", "eval")] = EVAL
+    status[valid(table, "reason")] = QUARANTINED
     return status
 
 
@@ -97,26 +115,28 @@ class WorkRows:
         self.emb_sum: np.ndarray | None = None
         self.seconds = 0.0  # the driver's own time on the stream
 
-    def add(self, df: pd.DataFrame) -> None:
-        if df.empty:
+    def add(self, table: pa.Table) -> None:
+        """One batch of pass 1, as Arrow: the driver never turns the text into Python objects."""
+        if table.num_rows == 0:
             return
         t0 = time.perf_counter()
-        self._add(df)
+        self._add(fix_types(table))
         self.seconds += time.perf_counter() - t0
 
-    def _add(self, df: pd.DataFrame) -> None:
-        status = status_of(df)
-        self._order.append(df["order"].to_numpy(np.int64))
+    def _add(self, table: pa.Table) -> None:
+        status = status_of(table)
+        self._order.append(table["order"].to_numpy().astype(np.int64, copy=False))
         self._status.append(status)
-        self._origin_eval.append(df["origin"].to_numpy() == "eval")
-        alive = status == ALIVE
-        self._narrow.append(df.loc[alive, ["order", *self.columns]].reset_index(drop=True))
-        for reason, n in df.loc[status == DROPPED, "drop"].value_counts().items():
-            self.rowop_drops[reason] = self.rowop_drops.get(reason, 0) + int(n)
-        if self.embeddings and alive.any():
-            s = np.stack([np.frombuffer(e, dtype=np.float32) for e in df.loc[alive, "embedding"]]).sum(0)
+        self._origin_eval.append(equals(table, "origin", "eval"))
+        alive = pa.array(status == ALIVE)
+        self._narrow.append(table.filter(alive).select(["order", *self.columns]).to_pandas())
+        dropped = table.filter(pa.array(status == DROPPED))["drop"]
+        for item in pc.value_counts(dropped).to_pylist():
+            self.rowop_drops[item["values"]] = self.rowop_drops.get(item["values"], 0) + int(item["counts"])
+        if self.embeddings and self._narrow[-1].shape[0]:
+            s = binary_matrix(table.filter(alive)["embedding"]).sum(0)
             self.emb_sum = s if self.emb_sum is None else self.emb_sum + s
-        self.parts.write(arrow_table(df))
+        self.parts.write(table)
 
     def close(self) -> WorkData:
         self.parts.close()
@@ -140,16 +160,24 @@ class WorkData:
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
 
-    def fetch(self, orders, columns: list[str]) -> pd.DataFrame:
-        """Some rows' columns (a handful: signatures to verify, ids to name), read file by file."""
-        wanted = np.asarray(sorted(set(np.asarray(orders).tolist())), dtype=np.int64)
+    def fetch_table(self, orders, columns: list[str]) -> pa.Table:
+        """Some rows' columns (signatures to verify, ids to name) as Arrow, read file by file."""
+        wanted = np.unique(np.asarray(orders, dtype=np.int64))
+        cols = ["order", *[c for c in columns if c != "order"]]
         out = []
         for f in self.files:
-            t = pq.read_table(f, columns=["order", *[c for c in columns if c != "order"]])
+            t = pq.read_table(f, columns=cols)
             hit = np.isin(t["order"].to_numpy(), wanted)
             if hit.any():
-                out.append(t.filter(pa.array(hit)).to_pandas())
-        return pd.concat(out, ignore_index=True) if out else pd.DataFrame({c: [] for c in ["order", *columns]})
+                out.append(t.filter(pa.array(hit)))
+        if not out:
+            return pq.read_table(self.files[0], columns=cols).slice(0, 0) if self.files else pa.table({})
+        return pa.concat_tables(out)
+
+    def fetch(self, orders, columns: list[str]) -> pd.DataFrame:
+        """`fetch_table` as pandas (a few rows)."""
+        t = self.fetch_table(orders, columns)
+        return t.to_pandas() if t.num_columns else pd.DataFrame({c: [] for c in ["order", *columns]})
 
     def column_bytes(self, columns: list[str]) -> float:
         """Uncompressed bytes per row of these columns, from the part files' metadata."""
@@ -211,6 +239,18 @@ class WorkData:
             for e in self.fetch(gone, ["embedding"])["embedding"]:
                 total = total - np.frombuffer(e, dtype=np.float32)
         return (total / len(orders)).astype(np.float32)
+
+
+def binary_matrix(column, dtype=np.float32) -> np.ndarray:
+    """An Arrow binary column of equal-length vectors (embeddings, signatures) as a matrix, without a
+    copy per row."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(column)
+    if n == 0:
+        return np.zeros((0, 1), dtype=dtype)
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset:column.offset + n + 1]
+    data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    return data.view(dtype).reshape(n, -1)
 
 
 def gather(ds) -> pd.DataFrame:

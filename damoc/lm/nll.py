@@ -103,3 +103,17 @@ def _score_batch(model, examples: list[Example], pad: int, device, hidden: bool)
         info = [math.inf if p == 0 else float(every[i, p - 1]) for p in positions]
         results.append(Scored(ce, info, None if pooled is None else pooled[i]))
     return results
+
+
+def rows_bits_per_byte(model, tok, rows: list[dict[str, str]], task: str, template: str, max_length: int,
+                       batch_size: int = 8) -> float:
+    """Answer NLL in bits per UTF-8 byte over rows (instruction, input, output), rendered as training
+    renders them: the zero-shot figure a candidate starts from."""
+    from damoc.lm.load import pad_id
+    from damoc.lm.prompts import prompt_text
+    from damoc.lm.tokens import encode
+
+    examples = [encode(tok, prompt_text(task, r["instruction"], r["input"], tok, template), r["output"], max_length)
+                for r in rows]
+    scored = answer_nll(model, examples, pad_id(tok), batch_size, next(model.parameters()).device)
+    return bits_per_byte(sum(n for n, _ in scored), sum(e.answer_bytes for e in examples))

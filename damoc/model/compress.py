@@ -16,6 +16,7 @@ import torch
 
 from damoc.lm.arch import adapter_for
 from damoc.lm.load import load_causal_lm, pad_id
+from damoc.lm.nll import rows_bits_per_byte
 from damoc.lm.prompts import render
 from damoc.lm.tokens import encode
 from damoc.model.merge import merge_layers, merge_targets
@@ -75,8 +76,11 @@ def choose_layers(cal, m: ModelSpec, num_layers: int) -> tuple[list[int], list[f
 
 
 def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, out: Path, seed: int = 0,
-                       task: str = "qa", template: str = "auto") -> dict[str, Any]:
-    """Compress one candidate into `out` (an HF folder) and write out/compression.json."""
+                       task: str = "qa", template: str = "auto", eval_rows: list[dict[str, str]] | None = None,
+                       max_length: int = 512) -> dict[str, Any]:
+    """Compress one candidate into `out` (an HF folder) and write out/compression.json. With `eval_rows`,
+    the zero-shot answer loss (bits per byte) of the original and of the compressed model is measured on
+    them: the free baseline, at the cost of two forward passes."""
     t0 = time.perf_counter()
     device = "cuda" if m.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     dtype = pick_dtype(m.dtype, device)
@@ -87,6 +91,9 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
                    pad_id(tok))
     t_load = time.perf_counter()
 
+    zero_shot = {}
+    if eval_rows:
+        zero_shot["original"] = rows_bits_per_byte(model, tok, eval_rows, task, template, max_length)
     cal = calibrate(model, adapter, data)
     removed, per_layer = choose_layers(cal, m, layers_before)
     original = list(adapter.layer_list(model))  # keeps the removed layers alive for merging
@@ -95,6 +102,9 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
     changed = merge_layers(original, removed, m.merge.method, m.merge.density, m.merge.scale, seed)
     del original
     merged_loss = calibration_loss(model, data) if changed else pruned_loss
+    if eval_rows:
+        zero_shot["compressed"] = rows_bits_per_byte(model, tok, eval_rows, task, template, max_length)
+        zero_shot["rows"] = len(eval_rows)
     t_compress = time.perf_counter()
 
     out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +123,7 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
                   "into": {str(k): v for k, v in merge_targets(removed, layers_before).items()} if removed else {},
                   "entries_changed": changed},
         "calibration_loss": {"original": cal.loss, "pruned": pruned_loss, "merged": merged_loss},
+        "zero_shot": zero_shot or None,
         "calibration": {"rows": len(rows), "sequences": sum(len(b[0]) for b in data), "tokens": cal.tokens,
                         "max_length": m.calibration.max_length, "task": task, "template": template},
         "seconds": round(time.perf_counter() - t0, 3),

@@ -37,8 +37,8 @@ class CandidateCompressor:
         torch.set_num_threads(max(1, threads))
 
     def run(self, src: Source, rows: list[dict[str, str]], m: ModelSpec, out: str, seed: int, task: str,
-            template: str) -> dict[str, Any]:
-        return compress_candidate(src, rows, m, Path(out), seed, task, template)
+            template: str, eval_rows: list[dict[str, str]], max_length: int) -> dict[str, Any]:
+        return compress_candidate(src, rows, m, Path(out), seed, task, template, eval_rows, max_length)
 
 
 def calibration_rows(train_parquet: Path, rows: int, seed: int) -> list[dict[str, str]]:
@@ -74,7 +74,9 @@ class ModelStage(Stage):
         return [c.path for c in spec.candidates if c.path]
 
     def fingerprint_extra(self, spec: JobSpec) -> dict[str, Any]:
-        return {"task": spec.data.task, "template": spec.finetune.template}  # how calibration rows render
+        ft = spec.finetune  # how calibration and zero-shot rows render, and which eval rows are scored
+        return {"task": spec.data.task, "template": ft.template, "eval_rows": ft.eval_max_rows,
+                "max_length": ft.max_length}
 
     @staticmethod
     def source(ctx: StageContext, cand) -> Source:
@@ -93,6 +95,9 @@ class ModelStage(Stage):
         ctx.runtime  # noqa: B018 - start (or join) Ray
         rows = calibration_rows(ctx.input("data") / "train.parquet", m.calibration.rows, spec.seed)
         rows_ref = ray.put(rows)
+        # The rows every evaluation scores (the first eval_max_rows): the zero-shot baseline on them.
+        evals = pq.read_table(ctx.input("data") / "eval.parquet", columns=["instruction", "input", "output"]).to_pylist()
+        evals_ref = ray.put(evals[: spec.finetune.eval_max_rows] if spec.finetune.eval_max_rows else evals)
         # All actors are asked for at once; Ray starts as many as the cluster's resources allow and
         # the rest as earlier ones are killed on finishing (a finished actor would hold its CPUs).
         pending: dict[ray.ObjectRef, tuple[str, Any, float]] = {}
@@ -102,7 +107,7 @@ class ModelStage(Stage):
             actor = CandidateCompressor.options(num_cpus=m.num_cpus, num_gpus=m.num_gpus, max_restarts=ACTOR_RETRIES,
                                                 max_task_retries=ACTOR_RETRIES).remote(max(1, int(m.num_cpus)))
             ref = actor.run.remote(self.source(ctx, cand), rows_ref, m, str(ctx.out / cand.name), spec.seed,
-                                   spec.data.task, spec.finetune.template)
+                                   spec.data.task, spec.finetune.template, evals_ref, spec.finetune.max_length)
             pending[ref] = (cand.name, actor, time.monotonic())
         log.info("models: compressing %d candidates, %d calibration rows each", len(pending), len(rows))
         results: dict[str, dict[str, Any]] = {}

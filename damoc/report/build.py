@@ -7,7 +7,9 @@ from typing import Any
 
 from damoc.report import plots
 from damoc.report.ranking import build_ranking
-from damoc.report.render import Block, to_html, to_markdown
+from damoc.report.reasons import describe
+from damoc.report.render import Block, fmt, to_html, to_markdown
+from damoc.report.savings import savings
 from damoc.rundir import atomic_write_json, atomic_write_text, read_json
 
 
@@ -15,56 +17,126 @@ def write_report(run_dir: Path, out: Path) -> dict[str, Any]:
     """Builds everything into `out` (the report folder being written); returns ranking.json's content."""
     out.mkdir(parents=True, exist_ok=True)
     ranking = build_ranking(run_dir)
+    ranking["savings"] = savings(run_dir, ranking)
     atomic_write_json(out / "ranking.json", ranking)
     finetune = read_json(run_dir / "finetune" / "results.json") or {}
     blocks: list[Block] = [("h1", f"DaMoC report: {run_dir.name}")]
     blocks += _ranking_section(ranking, finetune, out)
+    blocks += _zero_shot_section(ranking)
+    blocks += _handoff_section(run_dir, ranking)
     blocks += _timeline_section(finetune, out)
     blocks += _cost_section(ranking, out)
     blocks += _models_section(run_dir, out)
     blocks += _data_section(run_dir, out)
     atomic_write_text(out / "report.md", to_markdown(blocks))
-    atomic_write_text(out / "report.html", to_html(blocks, f"DaMoC report: {run_dir.name}"))
+    atomic_write_text(out / "report.html", to_html(blocks, f"DaMoC report: {run_dir.name}", out))
     return ranking
 
 
-def ranking_table(ranking: dict[str, Any]) -> str:
-    """The ranking as a plain-text table for the terminal."""
-    from damoc.report.render import fmt
+def _interval(c: dict[str, Any]) -> str:
+    iv = c.get("interval")
+    return "-" if not iv else f"{fmt(iv[0])}-{fmt(iv[1])}"
 
-    head = ["rank", "candidate", "status", ranking["metric"], "steps", "worker-s", "note"]
-    rows = [[fmt(c["rank"]), c["name"], c["status"], fmt(c["score"]), fmt(c["steps"]), fmt(c["worker_seconds"]),
-             (c.get("reason") or "")[:60]] for c in ranking["candidates"]]
+
+def ranking_table(ranking: dict[str, Any]) -> str:
+    """The ranking as a plain-text table for the terminal, with the pick's confidence under it."""
+    head = ["rank", "candidate", "status", ranking["metric"], "95% interval", "steps", "worker-s", "note"]
+    rows = [[fmt(c["rank"]), c["name"], c["status"], fmt(c["score"]), _interval(c), fmt(c["steps"]),
+             fmt(c["worker_seconds"]), (c.get("reason") or "")[:60]] for c in ranking["candidates"]]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in [head, *rows])
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+    return "\n".join([*lines, *([confidence_line(ranking)] if ranking.get("confidence") else [])])
+
+
+def confidence_line(ranking: dict[str, Any]) -> str:
+    conf = ranking["confidence"]
+    if conf["too_close"]:
+        return (f"too close to call: {conf['pick']} is best in {conf['p_best']:.0%} of {conf['replicates']} paired "
+                f"resamples of the {conf['rows']} eval rows; tied with {', '.join(conf['tied'])}")
+    return (f"confidence: {conf['pick']} is best in {conf['p_best']:.0%} of {conf['replicates']} paired resamples "
+            f"of the {conf['rows']} eval rows")
 
 
 def _ranking_section(ranking: dict[str, Any], finetune: dict[str, Any], out: Path) -> list[Block]:
     metric, rows = ranking["metric"], ranking["candidates"]
     winner = next((r for r in rows if r["rank"] == 1), None)
     better = "lower" if ranking["mode"] == "min" else "higher"
-    lead = (f"Best candidate: {winner['name']} ({metric} {winner['score']:.4g}, {better} is better)."
+    lead = (f"Best candidate: {winner['name']} ({metric} {fmt(winner['score'])}, {better} is better)."
             if winner else "No candidate produced a score.")
     if ranking.get("decided_at") is not None:
         lead += (f" Decided at step {ranking['decided_at']}: ASHA had stopped every other candidate there, so "
                  f"{winner['name']} ranks first whatever it does next; it was stopped at that step "
                  "(tune.finish_winner: true trains it to the end).")
-    blocks: list[Block] = [("h2", "Ranking"), ("p", lead),
-                           ("p", f"Scheduler: {finetune.get('scheduler')} (rungs at steps {finetune.get('rungs') or '-'}"
-                                 f"{', synchronised' if finetune.get('sync_rungs') else ''}); "
-                                 f"{finetune.get('max_concurrent_trials')} trial(s) at once, "
-                                 f"{finetune.get('num_workers')} worker(s) each, {finetune.get('method')} fine-tuning, "
-                                 f"max {finetune.get('max_steps')} steps.")]
-    blocks.append(("table", ["rank", "candidate", "status", metric, "steps", "worker-s", "train tokens",
-                             "train FLOPs", "note"],
-                   [[r["rank"], r["name"], r["status"], r["score"], r["steps"], r["worker_seconds"],
-                     r["train_tokens"], r["train_flops"], r.get("reason", "")] for r in rows]))
+    if finetune.get("resumed"):
+        entries = finetune.get("candidates", [])
+        again = [e["name"] for e in entries if e.get("attempts", 1) > 1]
+        lost = sum(e.get("earlier_seconds", 0.0) * e.get("workers", 1) for e in entries)
+        lead += (f" The fine-tuning was resumed {finetune['resumed']} time(s) after an interruption: "
+                 f"{len(entries) - len(again)} trial(s) kept as they were, {len(again)} continued from their last "
+                 f"checkpoint ({', '.join(again) or '-'}); the cost includes the interrupted attempts "
+                 f"({lost:.1f} worker-s).")
+    blocks: list[Block] = [("h2", "Ranking"), ("p", lead)]
+    if ranking.get("confidence"):
+        conf = ranking["confidence"]
+        blocks.append(("p", confidence_line(ranking) + ". Each candidate is compared with the pick at the step "
+                       "where it was last evaluated (a candidate stopped early, at its stopping step); a difference "
+                       f"whose {conf['level']:.0%} interval holds 0 is a tie."))
+    blocks.append(("p", f"Scheduler: {finetune.get('scheduler')} (rungs at steps {finetune.get('rungs') or '-'}"
+                        f"{', synchronised' if finetune.get('sync_rungs') else ''}); "
+                        f"{finetune.get('max_concurrent_trials')} trial(s) at once, "
+                        f"{finetune.get('num_workers')} worker(s) each, {finetune.get('method')} fine-tuning, "
+                        f"max {finetune.get('max_steps')} steps."))
+    vs = (ranking.get("confidence") or {}).get("vs", {})
+    blocks.append(("table", ["rank", "candidate", "status", metric, "95% interval", "at step", "p(pick better)",
+                             "worker-s", "train FLOPs", "note"],
+                   [[r["rank"], r["name"], r["status"], r["score"], _interval(r), r["steps"],
+                     vs.get(r["name"], {}).get("p_pick_better"), r["worker_seconds"], r["train_flops"],
+                     r.get("reason", "")] for r in rows]))
     curves = {e["name"]: [(c["step"], c[metric]) for c in e.get("curve", []) if metric in c]
               for e in finetune.get("candidates", [])}
     stopped = {r["name"] for r in rows if r["stopped_early"]}
     if any(curves.values()):
         plots.learning_curves_png(out / "learning_curves.png", curves, stopped, metric)
-        blocks.append(("img", "learning_curves.png", f"{metric} per candidate during fine-tuning"))
+        blocks.append(("img", "learning_curves.png", f"{metric} per candidate during fine-tuning (step 0: zero-shot)"))
+    return blocks
+
+
+def _zero_shot_section(ranking: dict[str, Any]) -> list[Block]:
+    z = ranking.get("zero_shot")
+    if not z:
+        return []
+    rank_of = {c["name"]: c["rank"] for c in ranking["candidates"]}
+    zrank = {n: i + 1 for i, n in enumerate(z["order"])}
+    damoc_pick = next((c["name"] for c in ranking["candidates"] if c["rank"] == 1), None)
+    verdict = (f"Zero-shot loss picks {z['pick']}, as DaMoC does." if z["agrees_on_pick"] else
+               f"Zero-shot loss would pick {z['pick']}; fine-tuning (DaMoC) picks {damoc_pick}: the free guess "
+               "would have been wrong here.")
+    moved = [n for n in z["order"] if rank_of.get(n) is not None and rank_of[n] != zrank[n]]
+    tau = "" if z.get("kendall_tau") is None else f" Kendall tau between the two rankings: {z['kendall_tau']:+.2f}."
+    return [("h2", "The free baseline: zero-shot loss"),
+            ("p", f"Every candidate's answer loss before any fine-tuning, on the same eval rows ({z['source']}). "
+                  f"{verdict}{tau}" + (f" Ranked differently: {', '.join(moved)}." if moved else "")),
+            ("table", ["candidate", "zero-shot eval_loss", "zero-shot rank", "compressed, zero-shot", "DaMoC rank"],
+             [[n, z["scores"][n], zrank[n], (z.get("compressed") or {}).get(n), rank_of.get(n)] for n in z["order"]])]
+
+
+def _handoff_section(run_dir: Path, ranking: dict[str, Any]) -> list[Block]:
+    """Where each candidate came from, and how to load a trained adapter."""
+    rows, loads = [], []
+    for c in ranking["candidates"]:
+        src = c.get("source") or {}
+        where = f"{src['hf']}" + (f" @ {src['revision']}" if src.get("revision") else "") if src.get("hf") \
+            else src.get("path")
+        rows.append([c["name"], where, (c.get("adapter") or {}).get("path"), (c.get("adapter") or {}).get("step")])
+        if c.get("adapter"):
+            loads.append(c)
+    blocks: list[Block] = [("h2", "Candidates and trained adapters"),
+                           ("table", ["candidate", "source", "LoRA adapter (in RUN/finetune)", "at step"], rows)]
+    for c in loads[:1]:
+        blocks.append(("p", "Load the trained adapter on the compressed model with peft: "
+                            "model = AutoModelForCausalLM.from_pretrained('RUN/models/{n}'); "
+                            "model = PeftModel.from_pretrained(model, 'RUN/finetune/{a}') "
+                            "(RUN = {r}).".format(n=c["name"], a=c["adapter"]["path"], r=run_dir)))
     return blocks
 
 
@@ -95,11 +167,19 @@ def _cost_section(ranking: dict[str, Any], out: Path) -> list[Block]:
     rows.append(["total", cost["worker_seconds"], None, cost["train_flops"]])
     plots.bars_png(out / "cost.png", list(stages), [s["worker_seconds"] for s in stages.values()],
                    "Cost per stage", "worker-seconds")
-    return [("h2", "Cost"),
-            ("p", "Worker-seconds are what the cluster was held for (fixed framework overheads included); "
-                  "training FLOPs = 6 x forward parameters x tokens processed."),
-            ("table", ["stage", "worker-seconds", "wall seconds", "train FLOPs"], rows),
-            ("img", "cost.png", "worker-seconds per stage")]
+    blocks: list[Block] = [("h2", "Cost")]
+    sv = ranking.get("savings")
+    if sv:
+        ratio = f"{sv['ratio']:.1f}x" if sv.get("ratio") else "-"
+        flops = f"{sv['full_flops'] / sv['this_run_flops']:.1f}x" if sv.get("this_run_flops") else "-"
+        blocks += [("p", f"Fine-tuning every candidate in full: ~{fmt(sv['full_projected'])} {sv['unit']} (projected); "
+                         f"this run: {fmt(sv['this_run'])} {sv['unit']}. Full / this run: {ratio} in {sv['unit']}, "
+                         f"{flops} in training FLOPs. Projected from " + "; ".join(sv["assumptions"]) + ".")]
+    return blocks + [
+        ("p", "Worker-seconds are what the cluster was held for (fixed framework overheads included); "
+              "training FLOPs = 6 x forward parameters x tokens processed."),
+        ("table", ["stage", "worker-seconds", "wall seconds", "train FLOPs"], rows),
+        ("img", "cost.png", "worker-seconds per stage")]
 
 
 def _models_section(run_dir: Path, out: Path) -> list[Block]:
@@ -132,7 +212,7 @@ def _data_section(run_dir: Path, out: Path) -> list[Block]:
     if not m:
         return []
     dropped = m.get("dropped", {})
-    labels = ["input", "quarantined", *[f"dropped: {k}" for k in dropped], "kept"]
+    labels = ["input", "quarantined", *[describe(k).split(" [")[0] for k in dropped], "kept"]
     values = [m["input"], m["quarantined"], *dropped.values(), m["kept"]]
     plots.bars_png(out / "data_funnel.png", labels, values, "Where the rows went", "rows")
     ratio = m["tokens_after"] / m["tokens_before"] if m.get("tokens_before") else None
@@ -140,6 +220,69 @@ def _data_section(run_dir: Path, out: Path) -> list[Block]:
             ("p", f"{m['input']:,d} rows read, {m['kept']:,d} kept for training, {m['quarantined']:,d} quarantined; "
                   f"prompt tokens {m.get('tokens_before', 0):,d} -> {m.get('tokens_after', 0):,d}"
                   + (f" ({ratio:.2f}x)." if ratio else ".")),
+            *([("p", "Warning: " + m["budget_note"])] if m.get("budget_note") else []),
+            ("table", ["why rows were dropped", "rows"],
+             [[describe(k), v] for k, v in sorted(dropped.items(), key=lambda kv: -kv[1])]),
             ("table", ["operator", "in", "out", "seconds"],
              [[o["name"], o.get("in"), o.get("out"), o.get("seconds")] for o in m.get("operators", [])]),
-            ("img", "data_funnel.png", "rows read, quarantined, dropped per reason, kept")]
+            ("img", "data_funnel.png", "rows read, quarantined, dropped per reason, kept"),
+            *_compress_examples(m), *_rewrite_section(m), *_judge_section(run_dir, out)]
+
+
+def _fields(row: dict[str, str]) -> str:
+    return " / ".join(v for v in (row.get("instruction"), row.get("input"), row.get("output")) if v)
+
+
+def _compress_examples(m: dict[str, Any]) -> list[Block]:
+    ex = (m.get("examples") or {}).get("compress") or []
+    if not ex:
+        return []
+    return [("p", "Token compression keeps whole words (the most informative, and every word holding a digit, "
+                  "'?', ':' or a newline); a few prompts before and after:"),
+            ("table", ["before", "after"], [[_fields(e["before"]), _fields(e["after"])] for e in ex])]
+
+
+def _rewrite_section(m: dict[str, Any]) -> list[Block]:
+    r = m.get("rewrite")
+    if not r:
+        return []
+    rows = [[s["round"], s["proposed"], s["accepted"],
+             "; ".join(f"{k}: {v}" for k, v in sorted(s["refused"].items(), key=lambda kv: -kv[1]))]
+            for s in r.get("rounds", [])]
+    blocks: list[Block] = [("h2", "Rewrite"),
+                           ("p", f"{r['rows_rewritten']:,d} kept rows rewritten ({r['rounds_accepted']:,d} accepted "
+                                 "proposals in all); a proposal is refused when it loses a number or name of the "
+                                 "answer, changes the length too much, or makes the answer harder for the reference LM."),
+                           ("table", ["round", "proposed", "accepted", "refused (why)"], rows)]
+    if r.get("examples"):
+        blocks.append(("table", ["before", "after"], [[_fields(e["before"]), _fields(e["after"])] for e in r["examples"]]))
+    return blocks
+
+
+def _judge_section(run_dir: Path, out: Path) -> list[Block]:
+    """The LLM judge's score distribution over the rows it scored, and how it ranks them against IFD."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from damoc.report.agreement import spearman
+
+    parts = []
+    for name in ("train.parquet", "dropped.parquet"):
+        f = run_dir / "data" / name
+        if f.is_file() and "judge" in pq.ParquetFile(f).schema_arrow.names:
+            parts.append(pq.read_table(f, columns=["id", "judge", "ifd"]).to_pandas())
+    if not parts:
+        return []
+    import pandas as pd
+
+    df = pd.concat(parts).dropna(subset=["judge"])
+    if df.empty:
+        return []
+    plots.histogram_png(out / "judge.png", df["judge"].to_numpy(), "LLM judge scores", "expected score (1-5)")
+    both = df.dropna(subset=["ifd"])
+    rho = spearman(dict(zip(both["id"], both["judge"])), dict(zip(both["id"], both["ifd"]))) if len(both) > 2 else None
+    q = np.percentile(df["judge"], [10, 50, 90])
+    return [("h2", "LLM judge"),
+            ("p", f"{len(df):,d} rows scored; median {q[1]:.2f} (10%: {q[0]:.2f}, 90%: {q[2]:.2f})"
+                  + (f"; Spearman rank correlation with IFD {rho:+.2f}." if rho is not None else ".")),
+            ("img", "judge.png", "distribution of the judge's expected scores")]

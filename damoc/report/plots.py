@@ -87,3 +87,15 @@ def stacked_bars_png(path: Path, parts: dict[str, dict[str, float]], title: str,
     fig.savefig(path, format="png")
     plt.close(fig)
     return path
+
+
+def histogram_png(path: Path, values, title: str, xlabel: str, bins: int = 20) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.0), dpi=110)
+    ax.hist(values, bins=bins, color="#1f77b4")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("rows")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path

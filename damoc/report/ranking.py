@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from damoc.report.confidence import confidence
 from damoc.rundir import read_json
 
 
@@ -20,7 +21,13 @@ def _score(e: dict[str, Any]) -> float | None:
     return None if s is None or (isinstance(s, float) and math.isnan(s)) else float(s)
 
 
-def rank_candidates(entries: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+def zero_shot(entry: dict[str, Any], metric: str) -> float | None:
+    """The candidate's figure before any training (its learning curve's step 0)."""
+    first = next((p for p in entry.get("curve", []) if p.get("step") == 0), None)
+    return None if first is None else first.get(metric)
+
+
+def rank_candidates(entries: list[dict[str, Any]], mode: str, metric: str = "eval_loss") -> list[dict[str, Any]]:
     sign = 1.0 if mode == "min" else -1.0
     scored = [e for e in entries if e["status"] != "failed" and _score(e) is not None]
     # The last one standing (decided) or those trained to the end, by score; then the stopped ones.
@@ -35,11 +42,40 @@ def rank_candidates(entries: list[dict[str, Any]], mode: str) -> list[dict[str, 
         row = {"name": e["name"], "rank": ranked.get(e["name"]), "score": _score(e), "status": status,
                "stopped_early": status == "stopped_early", "steps": e.get("steps", 0),
                "worker_seconds": e.get("worker_seconds", 0.0), "train_tokens": e.get("train_tokens", 0),
-               "train_flops": e.get("train_flops", 0.0), "final": e.get("final", {})}
+               "train_flops": e.get("train_flops", 0.0), "final": e.get("final", {}),
+               "source": e.get("source"), "adapter": e.get("adapter"),
+               "zero_shot": zero_shot(e, metric)}
         if e.get("reason") or status == "failed":
             row["reason"] = e.get("reason", "no evaluation was reported")
         out.append(row)
     return sorted(out, key=lambda r: (r["rank"] is None, r["rank"] or 0, r["name"]))
+
+
+def zero_shot_ranking(run_dir: Path, finetune: dict[str, Any], ranking: dict[str, Any]) -> dict[str, Any] | None:
+    """The free baseline: the candidates ranked by their answer loss before any fine-tuning (bits per
+    byte on the same eval rows): of the original models where the model stage measured them, else of
+    the trained models' step 0. Where it disagrees with the fine-tuned ranking is said."""
+    from damoc.report.agreement import best, kendall_tau
+
+    scores, compressed = {}, {}
+    for e in finetune.get("candidates", []):
+        z = (read_json(run_dir / "models" / e["name"] / "compression.json") or {}).get("zero_shot") or {}
+        step0 = zero_shot(e, "eval_loss")
+        if z.get("original") is not None:
+            scores[e["name"]], compressed[e["name"]] = z["original"], z.get("compressed")
+        elif step0 is not None:
+            scores[e["name"]] = step0
+    ranked = {c["name"]: float(c["rank"]) for c in ranking["candidates"] if c["rank"] is not None}
+    if len(scores) < 2:
+        return None
+    order = sorted(scores, key=lambda n: (scores[n], n))
+    common = [n for n in order if n in ranked]
+    pick = best({n: scores[n] for n in common}, "min") if common else None
+    return {"metric": "eval_loss", "scores": scores, "compressed": compressed or None, "order": order,
+            "pick": pick, "agrees_on_pick": bool(common) and pick == min(ranked, key=ranked.get),
+            "kendall_tau": kendall_tau({n: scores[n] for n in common}, {n: ranked[n] for n in common})
+            if len(common) > 1 else None,
+            "source": "original models (model stage)" if compressed else "each trial's step 0"}
 
 
 def stage_costs(run_dir: Path, finetune: dict[str, Any]) -> dict[str, Any]:
@@ -86,8 +122,15 @@ def build_ranking(run_dir: Path) -> dict[str, Any]:
     finetune = read_json(run_dir / "finetune" / "results.json")
     if not finetune:
         raise FileNotFoundError(f"{run_dir / 'finetune' / 'results.json'} is missing: run the finetune stage first")
-    return {"metric": finetune["metric"], "mode": finetune["mode"],
-            "candidates": rank_candidates(finetune["candidates"], finetune["mode"]),
+    ranking = {"metric": finetune["metric"], "mode": finetune["mode"],
+               "candidates": rank_candidates(finetune["candidates"], finetune["mode"], finetune["metric"])}
+    conf = confidence(run_dir, ranking, int(_spec(run_dir).get("seed") or 0))
+    for c in ranking["candidates"]:
+        c["interval"] = (conf.get("intervals") or {}).get(c["name"])
+    ranking["confidence"] = {k: v for k, v in conf.items() if k != "intervals"} or None
+    ranking["zero_shot"] = zero_shot_ranking(run_dir, finetune, ranking)
+    return {**ranking,
             "cost": stage_costs(run_dir, finetune),
             "scheduler": finetune.get("scheduler"), "max_steps": finetune.get("max_steps"),
-            "decided_at": finetune.get("decided_at"), "finish_winner": finetune.get("finish_winner", False)}
+            "decided_at": finetune.get("decided_at"), "finish_winner": finetune.get("finish_winner", False),
+            "resumed": finetune.get("resumed", 0)}

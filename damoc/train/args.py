@@ -49,6 +49,8 @@ class TrainArgs:
     rungs: tuple[int, ...] = ()
     barrier: str | None = None  # name of the rung barrier actor when rungs are synchronised
     local: bool = False  # Ray Train's local mode in the Tune trial's process: results go to Tune directly
+    rows_dir: str | None = None  # per-row eval figures of every report (the pick's confidence), shared storage
+    export_dir: str | None = None  # the LoRA adapter of the latest report, in PEFT's format
     trial_started_at: float | None = None  # wall clock when the trial's driver started (timeline)
 
     @property

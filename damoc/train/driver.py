@@ -1,9 +1,16 @@
 """The Tune driver (Ray Train V2 pattern): one trial per candidate, each a function that builds
 and fits its own TorchTrainer; ASHA on the select metric; concurrency from the cluster's resources.
 
-The driver also keeps each trial's book (start, results, end: the timeline's driver-side phases)
-and stops the experiment once the selection is decided: ASHA has stopped every candidate but one
-and that one has passed every rung the others failed, so it ranks first whatever it does next.
+The driver also keeps each trial's book (start, results, end: the timeline's driver-side phases,
+and the cost of every attempt) and stops the experiment once the selection is decided: ASHA has
+stopped every candidate but one and that one has passed every rung the others failed, so it ranks
+first whatever it does next.
+
+Resume: the book and ASHA's rung records are the Tune callback's state, which Tune saves with the
+experiment (RUN/.finetune-state/... or finetune.storage_path). `Tuner.restore` brings back every
+trial as it was (finished and stopped ones stay so, running ones resume from their last checkpoint)
+and the callback's state: the decisions already made stand and the cost of the lost attempt is kept.
+ASHA itself is not part of Tune's experiment state, so its records travel in the callback's.
 """
 
 from __future__ import annotations
@@ -13,10 +20,12 @@ import math
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from damoc.train.args import TrainArgs
 from damoc.train.loop import train_loop_per_worker
@@ -28,6 +37,8 @@ DRIVER_MEMORY = 256 * 1024 * 1024
 # its controller and workers. The preemption watcher is observability only (a process per trial);
 # a shorter poll interval brings reports, and so rung decisions, to Tune sooner.
 TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+EXPERIMENT_STATE_S = "3"  # how often Tune saves the experiment (and the book): what a crash can lose
+BOOKS: dict[str, Book] = {}  # this process's books by key: a restored callback brings its own
 
 
 @dataclass
@@ -69,6 +80,8 @@ def run_trial(config: dict[str, Any], plans: dict[str, TrialPlan], scaling: dict
         train_loop_config={"args": plan.args.started(started)},
         scaling_config=ray.train.ScalingConfig(**{**scaling, "num_workers": 0}) if local
         else ray.train.ScalingConfig(**scaling),
+        # The run's name and storage stay the same across attempts: a resumed worker group continues
+        # from the run's last checkpoint.
         run_config=ray.train.RunConfig(
             name=plan.name, storage_path=plan.storage_path, callbacks=[] if local else [TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
@@ -79,7 +92,7 @@ def run_trial(config: dict[str, Any], plans: dict[str, TrialPlan], scaling: dict
 
 @dataclass
 class TrialRecord:
-    """What the driver saw of one trial (wall clock, seconds since the epoch)."""
+    """What the driver saw of one trial (wall clock, seconds since the epoch), over its attempts."""
 
     name: str
     started: float | None = None
@@ -87,7 +100,11 @@ class TrialRecord:
     last_result: float | None = None
     ended: float | None = None
     last_step: int = 0
-    entered: float | None = None  # when the trial's own driver function started (reported by rank 0)
+    entered: float | None = None  # when this attempt's trial function started (reported by rank 0)
+    status: str | None = None  # Tune's, at the end: TERMINATED | ERROR
+    rungs: dict[str, float] = field(default_factory=dict)  # the metric at each rung it reported
+    earlier_seconds: float = 0.0  # wall seconds of attempts cut short by an interrupted driver
+    attempts: int = 0
 
 
 @dataclass
@@ -97,10 +114,14 @@ class Book:
     planned_steps: int
     decide: bool  # stop once decided (tune.finish_winner false, ASHA on)
     expected: int = 0  # trials in the sweep (Tune creates them only as slots free up)
+    metric: str = "eval_loss"
+    rungs: list[int] = field(default_factory=list)
+    key: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     t0: float = field(default_factory=time.time)
     trials: dict[str, TrialRecord] = field(default_factory=dict)
     decided_at: int | None = None
     winner: str | None = None
+    resumed: int = 0  # times the sweep was restored after an interruption
 
     def record(self, name: str) -> TrialRecord:
         return self.trials.setdefault(name, TrialRecord(name))
@@ -123,65 +144,122 @@ class Book:
                  "(tune.finish_winner: true trains it to the end)", self.decided_at, self.winner)
         return True
 
+    def state(self) -> dict[str, Any]:
+        return {"trials": {n: asdict(r) for n, r in self.trials.items()}, "t0": self.t0,
+                "decided_at": self.decided_at, "winner": self.winner, "resumed": self.resumed}
 
-def make_callbacks(book: Book, barrier):
-    """A Tune callback keeping the book (and the rung barrier) in step with what Tune has seen, and a
-    stopper that ends the sweep once the book says the selection is decided."""
-    from ray import tune
+    def restore(self, state: dict[str, Any]) -> None:
+        """The book of an interrupted sweep: attempts that were running when it stopped are closed at
+        their last sign of life (their seconds are kept); the next attempt starts a new record."""
+        self.t0, self.decided_at, self.winner = state["t0"], state["decided_at"], state["winner"]
+        self.resumed = state.get("resumed", 0) + 1
+        for name, r in state["trials"].items():
+            rec = TrialRecord(**r)
+            if rec.started is not None and rec.ended is None:  # cut short: its seconds stay on the bill
+                rec.earlier_seconds += max(0.0, (rec.last_result or rec.started) - (rec.entered or rec.started))
+                rec.started = rec.first_result = rec.entered = None
+            self.trials[name] = rec
+        log.info("finetune: resuming the sweep (attempt %d): %s", self.resumed + 1,
+                 ", ".join(f"{n} at step {r.last_step} ({r.status or 'to continue'})" for n, r in self.trials.items()))
 
-    class Bookkeeping(tune.Callback):
-        def on_trial_start(self, iteration, trials, trial, **info):
-            book.record(trial.config["candidate"]).started = time.time()
-            if barrier is not None:
-                barrier.join.remote(trial.config["candidate"])
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            rec, now = book.record(trial.config["candidate"]), time.time()
-            rec.first_result = rec.first_result or now
-            rec.last_result = now
-            if "step" in result:
-                rec.last_step = int(result["step"])
-                if barrier is not None:
-                    barrier.processed.remote(rec.name, rec.last_step)
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rung records can be saved and put back (Tune restores trials, not the scheduler)."""
 
-        def _end(self, trial):
-            book.record(trial.config["candidate"]).ended = time.time()
-            if barrier is not None:
-                barrier.leave.remote(trial.config["candidate"])
+    def records(self) -> list[dict[str, dict[str, float]]]:
+        """Per bracket, per rung milestone: {trial id: recorded value}."""
+        return [{str(m): dict(rec) for m, rec in b._rungs} for b in self._brackets]
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._end(trial)
+    def load_records(self, saved: list[dict[str, dict[str, float]]]) -> None:
+        for bracket, rungs in zip(self._brackets, saved):
+            for milestone, recorded in bracket._rungs:
+                recorded.update(rungs.get(str(milestone), {}))
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._end(trial)
 
-        def on_step_end(self, iteration, trials, **info):
-            book.check_decided({t.config["candidate"]: t.status for t in trials})
+class Bookkeeping(tune.Callback):
+    """Keeps the book (and the rung barrier) in step with what Tune has seen; its state is the book and
+    ASHA's records, saved by Tune with the experiment."""
 
-    class Decided(tune.Stopper):
-        def __call__(self, trial_id, result):
-            return False
+    def __init__(self, book: Book, scheduler, barrier_name: str | None):
+        self.book, self.scheduler, self.barrier_name = book, scheduler, barrier_name
+        BOOKS[book.key] = book
 
-        def stop_all(self):
-            return book.decided_at is not None
+    def _barrier(self):
+        return ray.get_actor(self.barrier_name) if self.barrier_name else None
 
-    return Bookkeeping(), Decided()
+    def on_trial_start(self, iteration, trials, trial, **info):
+        rec = self.book.record(trial.config["candidate"])
+        rec.started, rec.ended, rec.status = time.time(), None, None
+        rec.attempts += 1
+        if self.barrier_name:
+            self._barrier().join.remote(rec.name, rec.last_step)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        rec, now = self.book.record(trial.config["candidate"]), time.time()
+        rec.first_result = rec.first_result or now
+        rec.last_result = now
+        rec.entered = result.get("trial_started_at") or rec.entered
+        if "step" in result:
+            rec.last_step = int(result["step"])
+            value = result.get(self.book.metric)
+            log.info("finetune: %-16s step %4d  %s %s", rec.name, rec.last_step, self.book.metric,
+                     "-" if value is None else f"{value:.4f}")
+            if rec.last_step in self.book.rungs and self.book.metric in result:
+                rec.rungs[str(rec.last_step)] = float(result[self.book.metric])
+            if self.barrier_name:
+                self._barrier().processed.remote(rec.name, rec.last_step)
+
+    def _end(self, trial, status: str):
+        rec = self.book.record(trial.config["candidate"])
+        rec.ended, rec.status = time.time(), status
+        if self.barrier_name:
+            self._barrier().leave.remote(rec.name)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, "TERMINATED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "ERROR")
+
+    def on_step_end(self, iteration, trials, **info):
+        self.book.check_decided({t.config["candidate"]: t.status for t in trials})
+
+    def get_state(self) -> dict[str, Any]:
+        asha = self.scheduler.records() if isinstance(self.scheduler, ResumableASHA) else None
+        return {"book": self.book.state(), "asha": asha}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.book.restore(state["book"])
+        BOOKS[self.book.key] = self.book
+        if state.get("asha") and isinstance(self.scheduler, ResumableASHA):
+            self.scheduler.load_records(state["asha"])
+
+
+class Decided(tune.Stopper):
+    """Ends the sweep once the book says the selection is decided."""
+
+    def __init__(self, book: Book):
+        self.book = book
+
+    def __call__(self, trial_id, result):
+        return False
+
+    def stop_all(self):
+        return self.book.decided_at is not None
 
 
 def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[str, Any], metric: str, mode: str,
                     scheduler: str, grace_period: int, reduction_factor: float, max_concurrent: int,
                     max_failures: int, storage_path: str, rung_timeout_s: float, barrier_name: str | None,
-                    local: bool):
-    """Run one trial per plan under Tune; returns the ResultGrid."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    sched = (ASHAScheduler(time_attr="step", grace_period=grace_period, reduction_factor=reduction_factor,
-                           max_t=book.planned_steps) if scheduler == "asha" else FIFOScheduler())
+                    local: bool, restore: bool) -> tuple[Any, Book]:
+    """Run (or, with `restore`, resume) one trial per plan under Tune; the ResultGrid and the book."""
     barrier = None
-    if barrier_name:
+    if barrier_name:  # by name: a resumed sweep's callback finds the new one
+        try:  # one an interrupted driver left on a cluster that outlived it
+            ray.kill(ray.get_actor(barrier_name))
+        except ValueError:
+            pass
         barrier = RungBarrier.options(name=barrier_name).remote(reduction_factor, rung_timeout_s)
-    bookkeeping, stopper = make_callbacks(book, barrier)
     # A worker-group trial is only a driver (its workers have their own resources): no CPU, so trials
     # never take CPUs their workers need; a little memory because a bundle cannot be empty. A local-mode
     # trial is the worker: it holds the worker's resources, and its process (imports, process group)
@@ -191,21 +269,33 @@ def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[st
                  else {"CPU": 0, "memory": DRIVER_MEMORY})
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, plans=plans, scaling=scaling, max_failures=max_failures), resources)
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"candidate": tune.grid_search(list(plans))},
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=sched, num_samples=1,
-                                    max_concurrent_trials=max_concurrent, reuse_actors=local),
-        run_config=tune.RunConfig(name="tune", storage_path=storage_path, callbacks=[bookkeeping], stop=stopper,
-                                  failure_config=tune.FailureConfig(max_failures=max_failures if local else 0),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
-    )
-    book.t0 = time.time()
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = EXPERIMENT_STATE_S
+    path = storage_path.rstrip("/") + "/tune"
+    if restore:
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+    else:
+        sched = (ResumableASHA(time_attr="step", grace_period=grace_period, reduction_factor=reduction_factor,
+                               max_t=book.planned_steps) if scheduler == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"candidate": tune.grid_search(list(plans))},
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=sched, num_samples=1,
+                                        max_concurrent_trials=max_concurrent, reuse_actors=local),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=storage_path,
+                callbacks=[Bookkeeping(book, sched, barrier_name)], stop=Decided(book),
+                failure_config=tune.FailureConfig(max_failures=max_failures if local else 0),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+        )
+    book.t0 = book.t0 if restore else time.time()
     try:
-        return tuner.fit()
+        grid = tuner.fit()
     finally:
         if barrier is not None:
             ray.kill(barrier)
+    # A restored sweep's book is the one its callback brought back (same key: it was pickled with it).
+    return grid, BOOKS.get(book.key, book)
 
 
 def new_barrier_name() -> str:

@@ -15,21 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import get_cosine_schedule_with_warmup
 
 from damoc.lm.nll import causal_lm_loss
 from damoc.train.args import TrainArgs
 
 STATE_FILE = "state.json"
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """LambdaLR factor: linear warmup to 1, then cosine down to 0 at total_steps."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
 
 
 def resolve_precision(precision: str, deepspeed: bool, cuda: bool) -> torch.dtype:
@@ -180,7 +171,7 @@ class DDPEngine:
 def build_engine(model, args: TrainArgs, dtype: torch.dtype, device):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, args.max_steps))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     if args.deepspeed:
         os.environ.setdefault("LOCAL_RANK", "0")
         cfg = deepspeed_config(args.batch_size, args.grad_accum, args.zero_stage, dtype)

@@ -49,21 +49,22 @@ class EvalSet:
         self.n_rows = len(rows)
         mine = my_slice(rows, rank, world)
         self.weights = [w for _, w in mine]
+        self.index = [rank + world * j for j in range(len(mine))]  # each row's place in the eval rows
         self.references = [r["output"] for r, _ in mine]
         prompts = [prompt_text(task, r["instruction"], r["input"], tok, args.template) for r, _ in mine]
         self.answers = [encode(tok, p, r["output"], max_len) for p, (r, _) in zip(prompts, mine)]
         gen_len = max(8, max_len - args.max_new_tokens)
         self.prompt_ids = [encode(tok, p, "", gen_len, eos=False).ids for p in prompts]
-        self.choices: list[tuple[float, list[Example], int]] = []  # (weight, option examples, gold)
+        self.choices: list[tuple[float, list[Example], int, int]] = []  # (weight, option examples, gold, row)
         if task == "multiple_choice" or args.metric == "accuracy":
-            for (r, w), p in zip(mine, prompts):
+            for j, ((r, w), p) in enumerate(zip(mine, prompts)):
                 opts = options_of(r["instruction"], r["input"])
                 gold = gold_option(opts, r["output"]) if opts else None
                 if gold is None:
                     continue
                 by_letter = r["output"].strip().upper() in {letter for letter, _ in opts}
                 options = [encode(tok, p, letter if by_letter else text, max_len) for letter, text in opts]
-                self.choices.append((w, options, gold))
+                self.choices.append((w, options, gold, self.index[j]))
 
 
 @torch.no_grad()
@@ -76,8 +77,9 @@ def generate_answer(model, tok, prompt_ids: list[int], max_new_tokens: int, devi
 
 
 def evaluate(model, tok, es: EvalSet, args: TrainArgs, device, generation: bool,
-             synced: bool = False) -> dict[str, float]:
-    """Metrics over all eval rows (every rank must call this the same number of times)."""
+             synced: bool = False, rows: dict | None = None) -> dict[str, float]:
+    """Metrics over all eval rows (every rank must call this the same number of times). With `rows`, it
+    also fills in this rank's per-row figures (by row index), which the pick's confidence resamples."""
     was_training = model.training
     model.eval()
     bs = args.eval_batch_size
@@ -86,19 +88,26 @@ def evaluate(model, tok, es: EvalSet, args: TrainArgs, device, generation: bool,
     sums = [sum(w * n for (n, _), w in zip(scored, es.weights)),
             sum(w * t for (_, t), w in zip(scored, es.weights)),
             sum(w * e.answer_bytes for e, w in zip(es.answers, es.weights))]
+    if rows is not None:
+        for i, (n, _), e, w in zip(es.index, scored, es.answers, es.weights):
+            if w:
+                rows.setdefault(i, {}).update(nll=n, bytes=e.answer_bytes)
     em = rl = gen_n = 0.0
     if generation:
-        for ids, ref, w in zip(es.prompt_ids, es.references, es.weights):
+        for i, ids, ref, w in zip(es.index, es.prompt_ids, es.references, es.weights):
             pred = generate_answer(model, tok, ids, args.max_new_tokens, device, synced)
-            em += w * metrics.exact_match(pred, ref)
-            rl += w * metrics.rouge_l(pred, ref)
-            gen_n += w
+            row_em, row_rl = metrics.exact_match(pred, ref), metrics.rouge_l(pred, ref)
+            em, rl, gen_n = em + w * row_em, rl + w * row_rl, gen_n + w
+            if rows is not None and w:
+                rows.setdefault(i, {}).update(exact_match=row_em, rouge_l=row_rl)
     correct = mc_n = 0.0
-    for w, options, gold in es.choices:
+    for w, options, gold, i in es.choices:
         per_byte = [nll / max(1, e.answer_bytes)
                     for (nll, _), e in zip(answer_nll(model, options, pad, bs, device), options)]
-        correct += w * float(min(range(len(per_byte)), key=per_byte.__getitem__) == gold)
-        mc_n += w
+        hit = float(min(range(len(per_byte)), key=per_byte.__getitem__) == gold)
+        correct, mc_n = correct + w * hit, mc_n + w
+        if rows is not None and w:
+            rows.setdefault(i, {}).update(accuracy=hit)
     nll, tokens, n_bytes, em, rl, gen_n, correct, mc_n = all_sum(sums + [em, rl, gen_n, correct, mc_n], device)
     if was_training:
         model.train()
@@ -109,3 +118,15 @@ def evaluate(model, tok, es: EvalSet, args: TrainArgs, device, generation: bool,
     if mc_n:
         result["accuracy"] = correct / mc_n
     return result
+
+
+def gather_rows(rows: dict[int, dict[str, float]], world: int) -> dict[int, dict[str, float]]:
+    """Every rank's per-row figures, merged (on every rank; rank 0 writes them)."""
+    if world == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return rows
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, rows)
+    merged: dict[int, dict[str, float]] = {}
+    for p in parts:
+        merged.update(p or {})
+    return merged

@@ -131,6 +131,55 @@ def local_process_group() -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
+def save_json(path: str, payload: dict) -> None:
+    """A small JSON file on the run's storage (a local or shared path, or a URI every node reaches)."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    fs, where = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    fs.create_dir(where.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(where) as f:
+        f.write(json.dumps(payload).encode())
+
+
+def save_rows(args: TrainArgs, step: int, rows: dict[int, dict[str, float]]) -> None:
+    if args.rows_dir:
+        save_json(f"{args.rows_dir.rstrip('/')}/{args.candidate}/step-{step}.json",
+                  {"step": step, "rows": {str(i): r for i, r in sorted(rows.items())}})
+
+
+def export_adapter(engine, args: TrainArgs, step: int, rank: int) -> None:
+    """The LoRA adapter as it is at this report, in PEFT's format (adapter_config.json + safetensors), so
+    `PeftModel.from_pretrained(compressed model, folder)` loads it. ZeRO-3 shards the weights: the
+    adapter's are gathered (all ranks take part) and rank 0 writes them."""
+    if args.method != "lora" or not args.export_dir:
+        return
+    import contextlib
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    gathered = contextlib.nullcontext()
+    if engine.zero_stage == 3:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(
+            [p for p in engine.module.parameters() if p.requires_grad], modifier_rank=None)
+    with gathered, tempfile.TemporaryDirectory(prefix="damoc-adapter-") as tmp:
+        if rank != 0:
+            return
+        engine.module.save_pretrained(tmp, safe_serialization=True)
+        (Path(tmp) / "damoc.json").write_text(f'{{"candidate": "{args.candidate}", "step": {step}}}')
+        target = f"{args.export_dir.rstrip('/')}/{args.candidate}"
+        if "://" in target:
+            fs, where = pafs.FileSystem.from_uri(target)
+            pafs.copy_files(tmp, where, destination_filesystem=fs)
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(tmp, target)
+
+
 def report_steps(max_steps: int, eval_every: int, rungs: tuple[int, ...] | list[int]) -> set[int]:
     """Steps that evaluate, checkpoint and report: every eval_every, every ASHA rung, and the last."""
     return set(range(eval_every, max_steps + 1, eval_every)) | {r for r in rungs if r <= max_steps} | {max_steps}
@@ -147,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         import torch
 
         from damoc.train.engine import build_engine, resolve_precision
-        from damoc.train.evaluate import EvalSet, all_sum, evaluate
+        from damoc.train.evaluate import EvalSet, all_sum, evaluate, gather_rows
         from damoc.train.rungs import wait_turn
 
     report, get_checkpoint = result_channel(args)
@@ -183,6 +232,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         timeline.add("worker_group_start", entered - args.trial_started_at)
     batches = Batches(examples, args.batch_size, args.seed + rank, state["position"])
     reports = report_steps(args.max_steps, args.eval_every, args.rungs)
+    if not checkpoint:  # step 0: the zero-shot point of the learning curve (the free baseline)
+        with timeline.phase("evaluation"):
+            rows: dict[int, dict[str, float]] = {}
+            result = evaluate(engine.module, tok, eval_set, args, device, False, synced, rows)
+            rows = gather_rows(rows, world)
+        if rank == 0:
+            save_rows(args, 0, rows)
+        report({**result, "step": 0, "train_tokens": 0, "train_flops": 0.0, "forward_params": forward_params,
+                "trainable_params": trainable_params, "start_step": 0, "workers": world, "restarts": 0,
+                "trial_started_at": args.trial_started_at, **timeline.metrics()})
     start_step, t0, loss_sum, loss_n, tokens = state["step"], time.monotonic(), 0.0, 0, 0
     model.train()
     t_train = time.perf_counter()
@@ -199,7 +258,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         timeline.add("training", time.perf_counter() - t_train)
         with timeline.phase("evaluation"):
             generation = args.metric in ("exact_match", "rouge_l") or step == args.max_steps
-            result = evaluate(engine.module, tok, eval_set, args, device, generation, synced)
+            rows = {}
+            result = evaluate(engine.module, tok, eval_set, args, device, generation, synced, rows)
+            rows = gather_rows(rows, world)
             step_tokens, loss_total, loss_count = all_sum([tokens, loss_sum, loss_n], device)
         train_loss = loss_total / max(1.0, loss_count)
         state.update(step=step, tokens=state["tokens"] + int(step_tokens), position=batches.position,
@@ -215,10 +276,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 wait_turn(args.barrier, args.candidate, step, sign * metrics[args.metric])
         if rank == 0:
             record_report(args.job, args.candidate, args.metric, metrics)
+            save_rows(args, step, rows)
         with timeline.phase("checkpointing"), tempfile.TemporaryDirectory(prefix="damoc-ckpt-") as tmp:
             state["timeline"] = timeline.seconds
             wrote = engine.save(Path(tmp), rank, state)
             report({**metrics, **timeline.metrics()},
                    checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
+            # After the report: a trial stopped at this report ends inside it, so the adapter on disk is
+            # always one whose result Tune has taken.
+            export_adapter(engine, args, step, rank)
         t0, loss_sum, loss_n, tokens = time.monotonic(), 0.0, 0, 0
         t_train = time.perf_counter()

@@ -32,9 +32,18 @@ def _lcs(a: list[str], b: list[str]) -> int:
     return prev[-1]
 
 
+_ROUGE_TOKEN = re.compile(r"[^a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge-score's default tokenizer: lower case, runs of anything but [a-z0-9] split words, no stemming
+    and no stop-word removal (articles count, unlike the SQuAD normalisation exact match uses)."""
+    return _ROUGE_TOKEN.sub(" ", text.lower()).split()
+
+
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over normalised word tokens."""
-    p, r = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    """ROUGE-L F1 as the rouge-score package computes it (its default tokenizer, no stemming)."""
+    p, r = rouge_tokens(prediction), rouge_tokens(reference)
     if not p or not r:
         return float(p == r)
     lcs = _lcs(p, r)

@@ -44,20 +44,20 @@ def release_order(values: dict[str, float], reduction_factor: float) -> list[str
 class RungBarrier:
     def __init__(self, reduction_factor: float, timeout_s: float):
         self.rf, self.timeout_s = reduction_factor, timeout_s
-        self.live: set[str] = set()
+        self.live: dict[str, int] = {}  # running trial -> the last step it reported (a resumed one may be past a rung)
         self.arrived: dict[int, dict[str, float]] = {}  # rung -> {trial: value}
         self.arrived_at: dict[tuple[str, int], float] = {}
         self.order: dict[int, list[str]] = {}
         self.done: dict[int, set[str]] = {}  # reports Tune has processed at each rung
 
-    def join(self, name: str) -> None:
-        self.live.add(name)
+    def join(self, name: str, passed: int = 0) -> None:
+        self.live[name] = max(passed, self.live.get(name, 0))
 
     def leave(self, name: str) -> None:
-        self.live.discard(name)
+        self.live.pop(name, None)
 
     def arrive(self, name: str, rung: int, value: float) -> None:
-        self.live.add(name)
+        self.live.setdefault(name, 0)
         self.arrived.setdefault(rung, {})[name] = value
         self.arrived_at.setdefault((name, rung), time.monotonic())
 
@@ -69,7 +69,8 @@ class RungBarrier:
             return True
         here = self.arrived[rung]
         if rung not in self.order:
-            if not self.live <= set(here):
+            expected = {n for n, passed in self.live.items() if passed < rung}
+            if not expected <= set(here):
                 return False  # someone still running has not reached the rung
             self.order[rung] = release_order(here, self.rf)
         order, done = self.order[rung], self.done.get(rung, set())

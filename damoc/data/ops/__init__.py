@@ -6,7 +6,7 @@ Two kinds:
 - Selector: a global choice over the surviving rows (dedup, coreset, budgeted ranking).
   It must not pull the corpus into one process: it works on the narrow columns it declared
   (kept by the driver as pass 1 streams by), reads wide ones back per block, and finishes on
-  the survivors. Returns {row order: drop reason}.
+  the survivors. Returns its drops: reasons indexed by row order.
 Rows are never removed, only marked: every drop is in the output with its reason.
 """
 
@@ -69,9 +69,9 @@ class Selector(Operator):
         """Per-batch columns for `select`, computed for alive rows (the others get nulls)."""
         return df
 
-    def select(self, alive: pd.DataFrame, budget: int | None, ctx: SelectContext) -> dict[int, str]:
-        """Drops among the rows still alive ({row order: reason}). `alive` holds their `order` and the
-        declared `columns`; wide columns come from `ctx.work`."""
+    def select(self, alive: pd.DataFrame, budget: int | None, ctx: SelectContext) -> pd.Series:
+        """Drops among the rows still alive: a Series of reasons indexed by row order (`dropped`).
+        `alive` holds their `order` and the declared `columns`; wide columns come from `ctx.work`."""
         raise NotImplementedError
 
 
@@ -81,6 +81,14 @@ class SelectContext:
 
     def __init__(self, seed: int, batch_size: int, work=None):
         self.seed, self.batch_size, self.work = seed, batch_size, work
+
+
+def dropped(orders, reason) -> pd.Series:
+    """A selector's drops: reasons (one for all, or one per row) indexed by row order. A Series of a
+    repeated string holds references, not copies: a million drops cost a few MB in the driver."""
+    orders = np.asarray(orders, dtype=np.int64)
+    return pd.Series(reason if not isinstance(reason, str) else [reason] * len(orders),
+                     index=pd.Index(orders, name="order"), dtype=object)
 
 
 def register(cls: type[Operator]) -> type[Operator]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import BATCH_ROWS, Params, SelectContext, Selector, embeddings, register
+from damoc.data.ops import BATCH_ROWS, Params, SelectContext, Selector, dropped, embeddings, register
 from damoc.data.select import assign, balanced_quota, kmeans, top_k
 
 
@@ -27,10 +27,10 @@ class ClusterBalance(Selector):
     def columns(self) -> tuple[str, ...]:
         return (self.p.score,) if self.p.score else ()
 
-    def select(self, alive: pd.DataFrame, budget, ctx: SelectContext) -> dict[int, str]:
+    def select(self, alive: pd.DataFrame, budget, ctx: SelectContext) -> pd.Series:
         p, n = self.p, len(alive)
         if budget is None or budget >= n:
-            return {}
+            return dropped([], [])
         orders = alive["order"].to_numpy()
         rng = np.random.default_rng(ctx.seed)
         sample = orders if n <= p.sample else rng.choice(orders, p.sample, replace=False)
@@ -48,4 +48,4 @@ class ClusterBalance(Selector):
             members = np.flatnonzero(cluster == j)
             s = alive[p.score].to_numpy(np.float64)[members] if p.score else np.zeros(len(members))
             keep[members[top_k(s, orders[members], int(q))]] = True
-        return {int(o): "cluster_balance:over_share" for o in orders[~keep]}
+        return dropped(orders[~keep], "cluster_balance:over_share")

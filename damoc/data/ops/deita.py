@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import Params, SelectContext, Selector, embeddings, register
+from damoc.data.ops import Params, SelectContext, Selector, dropped, embeddings, register
 from damoc.data.select import deita_admit
 
 
@@ -39,7 +39,7 @@ class Deita(Selector):
     def columns(self) -> tuple[str, ...]:
         return ("judge", "ifd") if self.p.score == "judge_x_ifd" else (self.p.score,)
 
-    def select(self, alive: pd.DataFrame, budget, ctx: SelectContext) -> dict[int, str]:
+    def select(self, alive: pd.DataFrame, budget, ctx: SelectContext) -> pd.Series:
         p = self.p
         orders = alive["order"].to_numpy()
         k = len(orders) if budget is None else min(budget, len(orders))
@@ -62,7 +62,6 @@ class Deita(Selector):
         similar = set(got.loc[got["similar"].to_numpy(bool), "order"].tolist())
         emb = embeddings(surv["embedding"]) - center if len(surv) else np.zeros((0, 1))
         adm, sim = deita_admit(surv["q"].to_numpy(np.float64), emb, p.tau, k, surv["order"].to_numpy())
-        keep = set(surv["order"].to_numpy()[adm].tolist())
         similar |= set(surv["order"].to_numpy()[sim].tolist())
-        return {int(o): ("deita:too_similar" if o in similar else "deita:below_budget")
-                for o in orders if o not in keep}
+        gone = orders[~np.isin(orders, surv["order"].to_numpy()[adm])]
+        return dropped(gone, np.where(np.isin(gone, list(similar)), "deita:too_similar", "deita:below_budget"))

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import Params, SelectContext, Selector, embeddings, register
+from damoc.data.ops import Params, SelectContext, Selector, dropped, embeddings, register
 from damoc.data.select import k_center
 
 
@@ -25,9 +25,9 @@ class KCenter(Selector):
     needs_embedding = True
     budgeted = True
 
-    def select(self, alive: pd.DataFrame, budget, ctx: SelectContext) -> dict[int, str]:
+    def select(self, alive: pd.DataFrame, budget, ctx: SelectContext) -> pd.Series:
         if budget is None or budget >= len(alive):
-            return {}
+            return dropped([], [])
         share = self.p.oversample * budget / max(1, len(alive))
 
         def pre(df: pd.DataFrame) -> pd.DataFrame:
@@ -36,5 +36,5 @@ class KCenter(Selector):
 
         surv = ctx.work.map_blocks(["embedding"], alive["order"], pre, self.p.block_rows)
         chosen = k_center(embeddings(surv["embedding"]), budget, surv["order"].to_numpy())
-        keep = set(surv["order"].to_numpy()[chosen].tolist())
-        return {int(o): "k_center:not_selected" for o in alive["order"] if o not in keep}
+        orders = alive["order"].to_numpy()
+        return dropped(orders[~np.isin(orders, surv["order"].to_numpy()[chosen])], "k_center:not_selected")

@@ -22,6 +22,7 @@ class JudgeParams(Params):
     min_score: float | None = None  # drop rows scored below this (none by default)
     max_length: int = 512
     trust_remote_code: bool = False
+    chat: bool | None = None  # the prompt as a user turn of the judge's chat template; None: when it has one
 
 
 def expected_digit(logits: np.ndarray, digit_ids: list[int]) -> np.ndarray:
@@ -49,12 +50,20 @@ class JudgeScorer:
                 raise ValueError(f"judge tokenizer splits the digit {d!r} into {len(ids)} tokens")
             self.digit_ids.append(ids[0])
         self.tok.padding_side = "left"  # the next token is read at the last position
+        self.chat = self.p.chat if self.p.chat is not None else bool(getattr(self.tok, "chat_template", None))
+
+    def render(self, text: str) -> str:
+        """The filled prompt, as a user turn of the chat template for an instruct judge."""
+        if not self.chat:
+            return text
+        return self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                            add_generation_prompt=True)
 
     def scores(self, prompts: list[str]) -> np.ndarray:
         import torch
 
-        enc = self.tok(prompts, return_tensors="pt", padding=True, truncation=True,
-                       max_length=self.p.max_length)
+        enc = self.tok([self.render(p) for p in prompts], return_tensors="pt", padding=True, truncation=True,
+                       max_length=self.p.max_length, add_special_tokens=not self.chat)
         with torch.no_grad():
             logits = self.model(**enc).logits[:, -1].float().numpy()
         return expected_digit(logits, self.digit_ids)

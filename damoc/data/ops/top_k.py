@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from damoc.data.ops import Params, SelectContext, Selector, register
+from damoc.data.ops import Params, SelectContext, Selector, dropped, register
 from damoc.data.select import top_k
 
 
@@ -28,12 +28,11 @@ class TopK(Selector):
     def columns(self) -> tuple[str, ...]:
         return (self.p.score,)
 
-    def select(self, alive: pd.DataFrame, budget, ctx: SelectContext) -> dict[int, str]:
+    def select(self, alive: pd.DataFrame, budget, ctx: SelectContext) -> pd.Series:
         if budget is None or budget >= len(alive):
-            return {}
+            return dropped([], [])
         s = alive[self.p.score].to_numpy(np.float64)
         order = alive["order"].to_numpy()
         kept = np.zeros(len(s), dtype=bool)
         kept[top_k(s if self.p.higher_is_better else -s, order, budget)] = True
-        reason = f"top_k:below_budget({self.p.score})"
-        return {int(o): reason for o in order[~kept]}
+        return dropped(order[~kept], f"top_k:below_budget({self.p.score})")

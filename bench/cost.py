@@ -1,0 +1,218 @@
+"""What DaMoC costs against fine-tuning every candidate in full, in seconds and FLOPs, on one machine.
+
+Per domain of a zoo (`damoc zoo build --preset bench`), three ways to the same answer:
+  1. plain full fine-tuning: for each candidate, a single-process torch loop on all the training
+     rows, the same method (LoRA), epochs, batch, schedule and prompt as the job, every core, no
+     framework, then one evaluation: the floor a user would compare against;
+  2. full fine-tuning through DaMoC's own finetune stage (the reference spec of DESIGN.md);
+  3. DaMoC (data selection and compression, pruning and merging, ASHA, stopped once decided).
+The plain loops run before the Ray cluster starts (its background would slow them); both DaMoC
+runs share one embedded cluster, whose start-up is reported apart. One table per domain: wall
+seconds, worker-seconds, training FLOPs, top-1 and Kendall tau against the full reference, the
+ratios plain / DaMoC, and where DaMoC's seconds went (per stage, per trial). Written to
+bench/results/cost.{md,json}. Never run by the test suite.
+
+    .venv/bin/python bench/cost.py --zoo zoo/bench --preset bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from selection import DOMAINS, costs, damoc_spec, final_scores, reference_spec, run  # noqa: E402
+
+from damoc.report.agreement import best, kendall_tau, top1_hit  # noqa: E402
+from damoc.rundir import read_json  # noqa: E402
+
+log = logging.getLogger("bench.cost")
+
+
+def plain_full(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Every candidate fine-tuned in full by a bare torch loop; seconds, FLOPs and final eval loss each."""
+    import dataclasses
+
+    import torch
+
+    from damoc.data.readers import plan_units, read_unit
+    from damoc.lm.load import pad_id
+    from damoc.lm.prompts import prompt_text
+    from damoc.lm.tokens import collate, encode
+    from damoc.spec import spec_from_data
+    from damoc.train.args import train_args
+    from damoc.train.engine import build_engine
+    from damoc.train.evaluate import EvalSet, evaluate
+    from damoc.train.loop import Batches, load_model
+    from damoc.plan import planned_steps
+
+    js = spec_from_data(spec, source=spec["name"])
+    d, ft = js.data, js.finetune
+    rows = [r for u in plan_units(d.train, str(REPO)) for r in read_unit(u, d.fields) if r.get("reason") is None]
+    evals = [r for u in plan_units(d.eval, str(REPO)) for r in read_unit(u, d.fields) if r.get("reason") is None]
+    evals = evals[: ft.eval_max_rows] if ft.eval_max_rows else evals
+    steps = planned_steps(ft, len(rows))
+    torch.set_num_threads(threads)
+    out: dict[str, Any] = {"steps": steps, "rows": len(rows), "candidates": {}}
+    for c in js.candidates:
+        t0 = time.perf_counter()
+        args = train_args(js, c.name, c.path, "", "", [], None, False, steps)
+        torch.manual_seed(args.seed)
+        tok, model, forward_params = load_model(args)
+        exs = [encode(tok, prompt_text(d.task, r["instruction"], r["input"], tok, args.template), r["output"],
+                      args.max_length) for r in rows]
+        engine = build_engine(model, dataclasses.replace(args, deepspeed=False, local=True), torch.float32, "cpu")
+        batches, pad, tokens = Batches(exs, args.batch_size, args.seed), pad_id(tok), 0
+        model.train()
+        for _ in range(steps):
+            for _ in range(args.grad_accum):
+                batch = collate(batches.next(), pad)
+                loss = engine.loss(batch)
+                engine.backward(loss)
+                engine.step()
+                tokens += int(batch["attention_mask"].sum())
+        score = evaluate(model, tok, EvalSet(tok, evals, args, 0, 1), args, "cpu", generation=False)["eval_loss"]
+        seconds = time.perf_counter() - t0
+        out["candidates"][c.name] = {"seconds": round(seconds, 2), "flops": 6.0 * forward_params * tokens,
+                                     "eval_loss": score, "tokens": tokens}
+        log.info("plain full fine-tuning: %s %d steps in %.0fs, eval_loss %.4f", c.name, steps, seconds, score)
+    out["seconds"] = sum(v["seconds"] for v in out["candidates"].values())
+    out["flops"] = sum(v["flops"] for v in out["candidates"].values())
+    return out
+
+
+def run_timed(spec: dict[str, Any], runtime) -> tuple[Path, float]:
+    t0 = time.monotonic()
+    rd = run(spec, runtime)
+    return rd, time.monotonic() - t0
+
+
+def breakdown(run_dir: Path) -> dict[str, Any]:
+    """Where a run's seconds went: each stage's wall seconds, each trial's timeline."""
+    stages = {s: (read_json(run_dir / s / "_stage.json") or {}).get("seconds") for s in ("data", "models", "finetune", "report")}
+    results = read_json(run_dir / "finetune" / "results.json") or {}
+    trials = {e["name"]: {k: e.get("timeline", {}).get(k) for k in ("fixed", "training", "evaluation", "checkpointing",
+                                                                    "rung_wait", "total")}
+              | {"steps": e.get("steps"), "status": e.get("status")} for e in results.get("candidates", [])}
+    return {"stages": stages, "trials": trials, "decided_at": results.get("decided_at")}
+
+
+def bench_domain(domain: str, zoo: Path, names: list[str], work: Path, a, plain: dict, runtime) -> dict[str, Any]:
+    info = json.loads((zoo / "zoo.json").read_text())
+    spec = damoc_spec(zoo, domain, work / domain / "damoc", names, a)
+    ref_spec = reference_spec(spec, work / domain / "full", info["data"][domain]["train"])
+    ref_run, ref_wall = run_timed(ref_spec, runtime)
+    damoc_run, damoc_wall = run_timed(spec, runtime)
+    truth = final_scores(ref_run)
+    ranking = read_json(damoc_run / "report" / "ranking.json")
+    choice = {c["name"]: float(c["rank"]) for c in ranking["candidates"] if c["rank"] is not None}
+    plain_scores = {n: v["eval_loss"] for n, v in plain["candidates"].items()}
+    rc, dc = costs(ref_run), costs(damoc_run)
+    rows = {
+        "plain full fine-tuning": {"wall": plain["seconds"], "worker_seconds": plain["seconds"], "flops": plain["flops"],
+                                   "pick": best(plain_scores, "min"), "top1": top1_hit(plain_scores, truth, "min"),
+                                   "tau": kendall_tau(plain_scores, truth)},
+        "full fine-tuning (DaMoC's stage)": {"wall": ref_wall, "worker_seconds": rc["total_ws"], "flops": rc["flops"],
+                                             "pick": best(truth, "min"), "top1": True, "tau": 1.0},
+        "DaMoC": {"wall": damoc_wall, "worker_seconds": dc["total_ws"], "flops": dc["flops"],
+                  "pick": best(choice, "min"), "top1": top1_hit(choice, truth, "min"),
+                  "tau": kendall_tau(choice, truth)},
+    }
+    for r in rows.values():
+        r["ratio_wall"] = plain["seconds"] / r["wall"] if r["wall"] else None
+        r["ratio_flops"] = plain["flops"] / r["flops"] if r["flops"] else None
+    return {"truth_order": sorted(truth, key=truth.get), "plain": plain, "rows": rows,
+            "damoc_breakdown": breakdown(damoc_run), "reference_breakdown": breakdown(ref_run),
+            "train_rows": info["data"][domain]["train"]}
+
+
+def domain_table(domain: str, res: dict[str, Any], cluster_start: float) -> str:
+    def x(v):
+        return "-" if v is None else ("inf" if v == math.inf else f"{v:.1f}x")
+
+    lines = [f"### {domain} ({res['train_rows']:,d} training rows)", "",
+             f"Full fine-tuning ranks: {' > '.join(res['truth_order'])}.", "",
+             "| run | wall s | worker-s | training FLOPs | pick | top-1 | Kendall tau | plain / run, wall | "
+             "plain / run, FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in res["rows"].items():
+        lines.append(f"| {name} | {r['wall']:.0f} | {r['worker_seconds']:.0f} | {r['flops']:.3g} | {r['pick']} | "
+                     f"{'yes' if r['top1'] else 'no'} | {r['tau']:+.2f} | {x(r['ratio_wall'])} | {x(r['ratio_flops'])} |")
+    b = res["damoc_breakdown"]
+    lines += ["", f"DaMoC's seconds (the cluster's start-up, {cluster_start:.0f} s, is shared and not counted): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in b["stages"].items() if v is not None)
+                  + (f"; decided at step {b['decided_at']}" if b["decided_at"] else ""), "",
+              "| trial | status | steps | fixed s | training s | evaluation s | checkpointing s | idle at rungs s | total s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, t in b["trials"].items():
+        lines.append(f"| {name} | {t['status']} | {t['steps']} | " + " | ".join(
+            "-" if t[k] is None else f"{t[k]:.1f}" for k in ("fixed", "training", "evaluation", "checkpointing",
+                                                              "rung_wait", "total")) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", default="zoo/bench")
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--keep-ratio", type=float, default=0.2)
+    ap.add_argument("--compress-ratio", type=float, default=0.6)
+    ap.add_argument("--prune-ratio", type=float, default=0.5)
+    ap.add_argument("--grace", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--eval-rows", type=int, default=128)
+    ap.add_argument("--work", default="runs/bench-cost")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.pop("RAY_ADDRESS", None)
+
+    from damoc.runtime import connect
+    from damoc.zoo.build import build_zoo
+
+    zoo, work, out = Path(a.zoo).resolve(), Path(a.work).resolve(), Path(a.out)
+    with connect(None):  # the zoo pretrains on Ray; the plain loops then run with the cluster gone
+        names = [c["name"] for c in build_zoo(zoo, a.preset, a.seed)["candidates"]]
+    threads = os.cpu_count() or 1
+    plains = {d: plain_full(damoc_spec(zoo, d, work / d / "plain", names, a), threads) for d in a.domains}
+    t0 = time.monotonic()
+    rt = connect(None)
+    cluster_start = time.monotonic() - t0
+    shared = types.SimpleNamespace(address=rt.address)  # every run joins this cluster
+    results: dict[str, Any] = {}
+    try:
+        for d in a.domains:
+            results[d] = bench_domain(d, zoo, names, work, a, plains[d], shared)
+            write_results(results, out, a, cluster_start)
+    finally:
+        rt.shutdown()
+    print((out / "cost.md").read_text())
+
+
+def write_results(results: dict[str, Any], out: Path, a, cluster_start: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cost.json").write_text(json.dumps({"cluster_start_seconds": cluster_start, "domains": results},
+                                              indent=1, default=str))
+    settings = (f"zoo `{a.zoo}` (preset {a.preset}, seed {a.seed}); {a.epochs:g} epochs, keep_ratio {a.keep_ratio}, "
+                f"compress {a.compress_ratio}, prune {a.prune_ratio}, ASHA grace {a.grace} rf 2 (stopped once decided), "
+                f"LoRA r 8, 1 worker per trial; {os.cpu_count()} cores, no GPU. Targets: plain / DaMoC >= 3x in wall "
+                "time and >= 50x in training FLOPs.")
+    (out / "cost.md").write_text("\n\n".join(["# Cost (bench/cost.py)", settings,
+                                              *[domain_table(d, r, cluster_start) for d, r in results.items()]]) + "\n")
+
+
+if __name__ == "__main__":
+    main()

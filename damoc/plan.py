@@ -1,0 +1,277 @@
+"""`damoc plan`: before anything is spent, what fine-tuning every candidate in full would cost against
+DaMoC, on the job's own resources.
+
+Per candidate: parameters from its config.json (shapes only, no weights; a hub candidate's config is
+read when the hub is reachable, else `params:` from the spec), training tokens from a sample of the
+data, planned steps. Costs are projected from training FLOPs (6 x forward parameters x tokens, as the
+report counts them) at a stated throughput, plus fixed costs measured on this project's runs. Every
+assumption is printed with the figures. After a run the report puts the measured cost beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from damoc.spec import DataSource, JobSpec, is_uri, resolve_path
+
+# Stated throughputs (training FLOP/s per worker) and fixed costs; the report replaces them with the
+# run's own measurements.
+GPU_FLOPS = 100e12  # bf16 at ~40% of an A100's peak; an H100 does ~2x
+CPU_FLOPS = 10e9  # per CPU worker, measured on the demo's candidates (fp32, 2 cores)
+TRIAL_FIXED_S = {"local": 10.0, "workers": 30.0}  # start-up per trial (timeline's fixed phases, 2-core CPU)
+STAGE_FIXED_S = 20.0  # data + model stages' start-up (cluster actors, model loads)
+SAMPLE_ROWS = 256
+DEFAULT_TOKENS_PER_ROW = 150  # when the data cannot be read here
+DEFAULT_PROMPT_SHARE = 0.6
+LAYER_SHARE = 0.9  # of a model's parameters in its decoder layers, when its config is not readable
+
+
+@dataclass
+class CandidateFigures:
+    name: str
+    params: float | None
+    source: str  # where the parameter count came from: config | spec | unknown
+    layers: int | None = None
+    layer_params: float | None = None  # parameters in the decoder layers
+    note: str = ""
+
+    def params_after(self, prune_ratio: float) -> float | None:
+        """Forward parameters once `prune_ratio` of the layers are removed."""
+        if self.params is None:
+            return None
+        in_layers = self.layer_params if self.layer_params is not None else LAYER_SHARE * self.params
+        return self.params - prune_ratio * in_layers
+
+
+@dataclass
+class DataFigures:
+    rows: int | None
+    tokens_per_row: float
+    prompt_share: float
+    source: str  # sampled | spec | assumed
+    notes: list[str] = field(default_factory=list)
+
+
+def _config_params(path_or_id: str, trust_remote_code: bool, revision: str | None) -> tuple[int, int, int]:
+    """(parameters, decoder layers, parameters in them) from a config: the model is built on the meta
+    device, so no memory and no weights are touched."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from damoc.lm.arch import ADAPTERS
+    from damoc.lm.load import hf_token
+
+    config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, revision=revision,
+                                        token=hf_token())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    adapter = ADAPTERS.get(getattr(config, "model_type", None))
+    if adapter is None:
+        return total, 0, 0
+    layers = adapter.layer_list(model)
+    return total, len(layers), sum(p.numel() for p in layers.parameters())
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection to the hub (HF_ENDPOINT): offline, configs are not asked for at all rather
+    than retried for half a minute each."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def candidate_figures(spec: JobSpec, base_dir: str) -> list[CandidateFigures]:
+    out = []
+    online = None
+    for c in spec.candidates:
+        where = resolve_path(c.path, base_dir) if c.path else c.hf
+        if c.hf and online is None:
+            online = hub_reachable()
+            if not online:
+                os.environ["HF_HUB_OFFLINE"] = "1"  # a cached config is still read; nothing is fetched
+        try:
+            total, layers, in_layers = _config_params(where, c.trust_remote_code, c.revision)
+            out.append(CandidateFigures(c.name, float(total), "config", layers or None, float(in_layers) or None))
+        except Exception as exc:  # noqa: BLE001 - offline hub, missing or odd config: project from what we have
+            reason = f"config not readable ({type(exc).__name__}: {str(exc).splitlines()[0][:90]})"
+            if c.params:
+                out.append(CandidateFigures(c.name, float(c.params), "spec", note=reason))
+            else:
+                out.append(CandidateFigures(c.name, None, "unknown", note=reason + "; set params: in the spec"))
+    return out
+
+
+def count_rows(source: DataSource, base_dir: str) -> int:
+    """Rows of a local source without parsing its records (lines, Parquet metadata, JSON items)."""
+    from damoc.data.readers import _files
+
+    n = 0
+    for path, fmt in _files(source, base_dir):
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            n += pq.ParquetFile(path).metadata.num_rows
+        elif fmt == "json":
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            n += len(data.get("data", []) if isinstance(data, dict) else data)
+        else:
+            with open(path, "rb") as fh:
+                n += sum(1 for line in fh if line.strip()) - (1 if fmt == "csv" else 0)
+    return n
+
+
+def data_figures(spec: JobSpec, base_dir: str, tokenizer_path: str | None) -> DataFigures:
+    """Rows and tokens per row (prompt + answer as training renders them) from a sample of the data."""
+    d = spec.data
+    if d.train.hf or is_uri(d.train.path or ""):
+        rows = d.train.rows
+        return DataFigures(rows, DEFAULT_TOKENS_PER_ROW, DEFAULT_PROMPT_SHARE, "assumed",
+                           [f"data.train {d.train.hf or d.train.path} is not read here; rows "
+                            + (f"from data.train.rows ({rows:,d})" if rows else "unknown: set data.train.rows")
+                            + f", {DEFAULT_TOKENS_PER_ROW} tokens per row and a {DEFAULT_PROMPT_SHARE:.0%} "
+                              "prompt share assumed"])
+    from damoc.data.readers import plan_units, read_unit
+
+    rows = count_rows(d.train, base_dir)
+    sample: list[dict] = []
+    for unit in plan_units(d.train, base_dir):
+        sample += [r for r in read_unit(unit, d.fields) if r.get("reason") is None]
+        if len(sample) >= SAMPLE_ROWS:
+            break
+    sample = sample[:SAMPLE_ROWS]
+    if not sample or tokenizer_path is None:
+        return DataFigures(rows, DEFAULT_TOKENS_PER_ROW, DEFAULT_PROMPT_SHARE, "assumed",
+                           ["no readable row or tokenizer for a sample; tokens per row assumed"])
+    from damoc.data.lm import count_tokens
+    from damoc.lm.load import load_tokenizer
+    from damoc.lm.prompts import prompt_text
+
+    tok = load_tokenizer(tokenizer_path)
+    prompts = count_tokens(tok, [prompt_text(d.task, r["instruction"], r["input"], tok, spec.finetune.template)
+                                 for r in sample])
+    answers = count_tokens(tok, [r["output"] for r in sample])
+    per_row = min(spec.finetune.max_length, (sum(prompts) + sum(answers)) / len(sample) + 1)
+    return DataFigures(rows, per_row, sum(prompts) / max(1, sum(prompts) + sum(answers)), "sampled",
+                       [f"{len(sample)} rows sampled with the tokenizer of {Path(tokenizer_path).name}"])
+
+
+def planned_steps(ft, train_rows: int | None) -> int:
+    """Optimizer steps of every trial: `epochs` passes over the training rows, capped by max_steps."""
+    if ft.epochs is None or train_rows is None:
+        return ft.max_steps
+    per_step = ft.batch_size * ft.num_workers * ft.grad_accum
+    return max(1, min(ft.max_steps, math.ceil(ft.epochs * train_rows / per_step)))
+
+
+def asha_schedule(n: int, rungs: list[int], planned: int, reduction_factor: float, decide: bool) -> list[int]:
+    """Steps each candidate trains under synchronous successive halving (best ranked first): all n reach
+    the first rung, ceil(n / rf) the next, ...; once one is left it stops there unless told to finish."""
+    steps, alive = [0] * n, n
+    for r in rungs:
+        for i in range(alive):
+            steps[i] = r
+        alive = max(1, math.ceil(alive / reduction_factor))
+        if alive == 1 and decide:
+            return steps
+    for i in range(alive):
+        steps[i] = planned
+    return steps
+
+
+def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
+    """The projection: per candidate and in total, full fine-tuning vs DaMoC."""
+    from damoc.train.rungs import asha_rungs  # noqa: PLC0415 - the scheduling arithmetic, no Ray started
+
+    base = base_dir or os.getcwd()
+    ft, tn, m, d = spec.finetune, spec.tune, spec.model, spec.data
+    cands = candidate_figures(spec, base)
+    local = [resolve_path(c.path, base) for c in spec.candidates if c.path]
+    tok_path = resolve_path(d.reference_model, base) if d.reference_model else (local[0] if local else None)
+    if tok_path and not Path(tok_path).exists():
+        tok_path = None
+    data = data_figures(spec, base, tok_path)
+    eval_share = d.eval.split_ratio or 0.0
+    train_rows = int(data.rows * (1 - eval_share)) if data.rows else None
+    kept_rows = round(d.filter.keep_ratio * train_rows) if train_rows and d.filter.method != "none" else train_rows
+    compress = d.compress.ratio if d.compress.enabled else 1.0
+    kept_tokens_per_row = data.tokens_per_row * (1 - data.prompt_share * (1 - compress))
+    per_step = ft.batch_size * ft.num_workers * ft.grad_accum
+    full_steps, damoc_steps = planned_steps(ft, train_rows), planned_steps(ft, kept_rows)
+    rungs = asha_rungs(tn.grace_period, tn.reduction_factor, damoc_steps) if tn.scheduler == "asha" else []
+    schedule = (asha_schedule(len(cands), rungs, damoc_steps, tn.reduction_factor, not tn.finish_winner)
+                if rungs else [damoc_steps] * len(cands))
+    flops_per_worker = GPU_FLOPS if ft.use_gpu else CPU_FLOPS
+    mode = "local" if ft.local else "workers"
+    unit, per_worker = ("GPU", (ft.resources_per_worker or {}).get("GPU", 1)) if ft.use_gpu else \
+        ("CPU", (ft.resources_per_worker or {}).get("CPU", 1))
+    rows_out, full_flops, damoc_flops = [], 0.0, 0.0
+    # Candidates are projected best-first by nothing we know yet: the schedule is shared out by size,
+    # the largest training longest (the cost's upper end when the largest wins).
+    order = sorted(range(len(cands)), key=lambda i: -(cands[i].params or 0))
+    for rank, i in enumerate(order):
+        c = cands[i]
+        after = c.params_after(m.prune_ratio if m.enabled else 0.0)
+        f_full = 6 * c.params * full_steps * per_step * data.tokens_per_row if c.params else None
+        f_damoc = 6 * after * schedule[rank] * per_step * kept_tokens_per_row if after else None
+        full_flops += f_full or 0.0
+        damoc_flops += f_damoc or 0.0
+        rows_out.append({**asdict(c), "params_after": after, "full_steps": full_steps,
+                         "damoc_steps": schedule[rank], "full_flops": f_full, "damoc_flops": f_damoc})
+    n = len(cands)
+    full_seconds = full_flops / flops_per_worker / ft.num_workers + n * TRIAL_FIXED_S[mode]
+    damoc_seconds = damoc_flops / flops_per_worker / ft.num_workers + n * TRIAL_FIXED_S[mode] + STAGE_FIXED_S
+    hours = lambda s: s * ft.num_workers * per_worker / 3600  # noqa: E731 - resource-hours of a trial's seconds
+    return {
+        "candidates": rows_out, "data": asdict(data), "train_rows": train_rows, "kept_rows": kept_rows,
+        "full": {"steps": full_steps, "flops": full_flops, "seconds": full_seconds, "hours": hours(full_seconds)},
+        "damoc": {"steps": sum(schedule), "flops": damoc_flops, "seconds": damoc_seconds,
+                  "hours": hours(damoc_seconds), "rungs": rungs},
+        "ratio_flops": full_flops / damoc_flops if damoc_flops else None,
+        "ratio_hours": full_seconds / damoc_seconds if damoc_seconds else None,
+        "unit": f"{unit}-hours",
+        "assumptions": [
+            f"training throughput {flops_per_worker / 1e12:g} TFLOP/s per worker ({'GPU: bf16 at ~40% of an A100 peak' if ft.use_gpu else 'CPU: measured on the demo zoo'})",
+            f"fixed cost {TRIAL_FIXED_S[mode]:g} s per trial ({mode}), {STAGE_FIXED_S:g} s for the data and model stages",
+            "training FLOPs = 6 x forward parameters x tokens (the report's count); evaluation not counted",
+            f"DaMoC keeps {d.filter.keep_ratio:g} of the rows, {compress:g} of the prompt tokens, removes "
+            f"{m.prune_ratio if m.enabled else 0:g} of the layers; ASHA rungs {rungs or '-'} "
+            f"(rf {tn.reduction_factor:g}){', stopped once decided' if rungs and not tn.finish_winner else ''}",
+            *data.notes, *[f"{c.name}: {c.note}" for c in cands if c.note],
+        ],
+    }
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    def num(v, fmt="{:,.0f}"):
+        return "-" if v is None else fmt.format(v)
+
+    lines = [f"{'candidate':<18} {'params':>14} {'after prune':>14} {'from':>7} {'full steps':>10} "
+             f"{'DaMoC steps':>11} {'full FLOPs':>11} {'DaMoC FLOPs':>11}"]
+    for c in p["candidates"]:
+        lines.append(f"{c['name']:<18} {num(c['params']):>14} {num(c['params_after']):>14} {c['source']:>7} "
+                     f"{c['full_steps']:>10} {c['damoc_steps']:>11} {num(c['full_flops'], '{:.2e}'):>11} "
+                     f"{num(c['damoc_flops'], '{:.2e}'):>11}")
+    d = p["data"]
+    lines += ["", f"training rows: {num(p['train_rows'])} (kept by DaMoC: {num(p['kept_rows'])}); "
+                  f"{d['tokens_per_row']:.0f} tokens per row ({d['source']})",
+              f"fine-tuning every candidate in full: {p['full']['flops']:.3g} FLOPs, "
+              f"~{p['full']['hours']:.3g} {p['unit']}",
+              f"DaMoC: {p['damoc']['flops']:.3g} FLOPs, ~{p['damoc']['hours']:.3g} {p['unit']}",
+              f"saving: {num(p['ratio_flops'], '{:.1f}x')} in training FLOPs, {num(p['ratio_hours'], '{:.1f}x')} in "
+              f"{p['unit']}", "", "assumptions:"]
+    lines += [f"  - {a}" for a in p["assumptions"]]
+    return "\n".join(lines)
