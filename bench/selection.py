@@ -125,25 +125,13 @@ def costs(run_dir: Path) -> dict[str, float]:
 # ---------------------------------------------------------------- baselines
 
 
-def zero_shot(ref_run: Path, spec: dict[str, Any]) -> tuple[dict[str, float], float]:
-    """Eval loss (bits per byte) of each original candidate, untrained, on the rows the runs score."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from damoc.train.evaluate import EvalSet, evaluate
-    from damoc.train.loop import read_eval_rows
-
-    t0, ft = time.monotonic(), spec["finetune"]
-    rows = read_eval_rows(str(ref_run / "data" / "eval.parquet"), ft["eval_max_rows"])
-    cfg = {"task": spec["data"]["task"], "max_length": ft["max_length"], "max_new_tokens": 32,
-           "metric": "eval_loss", "eval_batch_size": ft["batch_size"]}
-    torch.set_num_threads(1)
-    scores = {}
-    for c in spec["candidates"]:
-        tok = AutoTokenizer.from_pretrained(c["path"])
-        model = AutoModelForCausalLM.from_pretrained(c["path"], use_safetensors=True)
-        scores[c["name"]] = evaluate(model, tok, EvalSet(tok, rows, cfg, 0, 1), cfg, "cpu", generation=False)["eval_loss"]
-    return scores, time.monotonic() - t0
+def zero_shot(damoc_run: Path) -> tuple[dict[str, float], float]:
+    """The zero-shot ranking every DaMoC run reports (bits per byte of each original candidate on the
+    eval rows, measured in the model stage), and the seconds it took there."""
+    zs = load_ranking(damoc_run).get("zero_shot") or {}
+    seconds = sum(((json.loads(p.read_text()).get("zero_shot") or {}).get("seconds") or 0.0)
+                  for p in (damoc_run / "models").glob("*/compression.json"))
+    return dict(zs.get("scores") or {}), seconds
 
 
 def model_size(spec: dict[str, Any]) -> dict[str, float]:
@@ -302,7 +290,7 @@ def bench_domain(domain: str, zoo: Path, names: list[str], work: Path, runtime, 
                            "rel_acc": cmp["rel_acc"], "ratio_train": ratio(ref["train_ws"], dc["train_ws"]),
                            "ratio_total": ratio(ref["total_ws"], dc["total_ws"]),
                            "ratio_flops": ratio(ref["flops"], dc["flops"])}}
-    zs, zs_seconds = zero_shot(ref_run, spec)
+    zs, zs_seconds = zero_shot(damoc_run)
     selectors["zero-shot loss"] = {**agreement(zs, truth), "ratio_total": ratio(ref["total_ws"], zs_seconds),
                                    "ratio_flops": math.inf}
     selectors["model size"] = {**agreement(model_size(spec), truth), "ratio_total": math.inf, "ratio_flops": math.inf}

@@ -26,9 +26,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except SpecError as err:
         _print_spec_error(err)
         return EXIT_BAD_INPUT
-    from damoc.preflight import candidate_problems
+    from damoc.preflight import candidate_problems, data_problems
 
-    problems = candidate_problems(spec)
+    problems = data_problems(spec) + candidate_problems(spec)
     for line in problems:
         print(f"{args.job}: {line}", file=sys.stderr)
     if problems:
@@ -67,6 +67,14 @@ def cmd_select(args: argparse.Namespace) -> int:
     except PipelineError as err:
         print(f"damoc select: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if "data" in stages:
+        from damoc.preflight import data_problems
+
+        problems = data_problems(spec)  # every row would be quarantined: say why before any cluster work
+        for line in problems:
+            print(f"{args.job}: {line}", file=sys.stderr)
+        if problems:
+            return EXIT_BAD_INPUT
 
     def start_ray():
         from damoc.runtime import connect

@@ -135,6 +135,25 @@ def builtin_stage(name: str) -> type[Stage]:
     return REGISTRY[name]
 
 
+FAILED_MARK = ".failed"
+
+
+def keep_failed(tmp: Path, final: Path) -> Path | None:
+    """A failed stage's folder, kept as RUN/<stage>.failed for its evidence (the quarantine and the
+    reasons); its scratch work (`_work`) goes. The stage's last good output is untouched."""
+    kept = final.with_name(final.name + FAILED_MARK)
+    shutil.rmtree(kept, ignore_errors=True)
+    shutil.rmtree(tmp / "_work", ignore_errors=True)
+    try:
+        if not any(tmp.iterdir()):
+            raise OSError("nothing written")
+        tmp.rename(kept)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    return kept
+
+
 def parse_stage_list(text: str | None, known: Iterable[str] = STAGE_ORDER) -> list[str]:
     """'data,models' -> ['data', 'models'] in pipeline order; unknown names are an error."""
     known = list(known)
@@ -321,13 +340,17 @@ class Pipeline:
             })
             swap_in_dir(tmp, final)
         except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
             seconds = time.monotonic() - t0
             if isinstance(exc, Exception):
+                kept = keep_failed(tmp, final)
                 log.error("stage %s: failed after %.1fs: %s: %s", name, seconds, type(exc).__name__, exc)
+                if kept:
+                    log.info("stage %s: what it wrote before failing (quarantine, logs) is kept in %s", name, kept)
                 log.debug("stage %s: the traceback", name, exc_info=exc)  # the run's log; the terminal with -v
                 raise StageFailed(name, seconds, exc) from exc
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
+        shutil.rmtree(final.with_name(final.name + FAILED_MARK), ignore_errors=True)  # superseded
         log.info("stage %s: done in %.1fs %s", name, seconds, format_counts(counts))
         record_stage(self.spec.name, name, seconds)
         return StageOutcome(name, "ran", seconds, counts, fp)

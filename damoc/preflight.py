@@ -37,3 +37,33 @@ def candidate_problems(spec: JobSpec, base_dir: str | None = None) -> list[str]:
             out.append(f"candidates[{i}].path: no .safetensors weights in {folder} (pickle weights are "
                        "only read with allow_pickle_weights: true)")
     return out
+
+
+def data_problems(spec: JobSpec, base_dir: str | None = None, sample: int = 200) -> list[str]:
+    """A `data.fields` mapping that matches no column of the local train/eval file (every row would be
+    quarantined): one line per missing field, naming the columns the file does have."""
+    from damoc.data.normalize import lookup
+    from damoc.data.readers import SourceError, sample_records
+
+    base, d = base_dir or os.getcwd(), spec.data
+    wanted = {"instruction": d.fields.instruction, "output": d.fields.output}
+    if "input" in d.fields.model_fields_set and d.fields.input:  # the default 'input' column is optional
+        wanted["input"] = d.fields.input
+    out = []
+    for key, source in (("data.train", d.train), ("data.eval", d.eval)):
+        if not source.path or is_uri(source.path):
+            continue
+        try:
+            path, records = sample_records(source, base, sample)
+        except (SourceError, OSError) as exc:
+            out.append(f"{key}.path: {exc}")
+            continue
+        mapped = [r for r in records if not ({"conversations", "messages"} & r.keys())]  # turns need no mapping
+        if not mapped:
+            continue
+        columns = sorted({k for r in mapped for k in r})
+        for name, column in wanted.items():
+            if all(lookup(r, column) is None for r in mapped):
+                out.append(f"data.fields.{name}: no column '{column}' in the first {len(mapped)} rows of {path} "
+                           f"(they have: {', '.join(columns[:20])})")
+    return out

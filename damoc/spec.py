@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+HUB_ID = re.compile(r"(?=.{1,96}$)[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 URI_RE = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
 
@@ -68,12 +69,24 @@ def _check_exists(path: str | None, info: ValidationInfo, want_dir: bool = False
 # ---------------------------------------------------------------- data
 
 
+def _hub_id(v: str | None) -> str | None:
+    """A Hugging Face repo id as the hub accepts it: `name` or `owner/name`."""
+    if v is not None and not HUB_ID.fullmatch(v):
+        raise ValueError(f"{v!r} is not a Hugging Face hub id (owner/name: letters, digits, '-', '_', '.'; "
+                         "at most 96 characters)")
+    return v
+
+
 class DataSource(Strict):
-    """A local file/folder (jsonl | json | parquet | csv) or a Hugging Face dataset."""
+    """A local file/folder (jsonl | json | parquet | csv) or a Hugging Face dataset (with
+    `config`, `revision` and `data_files` as `datasets.load_dataset` takes them)."""
 
     path: str | None = None
     hf: str | None = None
     split: str = "train"
+    config: str | None = None  # load_dataset's `name`
+    revision: str | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
     format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
     rows: int | None = Field(default=None, gt=0)  # expected rows, for `damoc plan` where it cannot read the source
 
@@ -82,10 +95,18 @@ class DataSource(Strict):
     def _path_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
         return _check_exists(v, info)
 
+    @field_validator("hf")
+    @classmethod
+    def _hf_id(cls, v: str | None) -> str | None:
+        return _hub_id(v)
+
     @model_validator(mode="after")
     def _one_source(self) -> DataSource:
         if (self.path is None) == (self.hf is None):
             raise ValueError("give exactly one of 'path' or 'hf'")
+        hub_only = [k for k in ("config", "revision", "data_files") if getattr(self, k) is not None]
+        if self.path is not None and hub_only:
+            raise ValueError(f"{', '.join(hub_only)} only apply to a hub data set ('hf')")
         return self
 
 
@@ -216,6 +237,11 @@ class Candidate(Strict):
                 raise ValueError(f"no config.json in {cfg.parent}")
         return v
 
+    @field_validator("hf")
+    @classmethod
+    def _hf_id(cls, v: str | None) -> str | None:
+        return _hub_id(v)
+
     @model_validator(mode="after")
     def _one_source(self) -> Candidate:
         if (self.path is None) == (self.hf is None):
@@ -227,9 +253,10 @@ class Candidate(Strict):
 
 
 class MergeSpec(Strict):
-    # Defaults from bench/layer_merge.py: sign_agree hurt least at every scale, and every method's
-    # loss grew with the scale; at 0.1 sign_agree is about even with plain pruning.
-    method: Literal["none", "ties", "dare", "task_arithmetic", "sign_agree"] = "sign_agree"
+    # Default from bench/layer_merge.py on a real 30-layer LLM (SmolLM2-135M-Instruct): no merge method
+    # at any density or scale beat plain pruning on held-out loss; every one approached it only as its
+    # scale went to 0 (on a pretrained toy, sign_agree at 0.1 was about even). Merging stays one key away.
+    method: Literal["none", "ties", "dare", "task_arithmetic", "sign_agree"] = "none"
     density: float = Field(default=0.2, gt=0, le=1)
     scale: float = Field(default=0.1, gt=0)
 
@@ -329,6 +356,11 @@ class TuneSpec(Strict):
     # The selection is decided once ASHA has stopped every candidate but one: false stops that one
     # there (it ranks first whatever it does next); true trains it to its planned steps.
     finish_winner: bool = False
+    # Experiment tracking with Tune's own logger callbacks (off by default): tensorboard (tensorboardX;
+    # event files in each trial's folder of the sweep's state), mlflow (to `mlflow_uri`, default a file
+    # store beside the sweep), wandb (WANDB_API_KEY from the environment).
+    callbacks: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    mlflow_uri: str | None = None
 
 
 class SelectSpec(Strict):
@@ -343,6 +375,35 @@ class SelectSpec(Strict):
 # ---------------------------------------------------------------- the job
 
 
+def _get(data: Any, *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if not isinstance(data, dict) or k not in data:
+            return default
+        data = data[k]
+    return data
+
+
+def duplicate_names(data: Any) -> list[str]:
+    cands = data.get("candidates") if isinstance(data, dict) else None
+    names = [c.get("name") for c in cands if isinstance(c, dict)] if isinstance(cands, list) else []
+    dups = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
+    return [f"candidates: duplicate candidate name '{n}'" for n in dups]
+
+
+def cross_checks(data: Any) -> list[str]:
+    """Checks across sections, on the raw mapping too: `spec_from_data` reports them beside every
+    other problem in one pass (pydantic runs a whole-spec check only once each part is valid)."""
+    out = duplicate_names(data)
+    grace, steps = _get(data, "tune", "grace_period", default=1), _get(data, "finetune", "max_steps", default=100)
+    if _get(data, "tune", "scheduler", default="asha") == "asha" and isinstance(grace, int) and \
+            isinstance(steps, int) and grace > steps:
+        out.append(f"(top level): tune.grace_period ({grace}) exceeds finetune.max_steps ({steps})")
+    if _get(data, "select", "metric") == "accuracy" and _get(data, "data", "task", default="qa") != "multiple_choice":
+        out.append("(top level): select.metric accuracy scores a choice among options; it needs "
+                   "data.task: multiple_choice (use eval_loss, exact_match or rouge_l)")
+    return out
+
+
 class JobSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=64)
     output_dir: str | None = None  # default: runs/<name>
@@ -354,25 +415,13 @@ class JobSpec(Strict):
     tune: TuneSpec = Field(default_factory=TuneSpec)
     select: SelectSpec = Field(default_factory=SelectSpec)
 
-    @field_validator("candidates")
-    @classmethod
-    def _unique_names(cls, v: list[Candidate]) -> list[Candidate]:
-        seen: set[str] = set()
-        for c in v:
-            if c.name in seen:
-                raise ValueError(f"duplicate candidate name '{c.name}'")
-            seen.add(c.name)
-        return v
-
     @model_validator(mode="after")
     def _defaults_and_cross_checks(self) -> JobSpec:
         if self.output_dir is None:
             self.output_dir = f"runs/{self.name}"
-        if self.tune.scheduler == "asha" and self.tune.grace_period > self.finetune.max_steps:
-            raise ValueError(
-                f"tune.grace_period ({self.tune.grace_period}) exceeds "
-                f"finetune.max_steps ({self.finetune.max_steps})"
-            )
+        problems = cross_checks(self.model_dump(mode="json"))
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def section(self, *keys: str) -> dict[str, Any]:
@@ -481,7 +530,10 @@ def spec_from_data(
             data, context={"base_dir": base_dir or os.getcwd(), "check_files": check_files}
         )
     except ValidationError as exc:
-        raise SpecError(source, format_validation_error(exc)) from None
+        lines = format_validation_error(exc)
+        whole = [ln for ln in lines if ln.startswith("(top level): ")]
+        lines = [ln for ln in lines if ln not in whole]  # the cross checks, as one line each
+        raise SpecError(source, lines + [ln for ln in cross_checks(data) if ln not in lines]) from None
 
 
 def load_spec(path: str | os.PathLike, base_dir: str | None = None, check_files: bool = True) -> JobSpec:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from conftest import spec_dict, write_spec
+from conftest import QA_ROWS, spec_dict, write_jsonl, write_spec
 
 from damoc.spec import load_spec
 from damoc.zoo.build import PRESETS
@@ -68,3 +69,47 @@ def test_demo_spec_matches_the_demo_zoo_layout():
     assert {c.name for c in spec.candidates} == {c.name for c in PRESETS["demo"]["candidates"]}
     assert all(c.path == f"zoo/demo/models/{c.name}" for c in spec.candidates)
     assert spec.model.enabled and spec.data.filter.method != "none" and spec.data.compress.enabled
+
+
+def test_fields_that_match_no_column_are_named_before_any_work(job_dir):
+    """`data.fields.output: answer` on a file whose answers are under `output`: validate names the field
+    and the columns the file has; select refuses before starting anything."""
+    write_spec(job_dir / "job.yaml", spec_dict(**{"data.fields": {"output": "answer"}}))
+    r = damoc("validate", "job.yaml", cwd=job_dir)
+    assert r.returncode == 2
+    assert "job.yaml: data.fields.output: no column 'answer' in the first 30 rows of" in r.stderr
+    assert "(they have: input, instruction, output)" in r.stderr
+    r = damoc("select", "job.yaml", cwd=job_dir)
+    assert r.returncode == 2 and "data.fields.output: no column 'answer'" in r.stderr
+    assert not (job_dir / "runs").exists()
+
+
+def test_failed_stage_keeps_its_evidence_and_traceback(job_dir):
+    """Every row has an empty answer (the column exists, so validate passes): the data stage fails saying
+    no row is readable and why; its quarantine is kept in RUN/data.failed; the traceback is in the run's log
+    and, with -v, on the terminal."""
+    write_jsonl(job_dir / "data" / "train.jsonl", [{**r, "output": ""} for r in QA_ROWS])
+    write_spec(job_dir / "job.yaml", spec_dict(**{"data.filter": {"method": "none"},
+                                                  "data.compress": {"enabled": False}}))
+    r = damoc("select", "job.yaml", "--stages", "data", "--cpus", "2", "-v", cwd=job_dir)
+    assert r.returncode == 1
+    assert "no readable rows: all 30 rows of data.train were quarantined (no answer (30 rows))" in r.stderr
+    assert "Traceback" in r.stderr
+    run = job_dir / "runs" / "t"
+    assert len((run / "data.failed" / "quarantine.jsonl").read_text().splitlines()) == 30
+    assert "Traceback" in (run / "logs" / "damoc.log").read_text() and not (run / "data").exists()
+
+
+def test_running_again_keeps_what_is_current_and_fresh_recomputes(job_dir):
+    write_spec(job_dir / "job.yaml", spec_dict(**{"data.filter": {"method": "none"},
+                                                  "data.compress": {"enabled": False}}))
+    first = damoc("select", "job.yaml", "--stages", "data", "--cpus", "2", cwd=job_dir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    lines = (first.stdout + first.stderr).splitlines()  # a quiet terminal: DaMoC's own lines only
+    assert len(lines) <= 15 and all(re.match(r"\d\d:\d\d:\d\d [IWE] damoc\.", ln) for ln in lines), lines
+    assert "Ray" in (job_dir / "runs" / "t" / "logs" / "libraries.log").read_text()  # the rest is kept there
+    again = damoc("select", "job.yaml", "--stages", "data", "--cpus", "2", cwd=job_dir)
+    assert again.returncode == 0 and "stage data: skipped, output is current" in again.stderr
+    assert "--fresh recomputes" in again.stderr  # the default is said, with the way out
+    fresh = damoc("select", "job.yaml", "--stages", "data", "--cpus", "2", "--fresh", cwd=job_dir)
+    assert fresh.returncode == 0 and "stage data: done in" in fresh.stderr and "output is current" not in fresh.stderr

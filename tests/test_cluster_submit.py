@@ -146,6 +146,8 @@ def test_kuberay_manifests_carry_what_kuberay_needs():
         assert set(token) == {"name", "valueFrom"} and "secretKeyRef" in token["valueFrom"]  # never a literal
         assert any(p["name"] == "metrics" and p["containerPort"] == 8080 for p in ray_c["ports"])
     assert docs["RayJob"]["spec"]["clusterSelector"] == {"ray.io/cluster": rc["metadata"]["name"]}
+    # a retried RayJob resumes its run (damoc select resumes by default; --fresh would throw work away)
+    assert docs["RayJob"]["spec"]["backoffLimit"] >= 1 and "--fresh" not in docs["RayJob"]["spec"]["entrypoint"]
     svc = docs["Service"]
     assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["selector"]["ray.io/node-type"] == "head"
     assert [p["port"] for p in svc["spec"]["ports"]] == [8265]

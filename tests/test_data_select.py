@@ -138,3 +138,17 @@ def test_every_operator_is_registered_whatever_was_imported_first():
 
     get_operator("rules")
     assert set(MODULES) == set(OPERATORS)
+
+
+def test_keep_ratio_shortfall_names_the_operator_responsible():
+    """keep_ratio 0.2 of 903 readable rows asks for 181; ifd>1 dropped 802 before the budget: said, with
+    the operator that did it. Meeting the budget (or having none) says nothing."""
+    from types import SimpleNamespace
+
+    from damoc.data.stage import budget_note
+
+    plan = SimpleNamespace(chain=[SimpleNamespace(name="ifd_filter"), SimpleNamespace(name="top_k")])
+    dropped = {"ifd>1": 802, "below_budget:top_k": 7, "held_out_eval": 90}
+    assert budget_note(0.2, 181, 94, dropped, plan) == (
+        "keep_ratio 0.2 asked for 181 rows but 94 were kept: ifd>1 dropped 802 (ifd_filter) before the budget applied")
+    assert budget_note(0.2, 181, 181, dropped, plan) is None and budget_note(0.2, None, 5, dropped, plan) is None

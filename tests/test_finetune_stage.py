@@ -4,6 +4,7 @@ report and its plots; `damoc report` and `compare`."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 
@@ -72,9 +73,9 @@ def test_three_candidates_ranked_weak_one_stopped_early(tmp_path, tiny_model, to
     assert set(cost["stages"]) == {"data", "models", "finetune"} and cost["worker_seconds"] > 0
 
     html = (run / "report" / "report.html").read_text()
-    images = re.findall(r'<img src="([^"]+)"', html)
-    assert {"learning_curves.png", "cost.png", "data_funnel.png", "layers_llama-a.png"} <= set(images)
-    for name in images:
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', html)  # embedded: the page travels alone
+    assert len(images) >= 4 and all(base64.b64decode(i).startswith(PNG_MAGIC) for i in images)
+    for name in ("learning_curves.png", "cost.png", "data_funnel.png", "layers_llama-a.png"):  # and kept beside it
         assert (run / "report" / name).read_bytes().startswith(PNG_MAGIC), name
     assert "llama-bad" in html and "stopped_early" in html and "bloom-x" in html
 
@@ -101,7 +102,7 @@ def test_stop_when_decided_ranks_as_finishing_the_winner_does(tmp_path, tiny_mod
                        {"name": "llama-bad", "path": str(hopeless(good, tmp_path / "bad"))}],
         "model": {"enabled": False},
         "finetune": {"num_workers": 1, "max_steps": 8, "eval_every": 2, "batch_size": 4, "lr": 5e-3},
-        "tune": {"grace_period": 2, "reduction_factor": 2}})
+        "tune": {"grace_period": 2, "reduction_factor": 2, "callbacks": ["tensorboard"]}})
     rt = connect(None, num_cpus=4)  # three one-worker trials at once: every rung is synchronised
     shared = type("Shared", (), {"address": rt.address})()
     try:
@@ -119,7 +120,7 @@ def test_stop_when_decided_ranks_as_finishing_the_winner_does(tmp_path, tiny_mod
     decided = json.loads((first.run_dir / "report" / "ranking.json").read_text())
     finished = json.loads((second.run_dir / "report" / "ranking.json").read_text())
     assert [c["name"] for c in decided["candidates"]] == [c["name"] for c in finished["candidates"]]
-    assert decided["decided_at"] == 4 and finished["decided_at"] is None and finished["finish_winner"]
+    assert decided["decided_at"] == finished["decided_at"] == 4 and finished["finish_winner"]
     win, win_full = decided["candidates"][0], finished["candidates"][0]
     assert win["status"] == "decided" and win["steps"] == 4  # the winner's trial ended at the deciding rung
     assert win_full["status"] == "finished" and win_full["steps"] == 8
@@ -132,3 +133,72 @@ def test_stop_when_decided_ranks_as_finishing_the_winner_does(tmp_path, tiny_mod
         assert t["fixed"] > 0 and t["training"] > 0 and t["total"] <= e["trial_seconds"] + 1.0
     report = (first.run_dir / "report" / "report.md").read_text()
     assert "Decided at step 4" in report and "Trial timelines" in report
+    # tune.callbacks [tensorboard]: each candidate's curve in TensorBoard event files of the sweep
+    events = list((first.run_dir / ".finetune-state").rglob("events.out.tfevents.*"))
+    assert {n for n in ("llama-a", "gpt2-b", "llama-bad") if any(n in str(e) for e in events)} == {
+        "llama-a", "gpt2-b", "llama-bad"}, events
+    # the winner's adapter, in PEFT's format, loads on the compressed model and scores what the report says
+    win = decided["candidates"][0]
+    assert win["adapter"]["step"] == win["steps"] == 4
+    from damoc.lm.load import load_causal_lm
+    from damoc.train.args import train_args
+    from damoc.train.evaluate import EvalSet, evaluate
+    from damoc.train.loop import read_rows
+    from peft import PeftModel
+
+    path = {c["name"]: c["path"] for c in base["candidates"]}[win["name"]]
+    tok, model = load_causal_lm(path)  # model stage off: the candidate as it is is the one trained
+    model = PeftModel.from_pretrained(model, str(first.run_dir / "finetune" / win["adapter"]["path"]))
+    js = spec_from_data(base, base_dir=str(tmp_path), check_files=False)
+    args = train_args(js, win["name"], path, "", "", [], None, False, 8)
+    rows = read_rows(str(first.run_dir / "data" / "eval.parquet"), js.finetune.eval_max_rows)
+    got = evaluate(model, tok, EvalSet(tok, rows, args, 0, 1), args, "cpu", generation=False)["eval_loss"]
+    assert got == pytest.approx(win["score"], rel=1e-4)
+
+
+def nan_copy(src, dst):
+    """A copy whose final norm is NaN: every loss is NaN, whatever the step."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_nan_candidate_fails_and_a_short_window_is_cut(tmp_path, tiny_model, tokenizer_dir):
+    """One candidate's loss is NaN: it ends `failed` with that reason after finetune.max_failures retries, the
+    others are ranked. A GPT-2 with a 64-position window and the default max_length 512 meets rows longer
+    than its window: its sequences are cut to 64 tokens (said in its note) instead of failing every step."""
+    from transformers import AutoTokenizer
+
+    from damoc.zoo.tiny import build_tiny_model
+
+    long_rows = [{"instruction": "Summarise: " + " ".join(f"w{i}" for i in range(150)), "input": "", "output": "ok"}]
+    write_jsonl(tmp_path / "data" / "train.jsonl", QA_ROWS * 2 + long_rows * 6)
+    good = tiny_model("llama", hidden=32, layers=2)
+    short = build_tiny_model("gpt2", tmp_path / "gpt2-64", AutoTokenizer.from_pretrained(tokenizer_dir),
+                             hidden=32, layers=2, max_positions=64)
+    spec = spec_from_data(spec_dict(**{
+        "data.filter": {"method": "none"}, "data.compress": {"enabled": False}, "data.eval": {"split_ratio": 0.2},
+        "candidates": [{"name": "llama-a", "path": str(good)}, {"name": "gpt2-64", "path": str(short)},
+                       {"name": "llama-nan", "path": str(nan_copy(good, tmp_path / "nan"))}],
+        "model": {"enabled": False},
+        "finetune": {"num_workers": 1, "max_steps": 4, "eval_every": 2, "batch_size": 4, "lr": 5e-3,
+                     "max_failures": 1},
+        "tune": {"grace_period": 2, "reduction_factor": 2, "finish_winner": True}}),
+        base_dir=str(tmp_path))
+    pipeline = Pipeline(spec, base_dir=tmp_path, runtime_factory=lambda: connect(None, num_cpus=4))
+    pipeline.run()
+    ranking = json.loads((pipeline.run_dir / "report" / "ranking.json").read_text())
+    by = {c["name"]: c for c in ranking["candidates"]}
+    nan = by["llama-nan"]
+    assert nan["status"] == "failed" and nan["rank"] is None and "training loss is nan" in nan["reason"]
+    assert {by["llama-a"]["rank"], by["gpt2-64"]["rank"]} == {1, 2}
+    assert "64-token context window" in by["gpt2-64"]["note"]
+    results = json.loads((pipeline.run_dir / "finetune" / "results.json").read_text())
+    assert {e["name"]: e["attempts"] for e in results["candidates"]}["llama-nan"] <= 2  # not retried forever

@@ -119,6 +119,11 @@ def test_failed_stage_keeps_previous_output_and_leaves_no_partial(job_dir, monke
     assert read_marker(p.run_dir, stages.Flaky) == before
     assert (p.run_dir / "flaky" / "done.txt").read_text() == "whole"
     assert not [x for x in p.run_dir.iterdir() if x.name.startswith(".flaky")]
+    assert (p.run_dir / "flaky.failed" / "partial.txt").read_text() == "half"  # the evidence, kept apart
+    assert not (p.run_dir / "flaky.failed" / "_stage.json").exists()
+    monkeypatch.delenv("DAMOC_TEST_FAIL")
+    make_pipeline(job_dir).run(["flaky"])  # a later success supersedes it
+    assert not (p.run_dir / "flaky.failed").exists()
 
 
 def test_failed_first_run_leaves_nothing_that_looks_complete(job_dir, monkeypatch):

@@ -19,7 +19,7 @@ def test_valid_spec_gets_demo_defaults(job_dir):
     assert spec.output_dir == "runs/t"
     assert spec.data.filter.method == "hybrid" and spec.data.filter.keep_ratio == 0.2
     assert spec.data.eval.split_ratio == 0.1
-    assert spec.model.merge.method == "sign_agree" and spec.model.merge.scale == 0.1
+    assert spec.model.merge.method == "none" and spec.model.merge.scale == 0.1  # bench/layer_merge.py
     assert spec.finetune.deepspeed.zero_stage == 2
     assert spec.finetune.use_gpu is False and spec.tune.scheduler == "asha"
     assert spec.select.mode == "min"
@@ -145,3 +145,28 @@ def test_relative_paths_resolve_against_base_dir(job_dir, tmp_path_factory):
     assert load_spec(path, base_dir=str(job_dir)).name == "t"
     with pytest.raises(SpecError):
         load_spec(path, base_dir=str(elsewhere))
+
+
+def test_new_user_mistakes_all_reported_in_one_pass(job_dir):
+    """A bad hub id (data and candidate), accuracy on a task without options, a duplicate name and an
+    unrelated bad value: every one named by its key path, in one run of validate."""
+    lines = problems(spec_dict(**{
+        "data.train": {"hf": "not a hub id!!"},
+        "candidates": [{"name": "a", "path": "zoo/llama-s"}, {"name": "a", "hf": "org/x/y"}],
+        "select.metric": "accuracy", "finetune.lora.r": 0}), job_dir)
+    assert lines[0].startswith("data.train.hf: 'not a hub id!!' is not a Hugging Face hub id")
+    assert any(ln.startswith("candidates[1].hf: 'org/x/y' is not a Hugging Face hub id") for ln in lines)
+    assert any(ln.startswith("finetune.lora.r: ") for ln in lines)
+    assert "candidates: duplicate candidate name 'a'" in lines
+    assert any(ln.startswith("(top level): select.metric accuracy") and "multiple_choice" in ln for ln in lines)
+    assert len(lines) == 5
+
+
+def test_hub_data_set_options(job_dir):
+    spec = spec_from_data(spec_dict(**{"data.train": {"hf": "org/qa", "config": "en", "revision": "v1.0",
+                                                      "data_files": {"train": "train-*.parquet"}}}),
+                          base_dir=str(job_dir))
+    assert (spec.data.train.config, spec.data.train.revision) == ("en", "v1.0")
+    assert problems(spec_dict(**{"data.train": {"path": "data/train.jsonl", "config": "en"}}), job_dir) == [
+        "data.train: config only apply to a hub data set ('hf')"]
+    spec_from_data(spec_dict(**{"select.metric": "accuracy", "data.task": "multiple_choice"}), base_dir=str(job_dir))

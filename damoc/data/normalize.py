@@ -83,7 +83,10 @@ def normalize_record(record: Any, fields: Fields) -> dict[str, str]:
     else:
         instruction = _text(lookup(record, fields.instruction), fields.instruction, required=True)
         inp = _text(lookup(record, fields.input), fields.input, required=False) if fields.input else ""
-        output = _text(lookup(record, fields.output), fields.output, required=False)
+        raw = lookup(record, fields.output)
+        if raw is None:
+            raise BadRow(f"no answer (field '{fields.output}' missing or null)")
+        output = _text(raw, fields.output, required=False)
     if not instruction.strip():
         raise BadRow("empty instruction")
     if not output.strip():

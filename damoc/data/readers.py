@@ -111,12 +111,18 @@ def _json_file(unit: dict, fields: Fields) -> list[dict]:
         data = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return [quarantined(f"{stem}:file", path, f"file is not valid JSON: {exc}", "")]
-    if isinstance(data, dict):  # {"data": [...]} and similar wrappers
-        lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else [data]
+    data = _unwrap(data)
     if not isinstance(data, list):
         return [quarantined(f"{stem}:file", path, f"JSON file holds a {type(data).__name__}, not rows", data)]
     return [row(f"{stem}:{i}", path, rec, fields) for i, rec in enumerate(data)]
+
+
+def _unwrap(data: Any) -> Any:
+    """The rows of {"data": [...]} and similar one-list wrappers; a lone object is one row."""
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else [data]
+    return data
 
 
 def _csv_file(unit: dict, fields: Fields) -> list[dict]:
@@ -245,7 +251,8 @@ def _read_hf(source: DataSource, fields: Fields):
     import datasets
     import ray.data
 
-    hf = datasets.load_dataset(source.hf, split=source.split, token=os.environ.get("HF_TOKEN") or None)
+    hf = datasets.load_dataset(source.hf, source.config, split=source.split, revision=source.revision,
+                               data_files=source.data_files, token=os.environ.get("HF_TOKEN") or None)
     hf = hf.map(lambda _, i: {"__row": i}, with_indices=True)
     name = f"{source.hf}:{source.split}"
     def convert(rec: dict) -> dict:
@@ -253,3 +260,35 @@ def _read_hf(source: DataSource, fields: Fields):
         return {**row(f"{name}:{i}", name, rec, fields), "order": i}
 
     return ray.data.from_huggingface(hf).map(convert)
+
+
+def sample_records(source: DataSource, base_dir: str, n: int = 200) -> tuple[str, list[dict]]:
+    """The first `n` records of a local source as the user wrote them (before the field mapping), for
+    checks that must run before any cluster work. Unparseable lines are skipped: the reader
+    quarantines them later with their reason."""
+    path, fmt = _files(source, base_dir)[0]
+    records: list[Any] = []
+    if fmt == "jsonl":
+        with open(path, "rb") as fh:
+            for line in fh:
+                if len(records) >= n:
+                    break
+                try:
+                    records.append(json.loads(line.decode("utf-8-sig")))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    continue
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(path)
+        records = f.read_row_group(0).slice(0, n).to_pylist() if f.num_row_groups else []
+    elif fmt == "csv":
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            records = [r for _, r in zip(range(n), csv.DictReader(fh))]
+    else:
+        try:
+            data = _unwrap(json.loads(Path(path).read_bytes().decode("utf-8-sig")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            data = []
+        records = data[:n] if isinstance(data, list) else []
+    return str(path), [r for r in records if isinstance(r, dict)]

@@ -23,6 +23,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,25 @@ class AliveScorer(LMScorer):
 def cached_tokenizer(path: str):
     """A tokenizer loaded once per process (Ray reuses task processes)."""
     return load_tokenizer(path)
+
+
+class NoRowsLeft(ValueError):
+    """Nothing to train on: every row was quarantined or dropped."""
+
+
+def no_rows_reason(manifest: dict[str, Any], quarantine: Path) -> str:
+    """Why no row was kept, in a sentence: the commonest quarantine reasons, or the drops."""
+    if manifest["quarantined"] == manifest["input"]:
+        reasons = Counter()
+        with open(quarantine, encoding="utf-8") as fh:
+            for line in fh:
+                reasons[json.loads(line)["reason"]] += 1
+        top = "; ".join(f"{r} ({n} rows)" for r, n in reasons.most_common(3))
+        return (f"no readable rows: all {manifest['input']} rows of data.train were quarantined ({top}); "
+                "check data.fields against the file's columns")
+    drops = ", ".join(f"{k}: {v}" for k, v in manifest["dropped"].items())
+    return (f"no rows kept: {manifest['quarantined']} quarantined and every readable row dropped ({drops}); "
+            "loosen data.filter")
 
 
 class TokenCounter:
@@ -456,6 +476,8 @@ class DataStage(Stage):
         ops = ray.get(tally.get.remote())
         manifest = self.manifest(ctx, plan, work, routed, streamed, ops, timings, seconds, t0)
         shutil.rmtree(ctx.out / "_work", ignore_errors=True)
+        if manifest["kept"] == 0:  # the quarantine and the manifest stay beside the error (RUN/data.failed)
+            raise NoRowsLeft(no_rows_reason(manifest, ctx.out / "quarantine.jsonl"))
         return {"input": manifest["input"], "kept": manifest["kept"], "quarantined": manifest["quarantined"],
                 "dropped": sum(manifest["dropped"].values()), "eval": manifest["eval"]["rows"],
                 "tokens_before": manifest["tokens_before"], "tokens_after": manifest["tokens_after"]}

@@ -54,3 +54,23 @@ def weight_bytes(path: str) -> float:
 
     files = list(Path(path).glob("*.safetensors"))
     return sum(f.stat().st_size for f in files) if files else math.inf
+
+
+WINDOW_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length")
+
+
+def context_window(path_or_config) -> int | None:
+    """The longest sequence a model's config allows: a loaded config, or a local folder's config.json
+    (None: not readable, or a hub id)."""
+    import json
+    from pathlib import Path
+
+    if isinstance(path_or_config, (str, Path)):
+        try:
+            config = json.loads((Path(path_or_config) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    else:
+        config = path_or_config.to_dict()
+    found = [int(config[k]) for k in WINDOW_KEYS if isinstance(config.get(k), int) and config[k] > 0]
+    return min(found) if found else None

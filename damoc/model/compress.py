@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from damoc.lm.arch import adapter_for
-from damoc.lm.load import load_causal_lm, pad_id
+from damoc.lm.load import context_window, load_causal_lm, pad_id
 from damoc.lm.nll import rows_bits_per_byte
 from damoc.lm.prompts import render
 from damoc.lm.tokens import encode
@@ -87,13 +87,17 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
     tok, model = load(src, dtype, device)
     adapter = adapter_for(model.config)
     layers_before, params_before = adapter.num_layers(model.config), param_count(model)
-    data = batches(calibration_ids(tok, rows, task, template, m.calibration.max_length), m.calibration.batch_size,
-                   pad_id(tok))
+    window = context_window(model.config)  # sequences never longer than the model's positions
+    max_length = min(max_length, window) if window else max_length
+    cal_length = min(m.calibration.max_length, window) if window else m.calibration.max_length
+    data = batches(calibration_ids(tok, rows, task, template, cal_length), m.calibration.batch_size, pad_id(tok))
     t_load = time.perf_counter()
 
     zero_shot = {}
-    if eval_rows:
+    if eval_rows:  # the free baseline: the original model's loss on the eval rows, and what it cost
+        t_zs = time.perf_counter()
         zero_shot["original"] = rows_bits_per_byte(model, tok, eval_rows, task, template, max_length)
+        zero_shot["seconds"] = round(time.perf_counter() - t_zs, 3)
     cal = calibrate(model, adapter, data)
     removed, per_layer = choose_layers(cal, m, layers_before)
     original = list(adapter.layer_list(model))  # keeps the removed layers alive for merging

@@ -42,7 +42,7 @@ def ranking_table(ranking: dict[str, Any]) -> str:
     """The ranking as a plain-text table for the terminal, with the pick's confidence under it."""
     head = ["rank", "candidate", "status", ranking["metric"], "95% interval", "steps", "worker-s", "note"]
     rows = [[fmt(c["rank"]), c["name"], c["status"], fmt(c["score"]), _interval(c), fmt(c["steps"]),
-             fmt(c["worker_seconds"]), (c.get("reason") or "")[:60]] for c in ranking["candidates"]]
+             fmt(c["worker_seconds"]), (c.get("reason") or c.get("note") or "")[:60]] for c in ranking["candidates"]]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in [head, *rows]]
     return "\n".join([*lines, *([confidence_line(ranking)] if ranking.get("confidence") else [])])
@@ -64,9 +64,10 @@ def _ranking_section(ranking: dict[str, Any], finetune: dict[str, Any], out: Pat
     lead = (f"Best candidate: {winner['name']} ({metric} {fmt(winner['score'])}, {better} is better)."
             if winner else "No candidate produced a score.")
     if ranking.get("decided_at") is not None:
+        then = ("trained on to its planned steps (tune.finish_winner)" if ranking.get("finish_winner") else
+                "it was stopped at that step (tune.finish_winner: true trains it to the end)")
         lead += (f" Decided at step {ranking['decided_at']}: ASHA had stopped every other candidate there, so "
-                 f"{winner['name']} ranks first whatever it does next; it was stopped at that step "
-                 "(tune.finish_winner: true trains it to the end).")
+                 f"{winner['name']} ranks first whatever it does next; {then}.")
     if finetune.get("resumed"):
         entries = finetune.get("candidates", [])
         again = [e["name"] for e in entries if e.get("attempts", 1) > 1]
@@ -91,7 +92,7 @@ def _ranking_section(ranking: dict[str, Any], finetune: dict[str, Any], out: Pat
                              "worker-s", "train FLOPs", "note"],
                    [[r["rank"], r["name"], r["status"], r["score"], _interval(r), r["steps"],
                      vs.get(r["name"], {}).get("p_pick_better"), r["worker_seconds"], r["train_flops"],
-                     r.get("reason", "")] for r in rows]))
+                     r.get("reason") or r.get("note") or ""] for r in rows]))
     curves = {e["name"]: [(c["step"], c[metric]) for c in e.get("curve", []) if metric in c]
               for e in finetune.get("candidates", [])}
     stopped = {r["name"] for r in rows if r["stopped_early"]}

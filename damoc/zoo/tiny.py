@@ -56,13 +56,13 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 32, layers: int = 4,
 
 
 def build_tiny_model(family: str, out_dir: str | Path, tokenizer, hidden: int = 32, layers: int = 4,
-                     heads: int = 4, seed: int = 0) -> Path:
+                     heads: int = 4, seed: int = 0, max_positions: int = 512) -> Path:
     """Random-init a tiny model of `family` and save it with the tokenizer as an HF folder (safetensors)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     ids = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
-    config = tiny_config(family, len(tokenizer), hidden, layers, heads, special_ids=ids)
+    config = tiny_config(family, len(tokenizer), hidden, layers, heads, max_positions, special_ids=ids)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     out = Path(out_dir)

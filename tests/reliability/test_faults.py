@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,7 +134,8 @@ def test_driver_killed_during_finetune_resumes_trials_where_they_were(job_dir, t
     """Three trials at once; ASHA stops two (steps 2 and 4), the winner trains on (tune.finish_winner). The
     driver's whole process tree is killed while the winner is mid-way; `damoc select` again resumes the
     sweep: the stopped trials are not run again, the winner continues from its checkpoint, the ranking is
-    the uninterrupted run's and the cost adds both attempts."""
+    the uninterrupted run's and the cost adds both attempts. The sweep's state is on finetune.storage_path
+    (a shared volume on a cluster); a second run directory of the same job never takes it for its own."""
     write_jsonl(job_dir / "data" / "train.jsonl", QA_ROWS * 3)
     good = tiny_model("llama", hidden=32, layers=2)
     hopeless_copy(good, job_dir / "zoo" / "bad")
@@ -143,7 +145,8 @@ def test_driver_killed_during_finetune_resumes_trials_where_they_were(job_dir, t
         "candidates": [{"name": "llama-s", "path": "zoo/llama-s"}, {"name": "gpt2-s", "path": "zoo/gpt2-s"},
                        {"name": "bad", "path": "zoo/bad"}],
         "model": {"enabled": False},
-        "finetune": {"num_workers": 1, "max_steps": 40, "eval_every": 2, "batch_size": 4, "lr": 5e-3},
+        "finetune": {"num_workers": 1, "max_steps": 120, "eval_every": 2, "batch_size": 4, "lr": 5e-3,
+                     "storage_path": str(job_dir / "shared")},  # as on a cluster: a shared volume
         "tune": {"grace_period": 2, "reduction_factor": 2, "finish_winner": True}})
     write_spec(job_dir / "job.yaml", spec)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -153,10 +156,17 @@ def test_driver_killed_during_finetune_resumes_trials_where_they_were(job_dir, t
     reader = threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True)
     reader.start()
     deadline = time.monotonic() + 600
-    while not any("finetune: decided at step" in ln for ln in lines) and time.monotonic() < deadline:
-        assert first.poll() is None, "".join(lines)[-3000:]
-        time.sleep(0.2)
-    time.sleep(6)  # the winner reports (with checkpoints) past the deciding rung; Tune saves its state
+
+    def wait_for(done) -> None:
+        while not done() and time.monotonic() < deadline:
+            assert first.poll() is None, "".join(lines)[-3000:]
+            time.sleep(0.1)
+
+    wait_for(lambda: any("finetune: decided at step" in ln for ln in lines))
+    wait_for(lambda: any(re.search(r"llama-s +step +(8|[1-9]\d)\b", ln) for ln in lines))  # past the rung
+    seen = time.time()
+    states = lambda: list((job_dir / "shared").glob("t-*/tune/experiment_state*.json"))  # noqa: E731
+    wait_for(lambda: any(p.stat().st_mtime > seen for p in states()))  # Tune saved its state since then
     assert first.poll() is None, "the run ended before it could be killed"
     kill_tree(psutil.Process(first.pid))
     run = job_dir / "runs" / "t"
@@ -170,9 +180,9 @@ def test_driver_killed_during_finetune_resumes_trials_where_they_were(job_dir, t
     assert results["resumed"] == 1 and results["decided_at"] == 4
     for name in ("bad", "gpt2-s"):  # stopped before the interruption: kept as they were, not run again
         assert by[name]["status"] == "stopped_early" and by[name]["attempts"] == 1
-    assert by["bad"]["steps"] == 2 and by["gpt2-s"]["steps"] == 4
+    assert sorted(by[n]["steps"] for n in ("bad", "gpt2-s")) == [2, 4]  # one stopped at each rung
     win = by["llama-s"]
-    assert win["status"] == "finished" and win["steps"] == 40 and win["attempts"] == 2
+    assert win["status"] == "finished" and win["steps"] == 120 and win["attempts"] == 2
     assert win["start_step"] > 4  # continued from its checkpoint, not from step 0
     assert win["earlier_seconds"] > 0 and win["worker_seconds"] > win["earlier_seconds"]  # both attempts billed
 
