@@ -138,10 +138,14 @@ def builtin_stage(name: str) -> type[Stage]:
 FAILED_MARK = ".failed"
 
 
+def failed_dir(final: Path) -> Path:
+    return final.with_name(final.name + FAILED_MARK)
+
+
 def keep_failed(tmp: Path, final: Path) -> Path | None:
     """A failed stage's folder, kept as RUN/<stage>.failed for its evidence (the quarantine and the
     reasons); its scratch work (`_work`) goes. The stage's last good output is untouched."""
-    kept = final.with_name(final.name + FAILED_MARK)
+    kept = failed_dir(final)
     shutil.rmtree(kept, ignore_errors=True)
     shutil.rmtree(tmp / "_work", ignore_errors=True)
     try:
@@ -350,7 +354,7 @@ class Pipeline:
                 raise StageFailed(name, seconds, exc) from exc
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        shutil.rmtree(final.with_name(final.name + FAILED_MARK), ignore_errors=True)  # superseded
+        shutil.rmtree(failed_dir(final), ignore_errors=True)  # superseded by this success
         log.info("stage %s: done in %.1fs %s", name, seconds, format_counts(counts))
         record_stage(self.spec.name, name, seconds)
         return StageOutcome(name, "ran", seconds, counts, fp)

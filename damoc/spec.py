@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -77,12 +78,15 @@ def _hub_id(v: str | None) -> str | None:
     return v
 
 
+HubId = Annotated[str | None, AfterValidator(_hub_id)]
+
+
 class DataSource(Strict):
     """A local file/folder (jsonl | json | parquet | csv) or a Hugging Face dataset (with
     `config`, `revision` and `data_files` as `datasets.load_dataset` takes them)."""
 
     path: str | None = None
-    hf: str | None = None
+    hf: HubId = None
     split: str = "train"
     config: str | None = None  # load_dataset's `name`
     revision: str | None = None
@@ -94,11 +98,6 @@ class DataSource(Strict):
     @classmethod
     def _path_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
         return _check_exists(v, info)
-
-    @field_validator("hf")
-    @classmethod
-    def _hf_id(cls, v: str | None) -> str | None:
-        return _hub_id(v)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSource:
@@ -220,7 +219,7 @@ class Candidate(Strict):
 
     name: str = Field(pattern=NAME_PATTERN, max_length=64)
     path: str | None = None
-    hf: str | None = None
+    hf: HubId = None
     revision: str | None = None
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
@@ -236,11 +235,6 @@ class Candidate(Strict):
             if not cfg.is_file():
                 raise ValueError(f"no config.json in {cfg.parent}")
         return v
-
-    @field_validator("hf")
-    @classmethod
-    def _hf_id(cls, v: str | None) -> str | None:
-        return _hub_id(v)
 
     @model_validator(mode="after")
     def _one_source(self) -> Candidate:
