@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from selection import DOMAINS, costs, damoc_spec, final_scores, reference_spec, run  # noqa: E402
+from selection import costs, damoc_spec, final_scores, recipe_args, reference_spec, run  # noqa: E402
 
 from damoc.report.agreement import best, kendall_tau, top1_hit  # noqa: E402
 from damoc.rundir import read_json  # noqa: E402
@@ -163,19 +163,7 @@ def domain_table(domain: str, res: dict[str, Any], cluster_start: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo", default="zoo/bench")
-    ap.add_argument("--preset", default="bench")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
-    ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--keep-ratio", type=float, default=0.2)
-    ap.add_argument("--compress-ratio", type=float, default=0.6)
-    ap.add_argument("--prune-ratio", type=float, default=0.5)
-    ap.add_argument("--grace", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--eval-rows", type=int, default=128)
-    ap.add_argument("--work", default="runs/bench-cost")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    recipe_args(ap, "runs/bench-cost")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.pop("RAY_ADDRESS", None)

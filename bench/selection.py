@@ -52,6 +52,23 @@ DOMAINS = {
 # ---------------------------------------------------------------- specs
 
 
+def recipe_args(ap: argparse.ArgumentParser, work: str) -> None:
+    """The zoo and the DaMoC recipe every bench on the bench zoo takes (this one, cost, granularity)."""
+    ap.add_argument("--zoo", default="zoo/bench", help="zoo folder (built first if missing)")
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--keep-ratio", type=float, default=0.2)
+    ap.add_argument("--compress-ratio", type=float, default=0.6)
+    ap.add_argument("--prune-ratio", type=float, default=0.5)
+    ap.add_argument("--grace", type=int, default=8, help="ASHA grace period and eval interval, in steps")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--eval-rows", type=int, default=128)
+    ap.add_argument("--work", default=work)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+
+
 def damoc_spec(zoo: Path, domain: str, out: Path, names: list[str], a: argparse.Namespace) -> dict[str, Any]:
     d = DOMAINS[domain]
     data = zoo / "data" / domain
@@ -305,20 +322,8 @@ def bench_domain(domain: str, zoo: Path, names: list[str], work: Path, runtime, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo", default="zoo/bench", help="zoo folder (built first if missing)")
-    ap.add_argument("--preset", default="bench")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
-    ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--keep-ratio", type=float, default=0.2)
-    ap.add_argument("--compress-ratio", type=float, default=0.6)
-    ap.add_argument("--prune-ratio", type=float, default=0.5)
-    ap.add_argument("--grace", type=int, default=8, help="ASHA grace period and eval interval, in steps")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--eval-rows", type=int, default=128)
+    recipe_args(ap, "runs/bench-selection")
     ap.add_argument("--ats-fractions", type=float, nargs="+", default=[1 / 32, 1 / 16, 1 / 8])
-    ap.add_argument("--work", default="runs/bench-selection")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.pop("RAY_ADDRESS", None)

@@ -150,6 +150,9 @@ class CompressSpec(Strict):
     ratio: float = Field(default=0.6, gt=0, le=1)  # fraction of prompt tokens kept
     forced_tokens: list[str] = Field(default_factory=list)
     compress_answer: bool = False
+    # word: a word is kept or dropped whole (readable, LLMLingua-2); token: each subword piece alone
+    # (Selective Context's original cut: denser, not always readable)
+    granularity: Literal["word", "token"] = "word"
 
 
 class RewriteSpec(Strict):

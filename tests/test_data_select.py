@@ -117,6 +117,12 @@ def test_word_level_compression_keeps_or_drops_whole_words():
     # and "What" (9.0, 1 token); subword pieces never split a word.
     keep = keep_mask(info, [text[a:b] for a, b in cov], 0.6, ("?",), word_groups(text, cov))
     assert rebuild(text, cov, keep, 0, len(text)) == "What capital France?"
+    # granularity token (words=False): the same budget spent piece by piece, cutting inside words
+    info[5] = 2.0  # " of": now above " Fr" and " ance" but below every whole word kept before
+    fields, before, after = compress_fields(text, {"q": (0, len(text))}, spans, info, 0.6, ("?",), words=False)
+    assert (before, after) == (9, 6) and fields["q"] == "What capital of Fr?"
+    fields, _, after = compress_fields(text, {"q": (0, len(text))}, spans, info, 0.6, ("?",))
+    assert after == 6 and fields["q"] == "What capital France?"
 
 
 def test_compression_shortens_the_fields_and_leaves_the_template():

@@ -122,9 +122,8 @@ def test_stop_when_decided_ranks_as_finishing_the_winner_does(tmp_path, tiny_mod
     assert [c["name"] for c in decided["candidates"]] == [c["name"] for c in finished["candidates"]]
     assert decided["decided_at"] == finished["decided_at"] == 4 and finished["finish_winner"]
     win, win_full = decided["candidates"][0], finished["candidates"][0]
-    # the winner's trial is stopped once the driver sees the decision: at the deciding rung or, on a
-    # loaded machine, a report or two later (it never trains on to the planned end)
-    assert win["status"] == "decided" and 4 <= win["steps"] < 8
+    # the winner's trial ended at the deciding rung (it holds there until the driver stops it)
+    assert win["status"] == "decided" and win["steps"] == 4
     assert win_full["status"] == "finished" and win_full["steps"] == 8
     assert decided["candidates"][-1]["name"] == "llama-bad" and decided["candidates"][-1]["steps"] == 2
     for a, b in zip(decided["candidates"][1:], finished["candidates"][1:]):  # the stopped ones are the same
@@ -141,7 +140,7 @@ def test_stop_when_decided_ranks_as_finishing_the_winner_does(tmp_path, tiny_mod
         "llama-a", "gpt2-b", "llama-bad"}, events
     # the winner's adapter, in PEFT's format, loads on the compressed model and scores what the report says
     win = decided["candidates"][0]
-    assert win["adapter"]["step"] == win["steps"]
+    assert win["adapter"]["step"] == win["steps"] == 4
     from damoc.lm.load import load_causal_lm
     from damoc.train.args import train_args
     from damoc.train.evaluate import EvalSet, evaluate

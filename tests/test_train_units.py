@@ -16,7 +16,7 @@ from damoc.lm.nll import bits_per_byte
 from damoc.lm.prompts import gold_option, options_of, prompt_text
 from damoc.lm.tokens import IGNORE, collate, encode
 from damoc.train.loop import Batches, report_steps
-from damoc.train.rungs import asha_rungs, release_order
+from damoc.train.rungs import Rungs, asha_rungs, release_order
 
 
 # ---------------------------------------------------------------- examples and metrics
@@ -114,6 +114,38 @@ def test_release_order_makes_ray_asha_keep_the_top_ceil_n_over_rf(n, rf):
             if bracket.on_result(T(name), 4, values[name]) == TrialScheduler.CONTINUE}
     best = sorted(values, key=values.get, reverse=True)[: math.ceil(n / rf)]
     assert kept == set(best)
+
+
+def test_the_one_kept_at_a_deciding_rung_holds_until_stopped():
+    """Three trials, rf 2: at rung 2 two are kept (nobody holds); at rung 4 one of two is kept and every
+    trial of the sweep has been seen, so the kept one waits after its report while the other is on its
+    way out, and for good once the driver says decided."""
+    r = Rungs(2, timeout_s=600, expected=3, decide=True)
+    for n in ("a", "b", "c"):
+        r.join(n)
+    for n, v in (("a", 0.5), ("b", 0.9), ("c", 0.1)):
+        r.arrive(n, 2, v)
+    assert r.turn("a", 2) and not r.turn("b", 2)  # the kept ones report worst first: a, then b
+    assert [r.turn(n, 2) for n in r.order[2]] == [True, False, False]
+    r.processed("a", 2)
+    assert not r.hold("a", 2, grace_s=5)  # two kept: no decision here
+    r.leave("c")
+    r.arrive("a", 4, 0.4)
+    r.arrive("b", 4, 0.95)
+    assert r.order.get(4) is None and r.turn("b", 4) and r.order[4] == ["b", "a"]
+    r.processed("b", 4)
+    assert r.hold("b", 4, grace_s=5) and not r.hold("a", 4, grace_s=5)  # a still has to report and leave
+    r.processed("a", 4)
+    r.leave("a")
+    assert r.hold("b", 4, grace_s=5)  # the driver has a few seconds to see a's end
+    assert not r.hold("b", 4, grace_s=0)  # ... and when it does not say decided, b goes on
+    r.mark_decided()
+    assert r.hold("b", 4, grace_s=0)  # decided: b waits to be stopped
+    # finish_winner (decide false) or a trial never seen (still to start): nobody holds
+    assert not Rungs(2, 600, expected=3, decide=False).hold("b", 4, 5)
+    late = Rungs(2, 600, expected=4, decide=True)
+    late.order, late.seen, late.live = {4: ["b", "a"]}, {"a", "b", "c"}, {"b": 4}
+    assert not late.hold("b", 4, 5)
 
 
 def test_trial_concurrency_from_cluster_resources():

@@ -78,10 +78,12 @@ def rebuild(text: str, cov: list[tuple[int, int]], keep: np.ndarray, lo: int, hi
 
 
 def compress_fields(text: str, fields: dict[str, tuple[int, int]], spans: list[tuple[int, int]],
-                    info: list[float], ratio: float, forced: tuple[str, ...]) -> tuple[dict[str, str], int, int]:
+                    info: list[float], ratio: float, forced: tuple[str, ...],
+                    words: bool = True) -> tuple[dict[str, str], int, int]:
     """Compress the named fields of a rendered prompt together. `spans`/`info`: each prompt token's
     character span in `text` and its self-information. Returns the fields' new text, and their token
-    count before and after. Tokens outside every field (the template) are neither counted nor cut."""
+    count before and after. Tokens outside every field (the template) are neither counted nor cut.
+    `words` false: each token is kept or dropped alone (subword cuts)."""
     inside = [i for i, (a, b) in enumerate(spans) if any(a < hi and b > lo for lo, hi in fields.values())]
     if not inside:
         return {k: text[lo:hi] for k, (lo, hi) in fields.items()}, 0, 0
@@ -93,7 +95,7 @@ def compress_fields(text: str, fields: dict[str, tuple[int, int]], spans: list[t
         return text[max(a, lo):min(b, hi)]
 
     pieces = [piece(a, b) for a, b in cov]
-    keep = keep_mask([info[i] for i in inside], pieces, ratio, forced, word_groups(text, cov))
+    keep = keep_mask([info[i] for i in inside], pieces, ratio, forced, word_groups(text, cov) if words else None)
     out = {k: rebuild(text, cov, keep, lo, hi).strip() for k, (lo, hi) in fields.items()}
     # A field cut to nothing keeps its text: an empty instruction is not a shorter one.
     out = {k: v or text[lo:hi] for (k, v), (lo, hi) in zip(out.items(), fields.values())}

@@ -27,6 +27,14 @@ class CompressArgs:
     ratio: float
     forced: tuple[str, ...] = DEFAULT_FORCED
     compress_answer: bool = False
+    words: bool = True  # keep or drop whole words (spec data.compress.granularity)
+
+    @classmethod
+    def of(cls, c, enabled: bool = True) -> CompressArgs:
+        """From the spec's data.compress; disabled: ratio 1 (every token kept, still counted)."""
+        if not enabled:
+            return cls(1.0)
+        return cls(c.ratio, DEFAULT_FORCED + tuple(c.forced_tokens), c.compress_answer, c.granularity == "word")
 
 
 def count_tokens(tok, texts: list[str]) -> list[int]:
@@ -96,7 +104,8 @@ class LMScorer:
             info = list(s.prompt_info)
             if e.prompt_cut and info:  # the first scored token carries the unscored text before it
                 info[0] = float("inf")
-            fields, before, after = compress_fields(p.text, p.fields, e.prompt_spans, info, c.ratio, c.forced)
+            fields, before, after = compress_fields(p.text, p.fields, e.prompt_spans, info, c.ratio, c.forced,
+                                                    c.words)
             out["instruction"].append(fields.get("instruction", ""))
             out["input"].append(fields.get("input", ""))
             out["before"].append(before)
@@ -117,7 +126,7 @@ class LMScorer:
         if e.prompt_cut and info:
             info[0] = float("inf")
         fields, _, _ = compress_fields(text, {"text": (0, len(text))}, e.prompt_spans, info,
-                                       self.compress.ratio, self.compress.forced)
+                                       self.compress.ratio, self.compress.forced, self.compress.words)
         return fields["text"]
 
 

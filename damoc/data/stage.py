@@ -37,7 +37,6 @@ import pyarrow.parquet as pq
 import ray
 
 from damoc import metrics
-from damoc.data.compress import DEFAULT_FORCED
 from damoc.data.lm import CompressArgs, LMScorer, count_tokens, field_text, smallest_model
 from damoc.data.ops import BATCH_ROWS, Operator, RowOp, SelectContext, Selector, Steps, alive_mask, get_operator, report
 from damoc.data.readers import read_rows
@@ -549,8 +548,7 @@ class DataStage(Stage):
 
     def _add_lm(self, ctx: StageContext, ds, plan: Plan, tally, pool: dict):
         d = ctx.spec.data
-        compress = (CompressArgs(d.compress.ratio, DEFAULT_FORCED + tuple(d.compress.forced_tokens),
-                                 d.compress.compress_answer) if plan.compress_in_pass1 else None)
+        compress = CompressArgs.of(d.compress) if plan.compress_in_pass1 else None
         return ds.map_batches(AliveScorer, fn_constructor_kwargs=dict(
             tally=tally, model_path=plan.reference, task=d.task, template=ctx.spec.finetune.template,
             max_length=d.max_length, embeddings=plan.needs_emb, compress=compress,
@@ -621,8 +619,7 @@ class DataStage(Stage):
                 reference=plan.reference, model=d.rewrite.model and self.local_or_hub(ctx, d.rewrite.model),
                 endpoint=d.rewrite.endpoint, rounds=d.rewrite.rounds, max_length=d.max_length, task=d.task,
                 template=ctx.spec.finetune.template), **pool)
-        compress = (CompressArgs(d.compress.ratio, DEFAULT_FORCED + tuple(d.compress.forced_tokens),
-                                 d.compress.compress_answer) if d.compress.enabled else CompressArgs(1.0))
+        compress = CompressArgs.of(d.compress, d.compress.enabled)
         ds = ds.map_batches(on_kept(KeptCompressor), fn_constructor_kwargs=dict(
             model_path=plan.reference, task=d.task, template=ctx.spec.finetune.template, max_length=d.max_length,
             embeddings=False, compress=compress), **pool)

@@ -226,7 +226,10 @@ class Bookkeeping(tune.Callback):
         self._end(trial, "ERROR")
 
     def on_step_end(self, iteration, trials, **info):
-        self.book.check_decided({t.config["candidate"]: t.status for t in trials})
+        already = self.book.decided_at is not None
+        if self.book.check_decided({t.config["candidate"]: t.status for t in trials}) and not already \
+                and self.barrier_name:
+            self._barrier().mark_decided.remote()  # the winner holding at its rung waits to be stopped
 
     def get_state(self) -> dict[str, Any]:
         asha = self.scheduler.records() if isinstance(self.scheduler, ResumableASHA) else None
@@ -294,7 +297,8 @@ def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[st
             ray.kill(ray.get_actor(barrier_name))
         except ValueError:
             pass
-        barrier = RungBarrier.options(name=barrier_name).remote(reduction_factor, rung_timeout_s)
+        barrier = RungBarrier.options(name=barrier_name).remote(reduction_factor, rung_timeout_s, book.expected,
+                                                                book.decide)
     # A worker-group trial is only a driver (its workers have their own resources): no CPU, so trials
     # never take CPUs their workers need; a little memory because a bundle cannot be empty. A local-mode
     # trial is the worker: it holds the worker's resources, and its process (imports, process group)

@@ -199,7 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         from damoc.train.engine import build_engine, resolve_precision
         from damoc.train.evaluate import EvalSet, all_sum, evaluate, gather_rows
-        from damoc.train.rungs import wait_turn
+        from damoc.train.rungs import hold_if_decided, wait_turn
 
     report, get_checkpoint = result_channel(args)
     if args.local:  # the Tune trial's own process is the one worker
@@ -297,5 +297,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # After the report: a trial stopped at this report ends inside it, so the adapter on disk is
             # always one whose result Tune has taken.
             export_adapter(engine, args, step, rank)
+        if rank == 0 and step in args.rungs and args.barrier:
+            with timeline.phase("rung_wait"):  # the last one standing waits here to be stopped
+                hold_if_decided(args.barrier, args.candidate, step)
         t0, loss_sum, loss_n, tokens = time.monotonic(), 0.0, 0, 0
         t_train = time.perf_counter()

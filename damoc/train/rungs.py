@@ -10,6 +10,11 @@ halving. Trials that could not start yet (too few resources) meet the rung later
 judged by plain ASHA against what was recorded. A trial never waits longer than
 `tune.rung_timeout_s`; a crashed or stopped trial is taken off the barrier by the driver's
 Tune callback.
+
+A rung where every trial of the sweep has been seen and only one of the group is kept decides the
+selection. When the job stops once decided, that one holds after its report there until the driver
+(told by the others' ends) stops it, so the winner ends at the deciding rung whatever the timing,
+instead of training on while the driver catches up.
 """
 
 from __future__ import annotations
@@ -40,10 +45,15 @@ def release_order(values: dict[str, float], reduction_factor: float) -> list[str
     return list(reversed(ranked[:keep])) + ranked[keep:]
 
 
-@ray.remote(num_cpus=0)
-class RungBarrier:
-    def __init__(self, reduction_factor: float, timeout_s: float):
+class Rungs:
+    """The barrier's state and rules (a plain class: RungBarrier is its Ray actor)."""
+
+    def __init__(self, reduction_factor: float, timeout_s: float, expected: int = 0, decide: bool = False):
         self.rf, self.timeout_s = reduction_factor, timeout_s
+        self.expected, self.decide = expected, decide  # trials in the sweep; hold the winner once decided
+        self.seen: set[str] = set()
+        self.decided = False  # set by the driver when its book says so
+        self.emptied_at: dict[int, float] = {}  # deciding rung -> when the last other one left
         self.live: dict[str, int] = {}  # running trial -> the last step it reported (a resumed one may be past a rung)
         self.arrived: dict[int, dict[str, float]] = {}  # rung -> {trial: value}
         self.arrived_at: dict[tuple[str, int], float] = {}
@@ -52,12 +62,14 @@ class RungBarrier:
 
     def join(self, name: str, passed: int = 0) -> None:
         self.live[name] = max(passed, self.live.get(name, 0))
+        self.seen.add(name)
 
     def leave(self, name: str) -> None:
         self.live.pop(name, None)
 
     def arrive(self, name: str, rung: int, value: float) -> None:
         self.live.setdefault(name, 0)
+        self.seen.add(name)
         self.arrived.setdefault(rung, {})[name] = value
         self.arrived_at.setdefault((name, rung), time.monotonic())
 
@@ -79,10 +91,42 @@ class RungBarrier:
         before = order[: order.index(name)]
         return all(n in done or n not in self.live for n in before)
 
+    def mark_decided(self) -> None:
+        self.decided = True
+
+    def hold(self, name: str, rung: int, grace_s: float) -> bool:
+        """Whether `name`, after its report at `rung`, should keep waiting: it is the one kept by a
+        deciding rung, and either the driver has said decided (it will be stopped) or the others of
+        the group are still on their way out (or left under `grace_s` ago)."""
+        order = self.order.get(rung)
+        if not self.decide or not order or order[0] != name or len(self.seen) < self.expected:
+            return False
+        if math.ceil(len(order) / self.rf) != 1 or any(n not in order for n in self.live):
+            return False  # more than one kept, or someone else still running elsewhere
+        if self.decided:
+            return True
+        others = [n for n in order[1:] if n in self.live]
+        if others:
+            return True
+        emptied = self.emptied_at.setdefault(rung, time.monotonic())
+        return time.monotonic() - emptied < grace_s
+
+
+RungBarrier = ray.remote(num_cpus=0)(Rungs)
+
 
 def wait_turn(barrier_name: str, name: str, rung: int, value: float, poll_s: float = 0.2) -> None:
     """Called by a trial's rank-0 worker before it reports at a rung."""
     barrier = ray.get_actor(barrier_name)
     ray.get(barrier.arrive.remote(name, rung, value))
     while not ray.get(barrier.turn.remote(name, rung)):
+        time.sleep(poll_s)
+
+
+def hold_if_decided(barrier_name: str, name: str, rung: int, limit_s: float = 120.0, grace_s: float = 15.0,
+                    poll_s: float = 0.2) -> None:
+    """Called by a trial's rank-0 worker after it reported at a rung: waits (at most `limit_s`) while
+    this rung is deciding the selection for it, so the driver stops it here."""
+    barrier, t0 = ray.get_actor(barrier_name), time.monotonic()
+    while time.monotonic() - t0 < limit_s and ray.get(barrier.hold.remote(name, rung, grace_s)):
         time.sleep(poll_s)
