@@ -67,7 +67,7 @@ def table(domain: str, res: dict[str, Any]) -> str:
         lines.append(f"| {name} | {' > '.join(f['order'])} | {'yes' if f['top1'] else 'no'} | {f['tau']:+.2f} | "
                      f"{kept} | {f['train_tokens']:,d} | {f['flops']:.3g} | {f['worker_seconds']:.0f} |")
     for name in ("token", "word"):
-        for e in res["variants"][name]["examples"][:1]:
+        for e in res["variants"].get(name, {}).get("examples", [])[:1]:
             lines += ["", f"- {name}: {json.dumps(e.get('before'), ensure_ascii=False)[:240]}",
                       f"  → {json.dumps(e.get('after'), ensure_ascii=False)[:240]}"]
     return "\n".join(lines)
@@ -76,6 +76,7 @@ def table(domain: str, res: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     recipe_args(ap, "runs/bench-cost")  # bench/cost.py's folder: its runs are reused
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.pop("RAY_ADDRESS", None)
@@ -94,7 +95,7 @@ def main() -> None:
             base = damoc_spec(zoo, d, work / d / "damoc", names, a)
             truth = final_scores(run(reference_spec(base, work / d / "full", info["data"][d]["train"]), shared))
             dirs = {"word": work / d / "damoc", "token": work / d / "damoc-token", "off": work / d / "damoc-off"}
-            variants = {v: figures(run(variant_spec(base, v, dirs[v]), shared), truth) for v in VARIANTS}
+            variants = {v: figures(run(variant_spec(base, v, dirs[v]), shared), truth) for v in a.variants}
             results[d] = {"truth": sorted(truth, key=truth.get), "variants": variants}
             out.mkdir(parents=True, exist_ok=True)
             (out / "granularity.json").write_text(json.dumps(results, indent=1, default=str))

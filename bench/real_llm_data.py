@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def spec(zoo: Path, model: Path, out: Path, a) -> dict:
+def spec(zoo: Path, model: Path, out: Path, train: Path, a) -> dict:
     cands = [{"name": p.name, "path": str(p)} for p in sorted((zoo / "models").iterdir()) if p.name != model.name][:1]
     return {"name": "real-llm-data", "output_dir": str(out), "seed": 0,
-            "data": {"train": {"path": str(zoo / "data" / "api_qa" / "train.jsonl")},
+            "data": {"train": {"path": str(train)},
                      "eval": {"path": str(zoo / "data" / "api_qa" / "eval.jsonl")},
                      "filter": {"keep_ratio": a.keep, "operators": [
                          {"name": "rules"}, {"name": "ifd_filter"},
@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ratio", type=float, default=0.6)
     ap.add_argument("--cpus", type=int, default=None)
+    ap.add_argument("--rows", type=int, default=None, help="the first N training rows only (default: all)")
     a = ap.parse_args()
     from damoc.pipeline import Pipeline
     from damoc.runtime import connect
@@ -97,8 +98,12 @@ def main() -> None:
 
     model = (a.model or a.zoo / "models" / "smollm2-135m-instruct").resolve()
     with tempfile.TemporaryDirectory(prefix="damoc-real-data-") as tmp:
-        run_dir = Path(tmp) / "run"
-        pipeline = Pipeline(spec_from_data(spec(a.zoo.resolve(), model, run_dir, a)), base_dir=Path.cwd(),
+        run_dir, train = Path(tmp) / "run", a.zoo.resolve() / "data" / "api_qa" / "train.jsonl"
+        if a.rows:
+            lines = train.read_text(encoding="utf-8").splitlines(keepends=True)[: a.rows]
+            train = Path(tmp) / "train.jsonl"
+            train.write_text("".join(lines), encoding="utf-8")
+        pipeline = Pipeline(spec_from_data(spec(a.zoo.resolve(), model, run_dir, train, a)), base_dir=Path.cwd(),
                             runtime_factory=lambda: connect(None, num_cpus=a.cpus))
         t0 = time.monotonic()
         pipeline.run(["data"])
