@@ -78,6 +78,32 @@ def test_the_schedule_is_transformers_warmup_cosine():
     assert lrs[:4] == [0.0, 0.25, 0.5, 0.75] and lrs[4] == 1.0 and lrs[12] == pytest.approx(0.5)
 
 
+def test_a_reused_trial_process_starts_deepspeed_again_after_train_destroyed_the_group():
+    """Tune reuses a trial's process for the next candidate; Train's local controller ends a finished
+    trial with torch's destroy_process_group, which DeepSpeed does not see."""
+    import torch
+    import torch.distributed as dist
+
+    from damoc.train.args import TrainArgs
+    from damoc.train.engine import build_engine
+    from damoc.train.loop import local_process_group
+
+    args = TrainArgs("c", "m", "t", "e", lr=0.1, max_steps=4, deepspeed=True, zero_stage=2, local=True)
+    try:
+        for trial in range(2):
+            local_process_group()
+            model = torch.nn.Linear(2, 1)
+            engine = build_engine(model, args, torch.float32, torch.device("cpu"))  # failed on the 2nd trial
+            before = model.weight.detach().clone()
+            engine.backward(engine.module(torch.ones(4, 2)).sum())
+            engine.step()
+            assert not torch.equal(before, model.weight.detach()), trial
+            dist.destroy_process_group()  # what the local controller does when a trial finishes
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_batches_resume_where_they_stopped():
     from damoc.lm.tokens import Example
 

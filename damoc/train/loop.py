@@ -127,10 +127,29 @@ def local_process_group() -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        forget_destroyed_groups()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def forget_destroyed_groups() -> None:
+    """Train's local controller ends a finished trial with torch's destroy_process_group, not
+    DeepSpeed's, so DeepSpeed still caches groups of the destroyed one and the next trial in this
+    (reused) process fails in deepspeed.initialize ("Group ... is not registered"). Drop them."""
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        release(None)
+        return
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        if hasattr(groups, name):  # older DeepSpeed: plain module globals
+            setattr(groups, name, None)
 
 
 def save_json(path: str, payload: dict) -> None:
