@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import shutil
 import socket
@@ -66,6 +67,12 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def fitting(cluster: dict[str, float], each: dict[str, float]) -> int:
+    """How many units asking for `each` (resource -> amount) fit at once in `cluster`'s resources."""
+    fits = [math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in each.items() if v > 0]
+    return min(fits) if fits else 1
 
 
 def target_address(address: str | None) -> str | None:

@@ -11,7 +11,8 @@ from damoc.report.compare import compare_runs
 from damoc.report.ranking import rank_candidates
 from damoc.report.render import to_html, to_markdown
 from damoc.train import metrics
-from damoc.train.driver import fitting_trials, worker_resources
+from damoc.runtime import fitting
+from damoc.train.driver import worker_resources
 from damoc.lm.nll import bits_per_byte
 from damoc.lm.prompts import gold_option, options_of, prompt_text
 from damoc.lm.tokens import IGNORE, collate, encode
@@ -177,9 +178,9 @@ def test_the_one_kept_at_a_deciding_rung_holds_until_stopped():
 def test_trial_concurrency_from_cluster_resources():
     assert worker_resources(2, False, None) == {"CPU": 2}
     assert worker_resources(2, True, {"CPU": 4}) == {"CPU": 8, "GPU": 2}
-    assert fitting_trials({"CPU": 6.0}, {"CPU": 2}) == 3
-    assert fitting_trials({"CPU": 64.0, "GPU": 8.0}, {"CPU": 8, "GPU": 2}) == 4
-    assert fitting_trials({"CPU": 1.0}, {"CPU": 2}) == 0
+    assert fitting({"CPU": 6.0}, {"CPU": 2}) == 3
+    assert fitting({"CPU": 64.0, "GPU": 8.0}, {"CPU": 8, "GPU": 2}) == 4
+    assert fitting({"CPU": 1.0}, {"CPU": 2}) == 0
 
 
 def test_epochs_set_the_steps_capped_by_max_steps():

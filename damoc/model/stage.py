@@ -1,6 +1,8 @@
-"""The model stage: one Ray actor per candidate, all in parallel.
+"""The model stage: candidates compressed in parallel, each in a Ray actor.
 
-Each actor loads its candidate, scores the layers on calibration rows from the data stage's
+As many actors start as fit on the cluster at once (at most one per candidate); each takes the next
+candidate when it finishes one, so a small cluster pays each process's start-up and imports once
+rather than once per candidate. An actor loads its candidate, scores the layers on calibration rows from the data stage's
 output, removes the least important ones, merges them into their kept neighbours and saves an
 HF folder (safetensors + tokenizer) with compression.json under RUN/models/<name>/. A
 candidate that fails (bad path, unsupported architecture, out of memory) is recorded as failed
@@ -22,6 +24,7 @@ from damoc.model.compress import Source, compress_candidate
 from damoc.pipeline import Stage, StageContext, register_stage
 from damoc import metrics
 from damoc.rundir import atomic_write_json
+from damoc.runtime import fitting
 from damoc.spec import JobSpec, ModelSpec
 
 log = logging.getLogger("damoc.model")
@@ -29,7 +32,7 @@ log = logging.getLogger("damoc.model")
 
 @ray.remote
 class CandidateCompressor:
-    """Holds one candidate for its whole compression; torch uses the CPUs Ray gave it."""
+    """Compresses one candidate per call, start to finish; torch uses the CPUs Ray gave it."""
 
     def __init__(self, threads: int):
         import torch
@@ -38,7 +41,16 @@ class CandidateCompressor:
 
     def run(self, src: Source, rows: list[dict[str, str]], m: ModelSpec, out: str, seed: int, task: str,
             template: str, eval_rows: list[dict[str, str]], max_length: int) -> dict[str, Any]:
-        return compress_candidate(src, rows, m, Path(out), seed, task, template, eval_rows, max_length)
+        try:
+            return compress_candidate(src, rows, m, Path(out), seed, task, template, eval_rows, max_length)
+        finally:  # the next candidate in this actor starts with the memory this one held
+            import gc
+
+            import torch
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def calibration_rows(train_parquet: Path, rows: int, seed: int) -> list[dict[str, str]]:
@@ -83,6 +95,33 @@ class ModelStage(Stage):
         location = ctx.resolve(cand.path) if cand.path else cand.hf
         return Source(cand.name, location, cand.revision, cand.trust_remote_code, cand.allow_pickle_weights)
 
+    @staticmethod
+    def new_actor(m: ModelSpec):
+        # A killed actor (node lost, OOM) is restarted and its candidate retried once: a run writes
+        # only its own folder, from scratch, so a retry is safe.
+        return CandidateCompressor.options(num_cpus=m.num_cpus, num_gpus=m.num_gpus, max_restarts=ACTOR_RETRIES,
+                                           max_task_retries=ACTOR_RETRIES).remote(max(1, int(m.num_cpus)))
+
+    def compressed(self, ctx: StageContext, spec: JobSpec, name: str, r: dict[str, Any]) -> dict[str, Any]:
+        log.info("models: %s %d -> %d layers, %.2fM -> %.2fM params, calibration loss "
+                 "%.3f original / %.3f pruned / %.3f merged, %.1fs", name, r["layers_before"],
+                 r["layers_after"], r["params_before"] / 1e6, r["params_after"] / 1e6,
+                 r["calibration_loss"]["original"], r["calibration_loss"]["pruned"],
+                 r["calibration_loss"]["merged"], r["seconds"])
+        metrics.record_candidate(spec.name, name, r)
+        # Where the folder will be once the stage's output is swapped in (ctx.out is temporary).
+        return {"name": name, "status": "compressed", "path": str(ctx.input(self.output) / name),
+                "seconds": r["seconds"]}
+
+    @staticmethod
+    def failed(ctx: StageContext, name: str, err: BaseException, t0: float) -> dict[str, Any]:
+        reason, seconds = failure_reason(err), round(time.monotonic() - t0, 3)
+        (ctx.out / name).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(ctx.out / name / "compression.json",
+                          {"name": name, "status": "failed", "reason": reason, "seconds": seconds})
+        log.error("models: %s failed: %s", name, reason)
+        return {"name": name, "status": "failed", "reason": reason, "seconds": seconds}
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         spec, m = ctx.spec, ctx.spec.model
         entries: list[dict[str, Any]] = []
@@ -98,43 +137,37 @@ class ModelStage(Stage):
         # The rows every evaluation scores (the first eval_max_rows): the zero-shot baseline on them.
         evals = pq.read_table(ctx.input("data") / "eval.parquet", columns=["instruction", "input", "output"]).to_pylist()
         evals_ref = ray.put(evals[: spec.finetune.eval_max_rows] if spec.finetune.eval_max_rows else evals)
-        # All actors are asked for at once; Ray starts as many as the cluster's resources allow and
-        # the rest as earlier ones are killed on finishing (a finished actor would hold its CPUs).
+        each = {"CPU": m.num_cpus, "GPU": m.num_gpus}
+        size = max(1, min(len(spec.candidates), fitting(ray.cluster_resources(), each)))
+        queue = list(spec.candidates)
+        log.info("models: compressing %d candidates, %d at once, %d calibration rows each", len(queue), size,
+                 len(rows))
         pending: dict[ray.ObjectRef, tuple[str, Any, float]] = {}
-        for cand in spec.candidates:
-            # A killed actor (node lost, OOM) is restarted and its run retried once: the run writes
-            # only its own folder, from scratch, so a retry is safe.
-            actor = CandidateCompressor.options(num_cpus=m.num_cpus, num_gpus=m.num_gpus, max_restarts=ACTOR_RETRIES,
-                                                max_task_retries=ACTOR_RETRIES).remote(max(1, int(m.num_cpus)))
+
+        def give(actor) -> None:  # the next candidate to this actor, or the actor back to the cluster
+            if not queue:
+                ray.kill(actor)
+                return
+            cand = queue.pop(0)
             ref = actor.run.remote(self.source(ctx, cand), rows_ref, m, str(ctx.out / cand.name), spec.seed,
                                    spec.data.task, spec.finetune.template, evals_ref, spec.finetune.max_length)
             pending[ref] = (cand.name, actor, time.monotonic())
-        log.info("models: compressing %d candidates, %d calibration rows each", len(pending), len(rows))
+
+        for _ in range(size):
+            give(self.new_actor(m))
         results: dict[str, dict[str, Any]] = {}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             name, actor, t0 = pending.pop(done[0])
             try:
-                r = ray.get(done[0])
-                # Where the folder will be once the stage's output is swapped in (ctx.out is temporary).
-                results[name] = {"name": name, "status": "compressed", "path": str(ctx.input(self.output) / name),
-                                 "seconds": r["seconds"]}
-                log.info("models: %s %d -> %d layers, %.2fM -> %.2fM params, calibration loss "
-                         "%.3f original / %.3f pruned / %.3f merged, %.1fs", name, r["layers_before"],
-                         r["layers_after"], r["params_before"] / 1e6, r["params_after"] / 1e6,
-                         r["calibration_loss"]["original"], r["calibration_loss"]["pruned"],
-                         r["calibration_loss"]["merged"], r["seconds"])
-                metrics.record_candidate(spec.name, name, r)
-            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as err:
-                reason = failure_reason(err)
-                seconds = round(time.monotonic() - t0, 3)
-                results[name] = {"name": name, "status": "failed", "reason": reason, "seconds": seconds}
-                (ctx.out / name).mkdir(parents=True, exist_ok=True)
-                atomic_write_json(ctx.out / name / "compression.json",
-                                  {"name": name, "status": "failed", "reason": reason, "seconds": seconds})
-                log.error("models: %s failed: %s", name, reason)
-            finally:
+                results[name] = self.compressed(ctx, spec, name, ray.get(done[0]))
+            except ray.exceptions.RayActorError as err:  # died twice: its process is gone
+                results[name] = self.failed(ctx, name, err, t0)
                 ray.kill(actor)
+                actor = self.new_actor(m)
+            except ray.exceptions.RayTaskError as err:
+                results[name] = self.failed(ctx, name, err, t0)
+            give(actor)
         entries = [results[c.name] for c in spec.candidates]
         atomic_write_json(ctx.out / "models.json", {"enabled": True, "candidates": entries})
         n_failed = sum(e["status"] == "failed" for e in entries)

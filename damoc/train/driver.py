@@ -16,7 +16,6 @@ ASHA itself is not part of Tune's experiment state, so its records travel in the
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import uuid
@@ -27,6 +26,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from damoc.runtime import fitting
 from damoc.train.args import TrainArgs
 from damoc.train.loop import train_loop_per_worker
 from damoc.train.rungs import RungBarrier
@@ -56,12 +56,6 @@ def worker_resources(num_workers: int, use_gpu: bool, per_worker: dict[str, floa
     if use_gpu:
         each.setdefault("GPU", 1)
     return {k: v * num_workers for k, v in each.items()}
-
-
-def fitting_trials(cluster: dict[str, float], per_trial: dict[str, float]) -> int:
-    """How many trials fit at once on the cluster's total resources."""
-    fits = [math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in per_trial.items() if v > 0]
-    return min(fits) if fits else 1
 
 
 def run_trial(config: dict[str, Any], plans: dict[str, TrialPlan], scaling: dict[str, Any],

@@ -28,13 +28,13 @@ from damoc.lm.load import context_window
 from damoc.pipeline import Stage, StageContext, register_stage
 from damoc.plan import planned_steps
 from damoc.rundir import atomic_write_json, read_json
+from damoc.runtime import fitting
 from damoc.spec import JobSpec, is_uri
 from damoc.train import timeline
 from damoc.train.args import train_args
 from damoc.train.driver import (
     Book,
     TrialPlan,
-    fitting_trials,
     new_barrier_name,
     trackers,
     tune_candidates,
@@ -192,7 +192,7 @@ class FinetuneStage(Stage):
         ctx.runtime  # noqa: B018 - start (or join) Ray
         per_trial = worker_resources(ft.num_workers, ft.use_gpu, ft.resources_per_worker)
         cluster = ray.cluster_resources()
-        fits = fitting_trials(cluster, per_trial)
+        fits = fitting(cluster, per_trial)
         if fits < 1:
             raise RuntimeError(f"one trial needs {per_trial} but the cluster has {cluster}: lower "
                                "finetune.num_workers or resources_per_worker")
