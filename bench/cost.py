@@ -92,13 +92,22 @@ def plain_full(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     return out
 
 
+def plain_inputs(spec: dict[str, Any]) -> dict[str, Any]:
+    """What the plain loops depend on: the rows, the candidates and the training recipe (not the DaMoC
+    recipe, the run's name or folder, nor how often DaMoC evaluates)."""
+    d = spec["data"]
+    ft = {k: v for k, v in spec["finetune"].items() if k != "eval_every"}
+    return {"data": {k: d.get(k) for k in ("train", "eval", "fields", "task")}, "candidates": spec["candidates"],
+            "finetune": ft, "seed": spec["seed"]}
+
+
 def plain_cached(spec: dict[str, Any], threads: int, folder: Path) -> dict[str, Any]:
     """plain_full, kept in `folder`: a bench cut short after its plain loops (half an hour on 2 cores)
-    does not measure them again. Reused only for the same spec and thread count; the table says when
-    they were measured."""
+    does not measure them again. Reused only for the same inputs and thread count (a DaMoC variant such
+    as --grace reuses them); the table says when they were measured."""
     import hashlib
 
-    key = hashlib.sha1(json.dumps([spec, threads], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    key = hashlib.sha1(json.dumps([plain_inputs(spec), threads], sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = folder / "plain.json"
     saved = read_json(path) if path.exists() else None
     if saved and saved.get("key") == key:
