@@ -53,3 +53,12 @@ def test_candidates_compress_in_parallel_and_a_failure_is_recorded(job_dir, tiny
         assert c["layers_after"] == 2 and c["calibration"]["rows"] == 16
         assert (models / name / "config.json").is_file() and (models / name / "model.safetensors").is_file()
     assert outcomes[1].counts == {"candidates": 3, "compressed": 2, "failed": 1}
+
+
+def test_gpu_candidates_each_get_their_own_actor_at_once():
+    """So an autoscaling GPU group sees the whole demand (on CPUs the pool is what the cluster holds)."""
+    from damoc.model.stage import ModelStage
+    from damoc.spec import ModelSpec
+
+    assert ModelStage.actors(5, ModelSpec(num_gpus=1)) == 5
+    assert ModelStage.actors(3, ModelSpec(num_gpus=0.5)) == 3

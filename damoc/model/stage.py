@@ -1,12 +1,13 @@
 """The model stage: candidates compressed in parallel, each in a Ray actor.
 
-As many actors start as fit on the cluster at once (at most one per candidate); each takes the next
-candidate when it finishes one, so a small cluster pays each process's start-up and imports once
-rather than once per candidate. An actor loads its candidate, scores the layers on calibration rows from the data stage's
-output, removes the least important ones, merges them into their kept neighbours and saves an
-HF folder (safetensors + tokenizer) with compression.json under RUN/models/<name>/. A
-candidate that fails (bad path, unsupported architecture, out of memory) is recorded as failed
-with its reason; the others finish. RUN/models/models.json lists every candidate's outcome.
+On CPUs as many actors start as fit on the cluster at once (at most one per candidate), each taking
+the next candidate when it finishes one, so a small cluster pays each process's start-up and imports
+once rather than once per candidate; with GPUs every candidate gets its own actor at once. An
+actor loads its candidate, scores the layers on calibration rows from the data stage's output,
+removes the least important ones, merges them into their kept neighbours and saves an HF folder
+(safetensors + tokenizer) with compression.json under RUN/models/<name>/. A candidate that fails
+(bad path, unsupported architecture, out of memory) is recorded as failed with its reason; the
+others finish. RUN/models/models.json lists every candidate's outcome.
 """
 
 from __future__ import annotations
@@ -102,6 +103,15 @@ class ModelStage(Stage):
         return CandidateCompressor.options(num_cpus=m.num_cpus, num_gpus=m.num_gpus, max_restarts=ACTOR_RETRIES,
                                            max_task_retries=ACTOR_RETRIES).remote(max(1, int(m.num_cpus)))
 
+    @staticmethod
+    def actors(n: int, m: ModelSpec) -> int:
+        """On CPUs, as many actors as the cluster holds now (each then takes several candidates). With
+        GPUs, one per candidate, all asked for at once: an autoscaling GPU group (KubeRay, from zero
+        pods) grows to the whole demand, and a GPU actor gives its device memory back on finishing."""
+        if m.num_gpus > 0:
+            return n
+        return max(1, min(n, fitting(ray.cluster_resources(), {"CPU": m.num_cpus})))
+
     def compressed(self, ctx: StageContext, spec: JobSpec, name: str, r: dict[str, Any]) -> dict[str, Any]:
         log.info("models: %s %d -> %d layers, %.2fM -> %.2fM params, calibration loss "
                  "%.3f original / %.3f pruned / %.3f merged, %.1fs", name, r["layers_before"],
@@ -137,8 +147,7 @@ class ModelStage(Stage):
         # The rows every evaluation scores (the first eval_max_rows): the zero-shot baseline on them.
         evals = pq.read_table(ctx.input("data") / "eval.parquet", columns=["instruction", "input", "output"]).to_pylist()
         evals_ref = ray.put(evals[: spec.finetune.eval_max_rows] if spec.finetune.eval_max_rows else evals)
-        each = {"CPU": m.num_cpus, "GPU": m.num_gpus}
-        size = max(1, min(len(spec.candidates), fitting(ray.cluster_resources(), each)))
+        size = self.actors(len(spec.candidates), m)
         queue = list(spec.candidates)
         log.info("models: compressing %d candidates, %d at once, %d calibration rows each", len(queue), size,
                  len(rows))
