@@ -168,11 +168,45 @@ def test_the_one_kept_at_a_deciding_rung_holds_until_stopped():
     assert not r.hold("b", 4, grace_s=0)  # ... and when it does not say decided, b goes on
     r.mark_decided()
     assert r.hold("b", 4, grace_s=0)  # decided: b waits to be stopped
-    # finish_winner (decide false) or a trial never seen (still to start): nobody holds
-    assert not Rungs(2, 600, expected=3, decide=False).hold("b", 4, 5)
-    late = Rungs(2, 600, expected=4, decide=True)
-    late.order, late.seen, late.live = {4: ["b", "a"]}, {"a", "b", "c"}, {"b": 4}
-    assert not late.hold("b", 4, 5)
+    assert not Rungs(2, 600, expected=3, decide=False).hold("b", 4, 5)  # finish_winner: nobody holds
+
+
+def test_the_kept_one_holds_for_late_trials_and_goes_on_when_one_is_kept_too():
+    """Four trials, two slots: a and b meet at rung 4 (b kept, a stopped) while c and d have not started.
+    b holds while they are still to start or to be judged at 4 (each may be stopped below it: then 4
+    decides); d, arriving late at 4 and better than the cutoff ASHA applies there, is kept too, so b goes
+    on. A late arrival worse than the cutoff is stopped and b keeps holding."""
+    def sweep(d_value):
+        r = Rungs(2, timeout_s=600, expected=4, decide=True)
+        for n in ("a", "b"):
+            r.join(n)
+            r.arrive(n, 2, {"a": 0.5, "b": 0.9}[n])
+        r.order[2] = release_order(r.arrived[2], 2)
+        r.arrive("a", 4, 0.4)
+        r.arrive("b", 4, 0.95)
+        assert r.turn("b", 4) and r.order[4] == ["b", "a"]
+        r.leave("a")
+        assert r.hold("b", 4, grace_s=0)  # c and d are still to start
+        r.join("c")
+        r.arrive("c", 2, 0.1)
+        assert r.turn("c", 2) and r.hold("b", 4, grace_s=0)  # c is running (it will be stopped at 2)
+        r.leave("c")
+        r.join("d")
+        for rung, v in ((2, 0.7), (4, d_value)):
+            r.arrive("d", rung, v)
+            assert r.turn("d", rung)
+        return r
+
+    contested = sweep(0.99)  # the cutoff at 4 is the median of {0.4, 0.95}: 0.675
+    assert 4 in contested.contested and not contested.hold("b", 4, grace_s=0)
+    stopped = sweep(0.6)
+    assert 4 not in stopped.contested and stopped.hold("b", 4, grace_s=0)
+    stopped.leave("d")
+    assert stopped.hold("b", 4, grace_s=5) and not stopped.hold("b", 4, grace_s=0)  # the driver's grace, then on
+    stopped.mark_decided()
+    assert stopped.hold("b", 4, grace_s=0)
+    stopped.timeout_s = 0
+    assert not stopped.hold("b", 4, grace_s=0)  # never past the rung's timeout
 
 
 def test_trial_concurrency_from_cluster_resources():

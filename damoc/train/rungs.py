@@ -11,10 +11,13 @@ judged by plain ASHA against what was recorded. A trial never waits longer than
 `tune.rung_timeout_s`; a crashed or stopped trial is taken off the barrier by the driver's
 Tune callback.
 
-A rung where every trial of the sweep has been seen and only one of the group is kept decides the
-selection. When the job stops once decided, that one holds after its report there until the driver
-(told by the others' ends) stops it, so the winner ends at the deciding rung whatever the timing,
-instead of training on while the driver catches up.
+A rung where only one of the group is kept may decide the selection. When the job stops once decided,
+that one holds after its report there while any other trial of the sweep is still to be judged at
+that rung (running below it, or not started yet for want of a free slot) and until the driver (told
+by the others' ends) stops it: the winner ends at the deciding rung whatever the timing, instead of
+training on while late trials are stopped one by one. A late trial kept at that rung (it beat the
+cutoff ASHA will apply) releases the hold: the rung did not decide. Holding never changes a decision;
+it only spares the winner steps that cannot change the ranking.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import ray
 
 
@@ -59,6 +63,7 @@ class Rungs:
         self.arrived_at: dict[tuple[str, int], float] = {}
         self.order: dict[int, list[str]] = {}
         self.done: dict[int, set[str]] = {}  # reports Tune has processed at each rung
+        self.contested: set[int] = set()  # rungs where a late arrival was kept too: no decision there
 
     def join(self, name: str, passed: int = 0) -> None:
         self.live[name] = max(passed, self.live.get(name, 0))
@@ -87,29 +92,41 @@ class Rungs:
             self.order[rung] = release_order(here, self.rf)
         order, done = self.order[rung], self.done.get(rung, set())
         if name not in order:  # arrived after the group was released: plain ASHA
+            if self.kept_late(name, rung):
+                self.contested.add(rung)
             return True
         before = order[: order.index(name)]
         return all(n in done or n not in self.live for n in before)
+
+    def kept_late(self, name: str, rung: int) -> bool:
+        """ASHA's rule for a trial reporting after its rung's group: kept unless worse than the
+        (1 - 1/rf) quantile of what was recorded there before it."""
+        here, t = self.arrived[rung], self.arrived_at[(name, rung)]
+        earlier = [v for n, v in here.items() if n != name and self.arrived_at[(n, rung)] <= t]
+        return not earlier or here[name] >= np.nanpercentile(earlier, (1 - 1 / self.rf) * 100)
 
     def mark_decided(self) -> None:
         self.decided = True
 
     def hold(self, name: str, rung: int, grace_s: float) -> bool:
         """Whether `name`, after its report at `rung`, should keep waiting: it is the one kept by a
-        deciding rung, and either the driver has said decided (it will be stopped) or the others of
-        the group are still on their way out (or left under `grace_s` ago)."""
-        order = self.order.get(rung)
-        if not self.decide or not order or order[0] != name or len(self.seen) < self.expected:
+        group of which only one is kept, no late trial was kept there as well, and the driver has said
+        decided (it will be stopped), or some other trial is still running or still to start (it may
+        yet be stopped at or below this rung), or the last of them left under `grace_s` ago (the driver
+        is catching up). Never longer than the rung's timeout, counted from the arrival."""
+        order, now = self.order.get(rung), time.monotonic()
+        if not self.decide or not order or order[0] != name or math.ceil(len(order) / self.rf) != 1:
             return False
-        if math.ceil(len(order) / self.rf) != 1 or any(n not in order for n in self.live):
-            return False  # more than one kept, or someone else still running elsewhere
+        if rung in self.contested or any(p > rung for n, p in self.live.items() if n != name):
+            return False  # someone else is past this rung too: it does not decide
+        if now - self.arrived_at[(name, rung)] > self.timeout_s:
+            return False
         if self.decided:
             return True
-        others = [n for n in order[1:] if n in self.live]
-        if others:
+        if len(self.seen) < self.expected or any(n != name for n in self.live):
+            self.emptied_at.pop(rung, None)
             return True
-        emptied = self.emptied_at.setdefault(rung, time.monotonic())
-        return time.monotonic() - emptied < grace_s
+        return now - self.emptied_at.setdefault(rung, now) < grace_s
 
 
 RungBarrier = ray.remote(num_cpus=0)(Rungs)
@@ -123,10 +140,9 @@ def wait_turn(barrier_name: str, name: str, rung: int, value: float, poll_s: flo
         time.sleep(poll_s)
 
 
-def hold_if_decided(barrier_name: str, name: str, rung: int, limit_s: float = 120.0, grace_s: float = 15.0,
-                    poll_s: float = 0.2) -> None:
-    """Called by a trial's rank-0 worker after it reported at a rung: waits (at most `limit_s`) while
-    this rung is deciding the selection for it, so the driver stops it here."""
-    barrier, t0 = ray.get_actor(barrier_name), time.monotonic()
-    while time.monotonic() - t0 < limit_s and ray.get(barrier.hold.remote(name, rung, grace_s)):
+def hold_if_decided(barrier_name: str, name: str, rung: int, grace_s: float = 15.0, poll_s: float = 0.2) -> None:
+    """Called by a trial's rank-0 worker after it reported at a rung: waits while this rung may be
+    deciding the selection for it (at most the barrier's timeout), so the driver stops it here."""
+    barrier = ray.get_actor(barrier_name)
+    while ray.get(barrier.hold.remote(name, rung, grace_s)):
         time.sleep(poll_s)
