@@ -9,6 +9,7 @@ import pytest
 from conftest import spec_dict
 from datagen import write_corpus
 
+from damoc.data.stage import actor_cpus
 from damoc.pipeline import Pipeline, read_marker
 from damoc.runtime import connect
 from damoc.spec import spec_from_data
@@ -21,9 +22,9 @@ def _no_ray_address(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
-def run_data(job_dir, resume=False, **overrides):
+def run_data(job_dir, resume=False, cpus=2, **overrides):
     spec = spec_from_data(spec_dict(**overrides), base_dir=str(job_dir))
-    p = Pipeline(spec, base_dir=job_dir, runtime_factory=lambda: connect(None, num_cpus=2))
+    p = Pipeline(spec, base_dir=job_dir, runtime_factory=lambda: connect(None, num_cpus=cpus))
     out = p.run(["data"], resume=resume)
     return out[0], p.run_dir / "data"
 
@@ -76,6 +77,20 @@ def test_quality_chain_then_none_with_resume(job_dir, tiny_model):
     assert outcome.status == "ran" and conserves(m)
     assert m["kept"] == m["readable"] and m["tokens_before"] == m["tokens_after"] > 0
     assert set(m["dropped"]) == {"held_out_eval"}
+
+
+def test_model_operators_finish_on_a_one_cpu_cluster(job_dir, tiny_model):
+    """Two model actor pools (judge, LM scorer) on one CPU: the actors ask for no CPU, so the read and
+    map tasks that feed them still run (with a CPU floor per actor the stream waited forever)."""
+    assert actor_cpus(1, 2) == 0.0 and actor_cpus(2, 2) == 0.5 and actor_cpus(16, 4) == 1.0
+    write_corpus(job_dir / "data" / "corpus.jsonl", 40, seed=5)
+    chain = [{"name": "llm_judge", "params": {"model": "zoo/llama-s"}}, {"name": "ifd_filter"},
+             {"name": "top_k", "params": {"score": "judge"}}]
+    outcome, data = run_data(job_dir, cpus=1, **{
+        "data.train.path": "data/corpus.jsonl", "data.reference_model": str(tiny_model("llama")),
+        "data.filter": {"keep_ratio": 0.5, "operators": chain}, "data.compress": {"enabled": False}})
+    m = manifest(data)
+    assert outcome.status == "ran" and conserves(m) and m["kept"] > 0
 
 
 def test_minhash_drops_the_planted_copy_and_keeps_the_original(job_dir, tiny_model):

@@ -269,11 +269,16 @@ class ApplyDrops:
         return self.table.apply(df)
 
 
+def actor_cpus(cpus: float, actors: int) -> float:
+    """CPUs each of `actors` model actors asks for. Actors that hold every CPU starve the read and
+    map tasks feeding them (the stream then hangs), so one whole CPU is always left for tasks; on a
+    one-CPU cluster the actors ask for none."""
+    return min(1.0, max(0.0, (cpus - 1) / max(1, actors)))
+
+
 def actor_pool(d: DataSpec, concurrent_pools: int) -> dict[str, Any]:
-    """map_batches arguments for a model actor pool. Actors that hold every CPU starve the read
-    and map tasks feeding them (the stream then hangs), so one CPU is always left for tasks."""
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    per_actor = min(1.0, max(0.05, (cpus - 1) / max(1, concurrent_pools * d.num_actors)))
+    """map_batches arguments for a model actor pool (`concurrent_pools` of them run at once)."""
+    per_actor = actor_cpus(float(ray.cluster_resources().get("CPU", 1)), concurrent_pools * d.num_actors)
     return dict(compute=ray.data.ActorPoolStrategy(size=d.num_actors), batch_size=d.batch_size,
                 num_cpus=per_actor, num_gpus=d.num_gpus_per_actor, batch_format="pandas")
 
