@@ -4,8 +4,15 @@ OpenAI-compatible endpoint (a vLLM server, say). A proposal is accepted only if 
 the checks; otherwise the previous text stays. Rounds stop when one accepts nothing.
 
 Checks: every field non-empty where it was; length within bounds; the answer's key tokens
-(numbers, identifiers, capitalised words) all still in the answer; the reference LM's answer
+(numbers, identifiers, capitalised words) all still in the answer; the answer not moved into the
+prompt (the reference LM would find it easier there); the reference LM's answer
 loss given the prompt not worse than before (beyond a small tolerance).
+
+A writer that does not reply in the sample's form (small local models answer the question, rename
+the fields or repeat them: SmolLM2-135M-Instruct did so for 80 of 80 rows) is asked again for the
+question alone. A local chat model's reply is started for it (the assistant turn opens with the
+form's first label, or with `Rewritten question: "`), which keeps such a model in the form; an
+endpoint's reply is read as it comes.
 """
 
 from __future__ import annotations
@@ -27,16 +34,41 @@ PROMPT = (
     "Reply in exactly this form:\nInstruction: ...\nInput: ...\nAnswer: ...\n\n"
     "Instruction: {instruction}\nInput: {input}\nAnswer: {output}\n"
 )
-_FIELD = re.compile(r"^(Instruction|Input|Answer):[ \t]*(.*?)(?=^(?:Instruction|Input|Answer):|\Z)", re.M | re.S)
+SAMPLE_START = "Instruction:"
+QUESTION_PROMPT = ("Rewrite this question to be clearer and more concise. Keep every name, number and fact. "
+                   "Do not answer it.\n\n{instruction}")
+QUESTION_START = 'Rewritten question: "'
+# What writers call the fields: a label at a line's start, perhaps in bold or after a heading mark.
+_LABELS = {"instruction": "instruction", "question": "instruction", "input": "input", "context": "input",
+           "answer": "output", "output": "output", "response": "output"}
+_FIELD = re.compile(r"^[ \t#*]*(" + "|".join(_LABELS) + r")[ \t*]*:[ \t*]*(.*?)(?=^[ \t#*]*(?:"
+                    + "|".join(_LABELS) + r")[ \t*]*:|\Z)", re.M | re.S | re.I)
 _KEY = re.compile(r"\d+(?:[.,]\d+)*|\b\w*[A-Z_.]\w*\b")
 API_KEY_ENV = ("DAMOC_REWRITE_API_KEY", "OPENAI_API_KEY")
 
 
-def parse_reply(text: str) -> dict[str, str] | None:
-    got = {m.group(1): m.group(2).strip() for m in _FIELD.finditer(text)}
-    if "Instruction" not in got or "Answer" not in got:
+def parse_reply(text: str, old: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The proposed sample, or None when the reply lacks an instruction or an answer (or says a field
+    twice differently: a writer repeating itself). A missing input stays `old`'s."""
+    got: dict[str, str] = {}
+    for m in _FIELD.finditer(text):
+        field, value = _LABELS[m.group(1).lower()], m.group(2).strip()
+        if got.setdefault(field, value) != value:
+            return None
+    if not got.get("instruction") or "output" not in got:
         return None
-    return {"instruction": got["Instruction"], "input": got.get("Input", ""), "output": got["Answer"]}
+    return {"instruction": got["instruction"], "input": got.get("input", (old or {}).get("input", "")),
+            "output": got["output"]}
+
+
+def parse_question(text: str) -> str | None:
+    """The rewritten question of a reply to QUESTION_PROMPT: its first line, without the label and
+    quotes a writer wraps it in; None if nothing is left."""
+    line = next((x.strip() for x in text.strip().splitlines() if x.strip()), "")
+    if line.startswith(QUESTION_START):
+        line = line[len(QUESTION_START):].split('"', 1)[0]
+    line = re.sub(r"^(?:rewritten question|question)\s*:\s*", "", line, flags=re.I).strip().strip('"\'`').strip()
+    return line or None
 
 
 def key_tokens(answer: str) -> set[str]:
@@ -60,7 +92,20 @@ def passes_checks(old: dict[str, str], new: dict[str, str], min_len: float, max_
     lost = key_tokens(old["output"]) - set(_KEY.findall(new["output"]))
     if lost:
         return f"answer lost {sorted(lost)[:3]}"
+    if leaks_answer(old, new):  # the reference LM would score that as "easier": refuse it first
+        return "answer leaked into the prompt"
     return None
+
+
+def leaks_answer(old: dict[str, str], new: dict[str, str]) -> bool:
+    """Whether the new prompt gained at least two of the answer's words, and half of them, that the old
+    prompt did not have (a writer that answers the question inside it)."""
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z0-9]{3,}", text.lower()))
+
+    answer = words(old["output"])
+    gained = (words(new["instruction"] + " " + new["input"]) - words(old["instruction"] + " " + old["input"])) & answer
+    return len(gained) >= 2 and len(gained) >= len(answer) / 2
 
 
 class EndpointWriter:
@@ -71,8 +116,8 @@ class EndpointWriter:
         self.model, self.timeout = model or "default", timeout
         self.key = next((os.environ[k] for k in API_KEY_ENV if os.environ.get(k)), None)
 
-    def __call__(self, prompts: list[str]) -> list[str]:
-        out = []
+    def __call__(self, prompts: list[str], start: str = "", max_new_tokens: int | None = None) -> list[str]:
+        out = []  # a chat endpoint cannot be given the start of its reply: `start` is not used
         for p in prompts:
             body = json.dumps({"model": self.model, "temperature": 0,
                                "messages": [{"role": "user", "content": p}]}).encode()
@@ -98,18 +143,21 @@ class LocalWriter:
         self.max_new_tokens = max_new_tokens
         self.chat = bool(getattr(self.tok, "chat_template", None))
 
-    def __call__(self, prompts: list[str]) -> list[str]:
+    def __call__(self, prompts: list[str], start: str = "", max_new_tokens: int | None = None) -> list[str]:
+        """Greedy replies; `start` opens the assistant's turn (and is part of each reply returned)."""
         import torch
 
         if self.chat:
             prompts = [self.tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                    add_generation_prompt=True) for p in prompts]
+                                                    add_generation_prompt=True) + start for p in prompts]
+        else:
+            start = ""
         enc = self.tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=1024,
                        add_special_tokens=not self.chat)
         with torch.no_grad():
-            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+            out = self.model.generate(**enc, max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False,
                                       pad_token_id=self.tok.pad_token_id)
-        return self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [start + t for t in self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
 
 
 class Rewriter:
@@ -127,6 +175,18 @@ class Rewriter:
         batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("instruction", "input", "output")}
         return self.scorer(batch)["ce_cond"]
 
+    def propose(self, rows: list[dict[str, str]]) -> list[Any]:
+        """One proposal per row (None: unreadable): the whole sample, else the question alone."""
+        replies = self.writer([PROMPT.format(**r) for r in rows], SAMPLE_START)
+        proposals: list[Any] = [parse_reply(t, r) for t, r in zip(replies, rows)]
+        again = [i for i, p in enumerate(proposals) if p is None]
+        if again:
+            questions = self.writer([QUESTION_PROMPT.format(**rows[i]) for i in again], QUESTION_START, 64)
+            for i, text in zip(again, questions):
+                q = parse_question(text)
+                proposals[i] = None if q is None else {**rows[i], "instruction": q}
+        return proposals
+
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
         rows = [{"instruction": i, "input": x, "output": o}
                 for i, x, o in zip(df["instruction"], df["input"], df["output"])]
@@ -135,8 +195,7 @@ class Rewriter:
         outcomes: list[list[str]] = [[] for _ in rows]  # per row, per round: "accepted" or why not
         loss = self._loss(rows) if rows else np.zeros(0)
         for _ in range(self.rounds):
-            replies = self.writer([PROMPT.format(**r) for r in rows])
-            proposals: list[Any] = [parse_reply(t) for t in replies]
+            proposals = self.propose(rows)
             verdict = {i: "unreadable reply" if p is None else passes_checks(rows[i], p, self.min_len, self.max_len)
                        for i, p in enumerate(proposals)}
             ok = [i for i, v in verdict.items() if v is None]
