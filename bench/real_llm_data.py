@@ -53,6 +53,15 @@ def judge_figures(run: Path) -> dict:
             "spearman_vs_ifd": spearman(dict(zip(both["id"], both["judge"])), dict(zip(both["id"], both["ifd"])))}
 
 
+def reason_kind(reason: str) -> str:
+    """A refusal without its particulars ("answer lost ['MD5']" -> "answer lost a key token")."""
+    if reason.startswith("answer lost"):
+        return "answer lost a key token"
+    if reason.startswith("length "):
+        return "length out of bounds"
+    return reason
+
+
 def write(res: dict) -> str:
     m, r, j = res["manifest"], res["manifest"].get("rewrite") or {}, res["judge"]
     lines = ["# The data stage with a real LLM (SmolLM2-135M-Instruct as judge and rewriter)", "",
@@ -63,7 +72,10 @@ def write(res: dict) -> str:
              f"({m['tokens_after'] / max(1, m['tokens_before']):.0%}).", "",
              "## Rewrite, per round", "", "| round | proposed | accepted | refused (why) |", "|---|---|---|---|"]
     for rd in r.get("rounds", []):
-        why = ", ".join(f"{k}: {v}" for k, v in sorted(rd.get("refused", {}).items(), key=lambda kv: -kv[1])) or "-"
+        kinds: dict[str, int] = {}
+        for reason, n in rd.get("refused", {}).items():
+            kinds[reason_kind(reason)] = kinds.get(reason_kind(reason), 0) + n
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) or "-"
         lines.append(f"| {rd['round']} | {rd['proposed']} | {rd['accepted']} | {why} |")
     lines += ["", "## Judge", "",
               f"{j['rows']} rows scored; expected score p10 {j['percentiles']['p10']}, median {j['percentiles']['p50']}, "
@@ -87,7 +99,11 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.6)
     ap.add_argument("--cpus", type=int, default=None)
     ap.add_argument("--rows", type=int, default=None, help="the first N training rows only (default: all)")
+    ap.add_argument("--rewrite-md", action="store_true", help="only rewrite the .md from the saved .json")
     a = ap.parse_args()
+    if a.rewrite_md:
+        (OUT / "real_llm_data.md").write_text(write(json.loads((OUT / "real_llm_data.json").read_text())) + "\n")
+        return
     from damoc.pipeline import Pipeline
     from damoc.runtime import connect
     from damoc.spec import spec_from_data
