@@ -143,10 +143,10 @@ def test_release_order_makes_ray_asha_keep_the_top_ceil_n_over_rf(n, rf):
     assert kept == set(best)
 
 
-def test_the_one_kept_at_a_deciding_rung_holds_until_stopped():
+def test_the_one_kept_at_a_deciding_rung_holds_until_decided_then_ends():
     """Three trials, rf 2: at rung 2 two are kept (nobody holds); at rung 4 one of two is kept and every
     trial of the sweep has been seen, so the kept one waits after its report while the other is on its
-    way out, and for good once the driver says decided."""
+    way out, until the driver says decided: then it ends there."""
     r = Rungs(2, timeout_s=600, expected=3, decide=True)
     for n in ("a", "b", "c"):
         r.join(n)
@@ -166,8 +166,10 @@ def test_the_one_kept_at_a_deciding_rung_holds_until_stopped():
     r.leave("a")
     assert r.hold("b", 4, grace_s=5)  # the driver has a few seconds to see a's end
     assert not r.hold("b", 4, grace_s=0)  # ... and when it does not say decided, b goes on
-    r.mark_decided()
-    assert r.hold("b", 4, grace_s=0)  # decided: b waits to be stopped
+    assert not r.ends("b")
+    r.mark_decided("b")
+    assert not r.hold("b", 4, grace_s=5) and r.ends("b") and not r.ends("a")  # decided: b ends at this rung
+    assert not Rungs(2, 600, expected=3, decide=False).ends("b")
     assert not Rungs(2, 600, expected=3, decide=False).hold("b", 4, 5)  # finish_winner: nobody holds
 
 
@@ -203,10 +205,8 @@ def test_the_kept_one_holds_for_late_trials_and_goes_on_when_one_is_kept_too():
     assert 4 not in stopped.contested and stopped.hold("b", 4, grace_s=0)
     stopped.leave("d")
     assert stopped.hold("b", 4, grace_s=5) and not stopped.hold("b", 4, grace_s=0)  # the driver's grace, then on
-    stopped.mark_decided()
-    assert stopped.hold("b", 4, grace_s=0)
     stopped.timeout_s = 0
-    assert not stopped.hold("b", 4, grace_s=0)  # never past the rung's timeout
+    assert not stopped.hold("b", 4, grace_s=5)  # never past the rung's timeout
 
 
 def test_trial_concurrency_from_cluster_resources():

@@ -223,7 +223,7 @@ class Bookkeeping(tune.Callback):
         already = self.book.decided_at is not None
         if self.book.check_decided({t.config["candidate"]: t.status for t in trials}) and not already \
                 and self.barrier_name:
-            self._barrier().mark_decided.remote()  # the winner holding at its rung waits to be stopped
+            self._barrier().mark_decided.remote(self.book.winner)  # the winner holding at its rung ends there
 
     def get_state(self) -> dict[str, Any]:
         asha = self.scheduler.records() if isinstance(self.scheduler, ResumableASHA) else None

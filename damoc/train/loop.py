@@ -316,8 +316,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # After the report: a trial stopped at this report ends inside it, so the adapter on disk is
             # always one whose result Tune has taken.
             export_adapter(engine, args, step, rank)
-        if rank == 0 and step in args.rungs and args.barrier:
-            with timeline.phase("rung_wait"):  # the last one standing waits here to be stopped
-                hold_if_decided(args.barrier, args.candidate, step)
+        if step in args.rungs and args.barrier:
+            ends = 0.0
+            if rank == 0:
+                with timeline.phase("rung_wait"):  # the last one standing waits here for the decision
+                    ends = float(hold_if_decided(args.barrier, args.candidate, step))
+            if all_sum([ends], device)[0] > 0:  # every rank ends with it (the others wait in this sum)
+                break
         t0, loss_sum, loss_n, tokens = time.monotonic(), 0.0, 0, 0
         t_train = time.perf_counter()

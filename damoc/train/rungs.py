@@ -14,8 +14,9 @@ Tune callback.
 A rung where only one of the group is kept may decide the selection. When the job stops once decided,
 that one holds after its report there while any other trial of the sweep is still to be judged at
 that rung (running below it, or not started yet for want of a free slot) and until the driver (told
-by the others' ends) stops it: the winner ends at the deciding rung whatever the timing, instead of
-training on while late trials are stopped one by one. A late trial kept at that rung (it beat the
+by the others' ends) says decided; then its training function returns there: the winner ends at the
+deciding rung whatever the timing, instead of training on while late trials are stopped one by one
+(and a trial that returns needs no stopping: Tune force-kills one that does not, 10 s later). A late trial kept at that rung (it beat the
 cutoff ASHA will apply) releases the hold: the rung did not decide. Holding never changes a decision;
 it only spares the winner steps that cannot change the ranking.
 """
@@ -57,6 +58,7 @@ class Rungs:
         self.expected, self.decide = expected, decide  # trials in the sweep; hold the winner once decided
         self.seen: set[str] = set()
         self.decided = False  # set by the driver when its book says so
+        self.winner: str | None = None  # the last one standing, once decided
         self.emptied_at: dict[int, float] = {}  # deciding rung -> when the last other one left
         self.live: dict[str, int] = {}  # running trial -> the last step it reported (a resumed one may be past a rung)
         self.arrived: dict[int, dict[str, float]] = {}  # rung -> {trial: value}
@@ -105,15 +107,19 @@ class Rungs:
         earlier = [v for n, v in here.items() if n != name and self.arrived_at[(n, rung)] <= t]
         return not earlier or here[name] >= np.nanpercentile(earlier, (1 - 1 / self.rf) * 100)
 
-    def mark_decided(self) -> None:
-        self.decided = True
+    def mark_decided(self, winner: str | None = None) -> None:
+        self.decided, self.winner = True, winner
+
+    def ends(self, name: str) -> bool:
+        """Whether `name` is the decided winner of a sweep that stops once decided: it returns now."""
+        return self.decide and self.decided and self.winner == name
 
     def hold(self, name: str, rung: int, grace_s: float) -> bool:
         """Whether `name`, after its report at `rung`, should keep waiting: it is the one kept by a
-        group of which only one is kept, no late trial was kept there as well, and the driver has said
-        decided (it will be stopped), or some other trial is still running or still to start (it may
-        yet be stopped at or below this rung), or the last of them left under `grace_s` ago (the driver
-        is catching up). Never longer than the rung's timeout, counted from the arrival."""
+        group of which only one is kept, no late trial was kept there as well, the driver has not said
+        decided yet, and some other trial is still running or still to start (it may yet be stopped at
+        or below this rung), or the last of them left under `grace_s` ago (the driver is catching up).
+        Never longer than the rung's timeout, counted from the arrival."""
         order, now = self.order.get(rung), time.monotonic()
         if not self.decide or not order or order[0] != name or math.ceil(len(order) / self.rf) != 1:
             return False
@@ -122,7 +128,7 @@ class Rungs:
         if now - self.arrived_at[(name, rung)] > self.timeout_s:
             return False
         if self.decided:
-            return True
+            return False
         if len(self.seen) < self.expected or any(n != name for n in self.live):
             self.emptied_at.pop(rung, None)
             return True
@@ -140,9 +146,11 @@ def wait_turn(barrier_name: str, name: str, rung: int, value: float, poll_s: flo
         time.sleep(poll_s)
 
 
-def hold_if_decided(barrier_name: str, name: str, rung: int, grace_s: float = 15.0, poll_s: float = 0.2) -> None:
+def hold_if_decided(barrier_name: str, name: str, rung: int, grace_s: float = 15.0, poll_s: float = 0.2) -> bool:
     """Called by a trial's rank-0 worker after it reported at a rung: waits while this rung may be
-    deciding the selection for it (at most the barrier's timeout), so the driver stops it here."""
+    deciding the selection for it (at most the barrier's timeout); True when it did, and the trial
+    is to end here."""
     barrier = ray.get_actor(barrier_name)
     while ray.get(barrier.hold.remote(name, rung, grace_s)):
         time.sleep(poll_s)
+    return ray.get(barrier.ends.remote(name))
