@@ -14,11 +14,11 @@ Tune callback.
 A rung where only one of the group is kept may decide the selection. When the job stops once decided,
 that one holds after its report there while any other trial of the sweep is still to be judged at
 that rung (running below it, or not started yet for want of a free slot) and until the driver (told
-by the others' ends) says decided; then its training function returns there: the winner ends at the
-deciding rung whatever the timing, instead of training on while late trials are stopped one by one
-(and a trial that returns needs no stopping: Tune force-kills one that does not, 10 s later). A late trial kept at that rung (it beat the
-cutoff ASHA will apply) releases the hold: the rung did not decide. Holding never changes a decision;
-it only spares the winner steps that cannot change the ranking.
+by the others' ends) says decided; then its training function returns there. So the winner ends at
+the deciding rung whatever the timing, instead of training on while late trials are stopped one by
+one, and needs no stopping (Tune force-kills a trial that does not return, 10 s later). A late trial
+kept at that rung (it beat the cutoff ASHA applies) releases the hold: the rung did not decide.
+Holding never changes a decision; it only spares the winner steps that cannot change the ranking.
 """
 
 from __future__ import annotations
