@@ -38,6 +38,7 @@ SAMPLE_START = "Instruction:"
 QUESTION_PROMPT = ("Rewrite this question to be clearer and more concise. Keep every name, number and fact. "
                    "Do not answer it.\n\n{instruction}")
 QUESTION_START = 'Rewritten question: "'
+QUESTION_TOKENS = 64  # a question is short: the reply is cut well before the sample form's limit
 # What writers call the fields: a label at a line's start, perhaps in bold or after a heading mark.
 _LABELS = {"instruction": "instruction", "question": "instruction", "input": "input", "context": "input",
            "answer": "output", "output": "output", "response": "output"}
@@ -64,11 +65,11 @@ def parse_reply(text: str, old: dict[str, str] | None = None) -> dict[str, str] 
 def parse_question(text: str) -> str | None:
     """The rewritten question of a reply to QUESTION_PROMPT: its first line, without the label and
     quotes a writer wraps it in; None if nothing is left."""
-    line = next((x.strip() for x in text.strip().splitlines() if x.strip()), "")
-    if line.startswith(QUESTION_START):
-        line = line[len(QUESTION_START):].split('"', 1)[0]
-    line = re.sub(r"^(?:rewritten question|question)\s*:\s*", "", line, flags=re.I).strip().strip('"\'`').strip()
-    return line or None
+    line = next((x.strip() for x in text.splitlines() if x.strip()), "")
+    line = re.sub(r"^(?:rewritten question|question)\s*:\s*", "", line, flags=re.I)
+    if line.startswith('"'):  # what follows the closing quote is the model going on
+        line = line[1:].split('"', 1)[0]
+    return line.strip().strip('"\'`').strip() or None
 
 
 def key_tokens(answer: str) -> set[str]:
@@ -181,7 +182,8 @@ class Rewriter:
         proposals: list[Any] = [parse_reply(t, r) for t, r in zip(replies, rows)]
         again = [i for i, p in enumerate(proposals) if p is None]
         if again:
-            questions = self.writer([QUESTION_PROMPT.format(**rows[i]) for i in again], QUESTION_START, 64)
+            questions = self.writer([QUESTION_PROMPT.format(**rows[i]) for i in again], QUESTION_START,
+                                    QUESTION_TOKENS)
             for i, text in zip(again, questions):
                 q = parse_question(text)
                 proposals[i] = None if q is None else {**rows[i], "instruction": q}

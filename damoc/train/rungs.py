@@ -57,8 +57,7 @@ class Rungs:
         self.rf, self.timeout_s = reduction_factor, timeout_s
         self.expected, self.decide = expected, decide  # trials in the sweep; hold the winner once decided
         self.seen: set[str] = set()
-        self.decided = False  # set by the driver when its book says so
-        self.winner: str | None = None  # the last one standing, once decided
+        self.winner: str | None = None  # the last one standing, set by the driver once its book says decided
         self.emptied_at: dict[int, float] = {}  # deciding rung -> when the last other one left
         self.live: dict[str, int] = {}  # running trial -> the last step it reported (a resumed one may be past a rung)
         self.arrived: dict[int, dict[str, float]] = {}  # rung -> {trial: value}
@@ -107,12 +106,12 @@ class Rungs:
         earlier = [v for n, v in here.items() if n != name and self.arrived_at[(n, rung)] <= t]
         return not earlier or here[name] >= np.nanpercentile(earlier, (1 - 1 / self.rf) * 100)
 
-    def mark_decided(self, winner: str | None = None) -> None:
-        self.decided, self.winner = True, winner
+    def mark_decided(self, winner: str) -> None:
+        self.winner = winner
 
     def ends(self, name: str) -> bool:
         """Whether `name` is the decided winner of a sweep that stops once decided: it returns now."""
-        return self.decide and self.decided and self.winner == name
+        return self.decide and self.winner == name
 
     def hold(self, name: str, rung: int, grace_s: float) -> bool:
         """Whether `name`, after its report at `rung`, should keep waiting: it is the one kept by a
@@ -127,7 +126,7 @@ class Rungs:
             return False  # someone else is past this rung too: it does not decide
         if now - self.arrived_at[(name, rung)] > self.timeout_s:
             return False
-        if self.decided:
+        if self.winner is not None:
             return False
         if len(self.seen) < self.expected or any(n != name for n in self.live):
             self.emptied_at.pop(rung, None)
