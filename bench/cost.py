@@ -136,7 +136,8 @@ def breakdown(run_dir: Path) -> dict[str, Any]:
     trials = {e["name"]: {k: e.get("timeline", {}).get(k) for k in ("fixed", "training", "evaluation", "checkpointing",
                                                                     "rung_wait", "total")}
               | {"steps": e.get("steps"), "status": e.get("status")} for e in results.get("candidates", [])}
-    return {"stages": stages, "trials": trials, "decided_at": results.get("decided_at")}
+    return {"stages": stages, "trials": trials, "decided_at": results.get("decided_at"), "rungs": results.get("rungs"),
+            "grace_auto": results.get("grace_auto")}
 
 
 def bench_domain(domain: str, zoo: Path, names: list[str], work: Path, a, plain: dict, runtime) -> dict[str, Any]:
@@ -183,6 +184,10 @@ def domain_table(domain: str, res: dict[str, Any], cluster_start: float) -> str:
     b = res["damoc_breakdown"]
     lines += ["", f"DaMoC's seconds (the cluster's start-up, {cluster_start:.0f} s, is shared and not counted): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in b["stages"].items() if v is not None)
+                  + (f"; rungs at steps {b['rungs']}" if b.get("rungs") else "")
+                  + (f" (grace period auto: {b['grace_auto']['grace_period']} steps, "
+                     f"{b['grace_auto']['projected_saving']:.1f}x projected in rows x parameters)"
+                     if b.get("grace_auto") else "")
                   + (f"; decided at step {b['decided_at']}" if b["decided_at"] else ""), "",
               "| trial | status | steps | fixed s | training s | evaluation s | checkpointing s | idle at rungs s | total s |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -228,7 +233,8 @@ def write_results(results: dict[str, Any], out: Path, a, cluster_start: float) -
     (out / "cost.json").write_text(json.dumps({"cluster_start_seconds": cluster_start, "domains": results},
                                               indent=1, default=str))
     settings = (f"zoo `{a.zoo}` (preset {a.preset}, seed {a.seed}); {a.epochs:g} epochs, keep_ratio {a.keep_ratio}, "
-                f"compress {a.compress_ratio}, prune {a.prune_ratio}, ASHA grace {a.grace} rf 2 (stopped once decided), "
+                f"compress {a.compress_ratio}, prune {a.prune_ratio}, ASHA grace {a.grace}"
+                f"{f' (target saving {a.target_saving:g}x)' if a.grace == 'auto' else ''} rf 2 (stopped once decided), "
                 f"LoRA r 8, 1 worker per trial; {os.cpu_count()} cores, no GPU. Targets: plain / DaMoC >= 3x in wall "
                 "time and >= 50x in training FLOPs.")
     (out / "cost.md").write_text("\n\n".join(["# Cost (bench/cost.py)", settings,

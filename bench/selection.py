@@ -52,6 +52,10 @@ DOMAINS = {
 # ---------------------------------------------------------------- specs
 
 
+def grace_arg(v: str) -> int | str:
+    return v if v == "auto" else int(v)
+
+
 def recipe_args(ap: argparse.ArgumentParser, work: str) -> None:
     """The zoo and the DaMoC recipe every bench on the bench zoo takes (this one, cost, granularity)."""
     ap.add_argument("--zoo", default="zoo/bench", help="zoo folder (built first if missing)")
@@ -62,7 +66,9 @@ def recipe_args(ap: argparse.ArgumentParser, work: str) -> None:
     ap.add_argument("--keep-ratio", type=float, default=0.2)
     ap.add_argument("--compress-ratio", type=float, default=0.6)
     ap.add_argument("--prune-ratio", type=float, default=0.5)
-    ap.add_argument("--grace", type=int, default=8, help="ASHA grace period and eval interval, in steps")
+    ap.add_argument("--grace", type=grace_arg, default=8,
+                    help="ASHA grace period and eval interval, in steps; or auto (tune.grace_period: auto)")
+    ap.add_argument("--target-saving", type=float, default=50, help="tune.target_saving, for --grace auto")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-rows", type=int, default=128)
     ap.add_argument("--work", default=work)
@@ -85,8 +91,10 @@ def damoc_spec(zoo: Path, domain: str, out: Path, names: list[str], a: argparse.
         "finetune": {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "auto"},
                      "deepspeed": {"enabled": True, "zero_stage": 2}, "precision": "auto", "num_workers": 1,
                      "epochs": a.epochs, "max_steps": 100_000, "batch_size": 8, "lr": a.lr, "max_length": 256,
-                     "eval_every": a.grace, "eval_max_rows": a.eval_rows},
-        "tune": {"scheduler": "asha", "grace_period": a.grace, "reduction_factor": 2, "sync_rungs": True},
+                     # auto: evaluated at the rungs it places (and the last step) only
+                     "eval_every": 100_000 if a.grace == "auto" else a.grace, "eval_max_rows": a.eval_rows},
+        "tune": {"scheduler": "asha", "grace_period": a.grace, "reduction_factor": 2, "sync_rungs": True,
+                 **({"target_saving": a.target_saving} if a.grace == "auto" else {})},
         "select": {"metric": "eval_loss"},
     }
 

@@ -192,6 +192,42 @@ def asha_schedule(n: int, rungs: list[int], planned: int, reduction_factor: floa
     return steps
 
 
+def grace_for_saving(n: int, planned: int, full_cost: float, step_cost: float, saving: float, floor: int,
+                     reduction_factor: float, decide: bool) -> tuple[int, float]:
+    """`tune.grace_period: auto`: the longest grace period (steps) whose ASHA schedule for `n` trials costs
+    at most 1/`saving` of `full_cost` (fine-tuning every candidate in full) at `step_cost` per trial-step,
+    never under `floor`; with the saving it projects. A longer grace period is more evidence before the
+    first cut, so this spends what the saving allows on it: more on large data, less on small."""
+    from damoc.train.rungs import asha_rungs  # noqa: PLC0415 - the scheduling arithmetic, no Ray started
+
+    def projected(g: int) -> float:
+        spent = step_cost * sum(asha_schedule(n, asha_rungs(g, reduction_factor, planned), planned,
+                                              reduction_factor, decide))
+        return full_cost / spent if spent > 0 else math.inf
+
+    floor = max(1, min(floor, planned))
+    lo, hi = floor, max(floor, planned)  # the schedule's cost grows with g: the largest g that meets it
+    if projected(lo) < saving:
+        return lo, projected(lo)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if projected(mid) >= saving else (lo, mid - 1)
+    return lo, projected(lo)
+
+
+def resolve_grace(tn, n: int, full_steps: int, damoc_steps: int, full_params: list[float],
+                  damoc_params: list[float]) -> tuple[int, float | None]:
+    """The grace period in steps, and for `auto` the saving it projects (rows x parameters: full
+    fine-tuning trains every candidate unpruned on every row; DaMoC's trial-steps each cost the mean
+    pruned candidate; token compression saves on top of it). Both `damoc plan` and the run use it."""
+    if tn.grace_period != "auto":
+        return tn.grace_period, None
+    full = sum(full_params) * full_steps if full_params else float(n * full_steps)
+    step = sum(damoc_params) / len(damoc_params) if damoc_params else 1.0
+    return grace_for_saving(n, damoc_steps, full, step, tn.target_saving, tn.min_grace_period,
+                            tn.reduction_factor, not tn.finish_winner)
+
+
 def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     """The projection: per candidate and in total, full fine-tuning vs DaMoC."""
     from damoc.train.rungs import asha_rungs  # noqa: PLC0415 - the scheduling arithmetic, no Ray started
@@ -211,7 +247,10 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     kept_tokens_per_row = data.tokens_per_row * (1 - data.prompt_share * (1 - compress))
     per_step = ft.batch_size * ft.num_workers * ft.grad_accum
     full_steps, damoc_steps = planned_steps(ft, train_rows), planned_steps(ft, kept_rows)
-    rungs = asha_rungs(tn.grace_period, tn.reduction_factor, damoc_steps) if tn.scheduler == "asha" else []
+    known = [c for c in cands if c.params]
+    grace, _ = resolve_grace(tn, len(cands), full_steps, damoc_steps, [c.params for c in known],
+                             [c.params_after(m.prune_ratio if m.enabled else 0.0) for c in known])
+    rungs = asha_rungs(grace, tn.reduction_factor, damoc_steps) if tn.scheduler == "asha" else []
     schedule = (asha_schedule(len(cands), rungs, damoc_steps, tn.reduction_factor, not tn.finish_winner)
                 if rungs else [damoc_steps] * len(cands))
     flops_per_worker = GPU_FLOPS if ft.use_gpu else CPU_FLOPS
@@ -249,7 +288,9 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
             "training FLOPs = 6 x forward parameters x tokens (the report's count); evaluation not counted",
             f"DaMoC keeps {d.filter.keep_ratio:g} of the rows, {compress:g} of the prompt tokens, removes "
             f"{m.prune_ratio if m.enabled else 0:g} of the layers; ASHA rungs {rungs or '-'} "
-            f"(rf {tn.reduction_factor:g}){', stopped once decided' if rungs and not tn.finish_winner else ''}",
+            f"(rf {tn.reduction_factor:g}){', stopped once decided' if rungs and not tn.finish_winner else ''}"
+            + (f"; grace period auto: {grace} steps for a {tn.target_saving:g}x saving in rows x parameters "
+               f"(not under {tn.min_grace_period})" if tn.grace_period == "auto" else ""),
             *data.notes, *[f"{c.name}: {c.note}" for c in cands if c.note],
         ],
     }

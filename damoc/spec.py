@@ -343,7 +343,12 @@ class FinetuneSpec(Strict):
 
 class TuneSpec(Strict):
     scheduler: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(default=20, gt=0)  # steps before ASHA may stop a trial
+    # Steps before ASHA may stop a trial, or auto: the longest grace period whose schedule trains at
+    # most 1/target_saving of what fine-tuning every candidate in full would (rows x parameters: the
+    # evidence scales with the bill; see damoc/plan.py::grace_for_saving), never under min_grace_period.
+    grace_period: int | Literal["auto"] = 20
+    target_saving: float = Field(default=50, gt=1)
+    min_grace_period: int = Field(default=2, gt=0)
     reduction_factor: float = Field(default=2, gt=1)
     max_concurrent_trials: int | None = Field(default=None, gt=0)
     # Running trials wait for each other at every ASHA rung (see damoc/train/rungs.py), so what
@@ -358,6 +363,13 @@ class TuneSpec(Strict):
     # store beside the sweep), wandb (WANDB_API_KEY from the environment).
     callbacks: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
     mlflow_uri: str | None = None
+
+    @field_validator("grace_period", mode="before")
+    @classmethod
+    def _steps_or_auto(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError("must be a number of steps > 0, or auto")
 
 
 class SelectSpec(Strict):

@@ -6,7 +6,7 @@ import pytest
 from conftest import QA_ROWS, spec_dict, write_jsonl
 
 from damoc.cli import main
-from damoc.plan import asha_schedule, project
+from damoc.plan import asha_schedule, grace_for_saving, project
 from damoc.spec import spec_from_data
 
 
@@ -14,6 +14,56 @@ def test_asha_schedule_is_successive_halving_stopped_once_decided():
     assert asha_schedule(5, [8, 16, 32, 64], 100, 2, decide=True) == [32, 32, 16, 8, 8]
     assert asha_schedule(5, [8, 16, 32, 64], 100, 2, decide=False) == [100, 32, 16, 8, 8]
     assert asha_schedule(3, [], 40, 2, decide=True) == [40, 40, 40]
+
+
+def test_auto_grace_is_the_longest_that_keeps_the_saving():
+    """5 trials, rf 2, stopped once decided: the schedule trains 12 x grace trial-steps (5 to the first rung,
+    3 to the second, 2 to the third), so at 1 per step and 1200 for full fine-tuning the saving is 100 / g."""
+    def spent(g):
+        from damoc.train.rungs import asha_rungs
+
+        return sum(asha_schedule(5, asha_rungs(g, 2, 51), 51, 2, True))
+
+    assert spent(3) == 36 and spent(5) == 60
+    assert grace_for_saving(5, 51, 1200, 1.0, 50, 1, 2, True) == (2, 50.0)
+    assert grace_for_saving(5, 51, 1200, 1.0, 20, 1, 2, True) == (5, 20.0)
+    assert grace_for_saving(5, 51, 1200, 1.0, 19, 1, 2, True)[0] == 5  # 6 would be 16.7x
+    # out of reach: the floor, with the saving it does give
+    assert grace_for_saving(5, 51, 1200, 1.0, 500, 2, 2, True) == (2, 50.0)
+    # enough to train everyone to the end: the grace period reaches the plan (no early stopping)
+    assert grace_for_saving(5, 51, 1e9, 1.0, 50, 2, 2, True)[0] == 51
+
+
+def test_auto_grace_in_the_finetune_stage_counts_rows_and_parameters(tmp_path):
+    """The stage reads what full fine-tuning would train from the run directory: every readable row
+    (data/manifest.json), each candidate unpruned (models/NAME/compression.json)."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from damoc.rundir import atomic_write_json
+    from damoc.train.stage import grace_period
+
+    (tmp_path / "data").mkdir()
+    atomic_write_json(tmp_path / "data" / "manifest.json", {"readable": 1000, "kept": 200})
+    pq.write_table(pa.table({"instruction": ["q"] * 200}), tmp_path / "data" / "train.parquet")
+    usable = {}
+    for name in ("a", "b", "c", "d", "e"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        atomic_write_json(tmp_path / "models" / name / "compression.json", {"params_before": 300, "params_after": 200})
+        usable[name] = {"name": name, "path": str(tmp_path / "models" / name)}
+    spec = spec_from_data(spec_dict(**{
+        "candidates": [{"name": n, "path": usable[n]["path"]} for n in usable],
+        "finetune": {"epochs": 2, "batch_size": 8, "num_workers": 1, "grad_accum": 1, "max_steps": 10_000},
+        "tune": {"grace_period": "auto", "target_saving": 50}}), check_files=False)
+    ctx = SimpleNamespace(spec=spec, input=lambda stage: tmp_path / stage)
+    grace, info = grace_period(ctx, usable, steps=50)
+    # full: 5 x 300 params x 250 steps; DaMoC: 200 params x 12 g trial-steps -> 156 / g
+    assert grace == 3 and info["full_steps"] == 250 and info["full_rows"] == 1000
+    assert info["projected_saving"] == pytest.approx(5 * 300 * 250 / (200 * 36), rel=1e-3)
+    spec.tune.grace_period = 7
+    assert grace_period(ctx, usable, steps=50) == (7, None)
 
 
 def test_projection_reads_configs_and_samples_the_data(tmp_path, tiny_model):

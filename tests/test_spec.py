@@ -106,6 +106,15 @@ def test_cross_field_checks(job_dir):
         "data.rewrite: rewrite.enabled needs 'model' or 'endpoint'"]
 
 
+def test_grace_period_is_steps_or_auto(job_dir):
+    spec = spec_from_data(spec_dict(**{"tune.grace_period": "auto", "tune.target_saving": 30}), base_dir=str(job_dir))
+    assert spec.tune.grace_period == "auto" and spec.tune.target_saving == 30 and spec.tune.min_grace_period == 2
+    for bad in (0, "soon"):
+        (line,) = problems(spec_dict(**{"tune.grace_period": bad}), job_dir)
+        assert line.startswith("tune.grace_period: "), line
+    assert problems(spec_dict(**{"tune.target_saving": 1}), job_dir) == ["tune.target_saving: must be > 1.0"]
+
+
 def test_three_independent_errors_three_lines(job_dir):
     lines = problems(spec_dict(**{"finetune.lora.r": -1, "tune.colour": "red",
                                   "data.train.path": "missing.jsonl"}), job_dir)

@@ -86,7 +86,7 @@ def _ranking_section(ranking: dict[str, Any], finetune: dict[str, Any], out: Pat
                         f"{', synchronised' if finetune.get('sync_rungs') else ''}); "
                         f"{finetune.get('max_concurrent_trials')} trial(s) at once, "
                         f"{finetune.get('num_workers')} worker(s) each, {finetune.get('method')} fine-tuning, "
-                        f"max {finetune.get('max_steps')} steps."))
+                        f"max {finetune.get('max_steps')} steps." + grace_note(finetune.get("grace_auto"))))
     vs = (ranking.get("confidence") or {}).get("vs", {})
     blocks.append(("table", ["rank", "candidate", "status", metric, "95% interval", "at step", "p(pick better)",
                              "worker-s", "train FLOPs", "note"],
@@ -287,3 +287,13 @@ def _judge_section(run_dir: Path, out: Path) -> list[Block]:
             ("p", f"{len(df):,d} rows scored; median {q[1]:.2f} (10%: {q[0]:.2f}, 90%: {q[2]:.2f})"
                   + (f"; Spearman rank correlation with IFD {rho:+.2f}." if rho is not None else ".")),
             ("img", "judge.png", "distribution of the judge's expected scores")]
+
+
+def grace_note(auto: dict | None) -> str:
+    if not auto:
+        return ""
+    reached = auto["projected_saving"] >= auto["target_saving"]
+    return (f" Grace period auto: {auto['grace_period']} steps, the longest whose schedule projects a "
+            f"{auto['target_saving']:g}x saving in rows x parameters against fine-tuning every candidate in full "
+            f"({auto['full_rows']:,d} rows): {auto['projected_saving']:.1f}x"
+            + ("." if reached else f" (out of reach above the floor of {auto['floor']} steps)."))

@@ -26,7 +26,7 @@ import ray
 from damoc import metrics
 from damoc.lm.load import context_window
 from damoc.pipeline import Stage, StageContext, register_stage
-from damoc.plan import planned_steps
+from damoc.plan import _config_params, planned_steps, resolve_grace
 from damoc.rundir import atomic_write_json, read_json
 from damoc.runtime import fitting
 from damoc.spec import JobSpec, is_uri
@@ -60,6 +60,39 @@ def trainable_candidates(ctx: StageContext) -> tuple[dict[str, dict], list[dict]
             e["path"] = str(ctx.input("models") / e["name"])
     failed = [e for e in index["candidates"] if e["status"] == "failed"]
     return usable, failed
+
+
+def candidate_params(entry: dict, cand) -> tuple[float, float] | None:
+    """(parameters before the model stage, parameters trained): from its compression record, else from
+    the config of a candidate trained as it is (shapes only, no weights), else `params:` of the spec."""
+    c = read_json(Path(entry["path"]) / "compression.json") or {}
+    if c.get("params_before") and c.get("params_after"):
+        return float(c["params_before"]), float(c["params_after"])
+    try:
+        total = float(_config_params(entry["path"], cand.trust_remote_code, cand.revision)[0])
+    except Exception:  # noqa: BLE001 - an unreadable config: the spec's figure, or none (rows alone count)
+        return (float(cand.params),) * 2 if cand.params else None
+    return total, total
+
+
+def grace_period(ctx: StageContext, usable: dict[str, dict], steps: int) -> tuple[int, dict[str, Any] | None]:
+    """tune.grace_period in steps; for auto, with what it was derived from (kept in results.json)."""
+    tn, ft = ctx.spec.tune, ctx.spec.finetune
+    if tn.grace_period != "auto":
+        return tn.grace_period, None
+    full_rows = (read_json(ctx.input("data") / "manifest.json") or {}).get("readable") or \
+        pq.ParquetFile(ctx.input("data") / "train.parquet").metadata.num_rows
+    params = [p for c in ctx.spec.candidates if c.name in usable and (p := candidate_params(usable[c.name], c))]
+    full_steps = planned_steps(ft, full_rows)
+    grace, saving = resolve_grace(tn, len(usable), full_steps, steps, [p[0] for p in params], [p[1] for p in params])
+    info = {"grace_period": grace, "target_saving": tn.target_saving, "projected_saving": round(saving, 2),
+            "full_rows": full_rows, "full_steps": full_steps, "floor": tn.min_grace_period}
+    log.log(logging.INFO if saving >= tn.target_saving else logging.WARNING,
+            "finetune: grace period auto: %d steps; the schedule projects %.1fx fewer rows x parameters than "
+            "fine-tuning every candidate in full (%d rows, %d steps each)%s", grace, saving, full_rows, full_steps,
+            "" if saving >= tn.target_saving else
+            f": the {tn.target_saving:g}x asked for is out of reach above tune.min_grace_period")
+    return grace, info
 
 
 def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book) -> dict[str, Any]:
@@ -201,7 +234,8 @@ class FinetuneStage(Stage):
         tracking = trackers(tn.callbacks, spec.name, storage, tn.mlflow_uri)
         data_dir = ctx.input("data").resolve()
         steps = planned_steps(ft, pq.ParquetFile(data_dir / "train.parquet").metadata.num_rows)
-        rungs = asha_rungs(tn.grace_period, tn.reduction_factor, steps) if tn.scheduler == "asha" else []
+        grace, auto = grace_period(ctx, usable, steps) if tn.scheduler == "asha" else (tn.grace_period, None)
+        rungs = asha_rungs(grace, tn.reduction_factor, steps) if tn.scheduler == "asha" else []
         # Named after the stage's inputs: a resumed sweep's trials and callback find the new barrier.
         barrier = None
         if tn.sync_rungs and rungs and concurrent > 1:
@@ -224,7 +258,7 @@ class FinetuneStage(Stage):
         book = Book(planned_steps=steps, decide=bool(rungs) and not tn.finish_winner, expected=len(plans),
                     metric=spec.select.metric, rungs=rungs, key=ctx.fingerprint or new_barrier_name())
         grid, book = tune_candidates(plans, book, scaling=scaling, metric=spec.select.metric, mode=spec.select.mode,
-                                     scheduler=tn.scheduler, grace_period=tn.grace_period,
+                                     scheduler=tn.scheduler, grace_period=grace,
                                      reduction_factor=tn.reduction_factor, max_concurrent=concurrent,
                                      max_failures=ft.max_failures, storage_path=storage,
                                      rung_timeout_s=tn.rung_timeout_s, barrier_name=barrier, local=ft.local,
@@ -246,7 +280,7 @@ class FinetuneStage(Stage):
         seconds = time.monotonic() - t0
         atomic_write_json(ctx.out / "results.json", {
             "metric": spec.select.metric, "mode": spec.select.mode, "scheduler": tn.scheduler,
-            "rungs": rungs, "sync_rungs": bool(barrier), "max_steps": steps, "epochs": ft.epochs,
+            "rungs": rungs, "grace_auto": auto, "sync_rungs": bool(barrier), "max_steps": steps, "epochs": ft.epochs,
             "max_concurrent_trials": concurrent, "num_workers": ft.num_workers, "method": ft.method,
             "deepspeed": ft.deepspeed.model_dump(), "finish_winner": tn.finish_winner,
             "decided_at": book.decided_at, "winner": book.winner, "resumed": book.resumed,
