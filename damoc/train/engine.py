@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,24 +50,21 @@ def deepspeed_config(micro_batch: int, grad_accum: int, zero_stage: int, dtype: 
     }
 
 
-def skip_unused_deepspeed_parts() -> None:
-    """Two things DeepSpeed does when a trial's engine starts that training here never uses, each paid
-    again in every new trial process or machine: on CPU it compiles a shared-memory all-reduce with the
-    machine's C++ compiler (25-30 s on 2 cores, once per machine, pod or virtual environment; only its
-    inference all-reduce uses it, training reduces through torch.distributed), and it imports its Muon
-    optimizer to check ours against it, which loads torch.compile's stack (0.8-1.6 s per process). Marked
-    unavailable, neither happens; the optimizer is always the one the loop builds."""
+def skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU accelerator compiles a shared-memory all-reduce with the machine's C++ compiler
+    when its communication backend starts: 25-30 s on 2 cores, paid again on every new machine, pod or
+    virtual environment (cached in ~/.cache/torch_extensions). Only its inference all-reduce uses it;
+    training reduces through torch.distributed either way. Marked unavailable, it is not built."""
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    sys.modules.setdefault("deepspeed.runtime.zero.muon.muon_optimizer", None)  # its import raises ImportError
 
 
 class DeepSpeedEngine:
     def __init__(self, model, optimizer, scheduler, cfg: dict[str, Any]):
         import deepspeed
 
-        skip_unused_deepspeed_parts()
+        skip_shm_comm_build()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
         self.zero_stage = cfg["zero_optimization"]["stage"]
