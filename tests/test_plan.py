@@ -42,6 +42,7 @@ def test_auto_grace_in_the_finetune_stage_counts_rows_and_parameters(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from damoc.report.build import grace_note
     from damoc.rundir import atomic_write_json
     from damoc.train.stage import grace_period
 
@@ -62,6 +63,10 @@ def test_auto_grace_in_the_finetune_stage_counts_rows_and_parameters(tmp_path):
     # full: 5 x 300 params x 250 steps; DaMoC: 200 params x 12 g trial-steps -> 156 / g
     assert grace == 3 and info["full_steps"] == 250 and info["full_rows"] == 1000
     assert info["projected_saving"] == pytest.approx(5 * 300 * 250 / (200 * 36), rel=1e-3)
+    assert "auto: 3 steps" in grace_note(info) and "out of reach" not in grace_note(info)  # the report's line
+    spec.tune.target_saving = 500  # out of reach: the floor, said so
+    grace, info = grace_period(ctx, usable, steps=50)
+    assert grace == 2 and "out of reach above the floor of 2 steps" in grace_note(info)
     spec.tune.grace_period = 7
     assert grace_period(ctx, usable, steps=50) == (7, None)
 
