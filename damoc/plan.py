@@ -57,7 +57,7 @@ class DataFigures:
     notes: list[str] = field(default_factory=list)
 
 
-def _config_params(path_or_id: str, trust_remote_code: bool, revision: str | None) -> tuple[int, int, int]:
+def config_params(path_or_id: str, trust_remote_code: bool, revision: str | None) -> tuple[int, int, int]:
     """(parameters, decoder layers, parameters in them) from a config: the model is built on the meta
     device, so no memory and no weights are touched."""
     import torch
@@ -104,7 +104,7 @@ def candidate_figures(spec: JobSpec, base_dir: str) -> list[CandidateFigures]:
             if not online:
                 os.environ["HF_HUB_OFFLINE"] = "1"  # a cached config is still read; nothing is fetched
         try:
-            total, layers, in_layers = _config_params(where, c.trust_remote_code, c.revision)
+            total, layers, in_layers = config_params(where, c.trust_remote_code, c.revision)
             out.append(CandidateFigures(c.name, float(total), "config", layers or None, float(in_layers) or None))
         except Exception as exc:  # noqa: BLE001 - offline hub, missing or odd config: project from what we have
             reason = f"config not readable ({type(exc).__name__}: {str(exc).splitlines()[0][:90]})"

@@ -26,7 +26,7 @@ import ray
 from damoc import metrics
 from damoc.lm.load import context_window
 from damoc.pipeline import Stage, StageContext, register_stage
-from damoc.plan import _config_params, planned_steps, resolve_grace
+from damoc.plan import config_params, planned_steps, resolve_grace
 from damoc.rundir import atomic_write_json, read_json
 from damoc.runtime import fitting
 from damoc.spec import JobSpec, is_uri
@@ -69,7 +69,7 @@ def candidate_params(entry: dict, cand) -> tuple[float, float] | None:
     if c.get("params_before") and c.get("params_after"):
         return float(c["params_before"]), float(c["params_after"])
     try:
-        total = float(_config_params(entry["path"], cand.trust_remote_code, cand.revision)[0])
+        total = float(config_params(entry["path"], cand.trust_remote_code, cand.revision)[0])
     except Exception:  # noqa: BLE001 - an unreadable config: the spec's figure, or none (rows alone count)
         return (float(cand.params),) * 2 if cand.params else None
     return total, total
