@@ -34,6 +34,17 @@ def test_no_stage_package_imports_another_stage():
     assert not crossings, "\n".join(crossings)
 
 
+def test_data_stage_tasks_do_not_import_torch():
+    """The data stage's read and map tasks unpickle their functions from damoc.data.stage: a fresh worker
+    process imports it, and torch (a second on 2 cores) only where a model runs."""
+    import subprocess
+    import sys
+
+    code = "import sys, damoc.data.stage, damoc.data.ops; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_calibration_ifd_compression_and_training_render_the_same_text(tokenizer_dir, tiny_model, monkeypatch):
     """One row, one task: the text the model stage calibrates on, the data stage scores (IFD) and compresses,
     and the finetune stage trains and evaluates on comes from one function (damoc.lm.prompts.render)."""

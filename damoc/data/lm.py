@@ -17,7 +17,6 @@ import numpy as np
 
 from damoc.data.compress import DEFAULT_FORCED, compress_fields
 from damoc.lm.load import load_causal_lm, pad_id, weight_bytes
-from damoc.lm.nll import score
 from damoc.lm.prompts import Prompt, render
 from damoc.lm.tokens import encode
 
@@ -58,6 +57,11 @@ class LMScorer:
                  compress: CompressArgs | None = None):
         import torch
 
+        # Imported here, not with the module: the data stage's read and map tasks import this module
+        # and have no use for torch (1 s per worker process).
+        from damoc.lm.nll import score
+
+        self.score = score
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tok, self.model = load_causal_lm(model_path, trust_remote_code=trust_remote_code, device=self.device)
@@ -80,9 +84,9 @@ class LMScorer:
         cond = [encode(self.tok, p.text, a, self.max_length, spans=True) for p, a in zip(prompts, answers)]
         alone = [encode(self.tok, "", a, self.max_length) for a in answers]
         pooled = self.embeddings and self.encoder is None
-        s_cond = score(self.model, cond, self.pad, self.device, hidden=pooled)
+        s_cond = self.score(self.model, cond, self.pad, self.device, hidden=pooled)
         ce_cond = np.array([s.answer_ce for s in s_cond], dtype=np.float32)
-        ce_alone = np.array([s.answer_ce for s in score(self.model, alone, self.pad, self.device)], dtype=np.float32)
+        ce_alone = np.array([s.answer_ce for s in self.score(self.model, alone, self.pad, self.device)], dtype=np.float32)
         batch["ce_cond"], batch["ce_alone"] = ce_cond, ce_alone
         batch["ifd"] = (ce_cond / np.maximum(ce_alone, 1e-6)).astype(np.float32)
         batch["ppl"] = np.exp(np.minimum(ce_cond, 50.0)).astype(np.float32)
@@ -122,7 +126,7 @@ class LMScorer:
     def compress_text(self, text: str) -> str:
         """A free text compressed on its own (the answer, when the spec asks)."""
         e = encode(self.tok, text, "", self.max_length, eos=False, spans=True)
-        info = score(self.model, [e], self.pad, self.device)[0].prompt_info
+        info = self.score(self.model, [e], self.pad, self.device)[0].prompt_info
         if e.prompt_cut and info:
             info[0] = float("inf")
         fields, _, _ = compress_fields(text, {"text": (0, len(text))}, e.prompt_spans, info,
