@@ -57,9 +57,10 @@ class DataFigures:
     notes: list[str] = field(default_factory=list)
 
 
-def config_params(path_or_id: str, trust_remote_code: bool, revision: str | None) -> tuple[int, int, int]:
+def _config_params(path_or_id: str, trust_remote_code: bool, revision: str | None,
+                   offline: bool = False) -> tuple[int, int, int]:
     """(parameters, decoder layers, parameters in them) from a config: the model is built on the meta
-    device, so no memory and no weights are touched."""
+    device, so no memory and no weights are touched. Offline, only a cached config is read."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -67,7 +68,7 @@ def config_params(path_or_id: str, trust_remote_code: bool, revision: str | None
     from damoc.lm.load import hf_token
 
     config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, revision=revision,
-                                        token=hf_token())
+                                        token=hf_token(), local_files_only=offline)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
@@ -100,11 +101,10 @@ def candidate_figures(spec: JobSpec, base_dir: str) -> list[CandidateFigures]:
     for c in spec.candidates:
         where = resolve_path(c.path, base_dir) if c.path else c.hf
         if c.hf and online is None:
-            online = hub_reachable()
-            if not online:
-                os.environ["HF_HUB_OFFLINE"] = "1"  # a cached config is still read; nothing is fetched
+            online = hub_reachable()  # offline: a cached config is still read, nothing is fetched or retried
         try:
-            total, layers, in_layers = config_params(where, c.trust_remote_code, c.revision)
+            total, layers, in_layers = _config_params(where, c.trust_remote_code, c.revision,
+                                                      offline=bool(c.hf) and not online)
             out.append(CandidateFigures(c.name, float(total), "config", layers or None, float(in_layers) or None))
         except Exception as exc:  # noqa: BLE001 - offline hub, missing or odd config: project from what we have
             reason = f"config not readable ({type(exc).__name__}: {str(exc).splitlines()[0][:90]})"

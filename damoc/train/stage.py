@@ -26,7 +26,7 @@ import ray
 from damoc import metrics
 from damoc.lm.load import context_window
 from damoc.pipeline import Stage, StageContext, register_stage
-from damoc.plan import config_params, planned_steps, resolve_grace
+from damoc.plan import candidate_figures, planned_steps, resolve_grace
 from damoc.rundir import atomic_write_json, read_json
 from damoc.runtime import fitting
 from damoc.spec import JobSpec, is_uri
@@ -62,17 +62,19 @@ def trainable_candidates(ctx: StageContext) -> tuple[dict[str, dict], list[dict]
     return usable, failed
 
 
-def candidate_params(entry: dict, cand) -> tuple[float, float] | None:
-    """(parameters before the model stage, parameters trained): from its compression record, else from
-    the config of a candidate trained as it is (shapes only, no weights), else `params:` of the spec."""
-    c = read_json(Path(entry["path"]) / "compression.json") or {}
-    if c.get("params_before") and c.get("params_after"):
-        return float(c["params_before"]), float(c["params_after"])
-    try:
-        total = float(config_params(entry["path"], cand.trust_remote_code, cand.revision)[0])
-    except Exception:  # noqa: BLE001 - an unreadable config: the spec's figure, or none (rows alone count)
-        return (float(cand.params),) * 2 if cand.params else None
-    return total, total
+def candidate_sizes(ctx: StageContext, usable: dict[str, dict]) -> list[tuple[float, float]]:
+    """(parameters before the model stage, parameters trained) of each usable candidate: from its
+    compression record, else as `damoc plan` reads them (its config, shapes only; else `params:`)."""
+    sizes = {}
+    for name, e in usable.items():
+        c = read_json(Path(e["path"]) / "compression.json") or {}
+        if c.get("params_before") and c.get("params_after"):
+            sizes[name] = (float(c["params_before"]), float(c["params_after"]))
+    if len(sizes) < len(usable):  # trained as they are
+        for f in candidate_figures(ctx.spec, str(ctx.base_dir)):
+            if f.name in usable and f.name not in sizes and f.params:
+                sizes[f.name] = (f.params, f.params)
+    return list(sizes.values())
 
 
 def grace_period(ctx: StageContext, usable: dict[str, dict], steps: int) -> tuple[int, dict[str, Any] | None]:
@@ -82,7 +84,7 @@ def grace_period(ctx: StageContext, usable: dict[str, dict], steps: int) -> tupl
         return tn.grace_period, None
     full_rows = (read_json(ctx.input("data") / "manifest.json") or {}).get("readable") or \
         pq.ParquetFile(ctx.input("data") / "train.parquet").metadata.num_rows
-    params = [p for c in ctx.spec.candidates if c.name in usable and (p := candidate_params(usable[c.name], c))]
+    params = candidate_sizes(ctx, usable)
     full_steps = planned_steps(ft, full_rows)
     grace, saving = resolve_grace(tn, len(usable), full_steps, steps, [p[0] for p in params], [p[1] for p in params])
     info = {"grace_period": grace, "target_saving": tn.target_saving, "projected_saving": round(saving, 2),
