@@ -46,6 +46,7 @@ DOMAINS = {
     "general_qa": {"ext": "json", "task": "qa", "fields": {}},
     "reading_comprehension": {"ext": "parquet", "task": "reading_comprehension",
                               "fields": {"instruction": "question", "input": "context", "output": "answer"}},
+    "lookup_qa": {"ext": "jsonl", "task": "qa", "fields": {}},
 }
 
 
@@ -66,7 +67,7 @@ def recipe_args(ap: argparse.ArgumentParser, work: str) -> None:
     ap.add_argument("--keep-ratio", type=float, default=0.2)
     ap.add_argument("--compress-ratio", type=float, default=0.6)
     ap.add_argument("--prune-ratio", type=float, default=0.5)
-    ap.add_argument("--grace", type=grace_arg, default=8,
+    ap.add_argument("--grace", type=grace_arg, default="auto",
                     help="ASHA grace period and eval interval, in steps; or auto (tune.grace_period: auto)")
     ap.add_argument("--target-saving", type=float, default=50, help="tune.target_saving, for --grace auto")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -107,7 +108,9 @@ def reference_spec(spec: dict[str, Any], out: Path, train_rows: int) -> dict[str
     ref["data"]["filter"] = {"method": "none", "keep_ratio": 1.0}
     ref["data"]["compress"] = {"enabled": False}
     ref["model"] = {"enabled": False}
-    ref["tune"] = {"scheduler": "none"}
+    # No scheduler: the grace period is unused. Pinned so that a change of its default does not
+    # make every reference run (the long part of a bench) out of date.
+    ref["tune"] = {"scheduler": "none", "grace_period": 20}
     from damoc.spec import FinetuneSpec
     from damoc.plan import planned_steps
 

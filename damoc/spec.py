@@ -343,10 +343,11 @@ class FinetuneSpec(Strict):
 
 class TuneSpec(Strict):
     scheduler: Literal["asha", "none"] = "asha"
-    # Steps before ASHA may stop a trial, or auto: the longest grace period whose schedule trains at
-    # most 1/target_saving of what fine-tuning every candidate in full would (rows x parameters: the
-    # evidence scales with the bill; see damoc/plan.py::grace_for_saving), never under min_grace_period.
-    grace_period: int | Literal["auto"] = 20
+    # Steps before ASHA may stop a trial, or auto (the default): the longest grace period whose schedule
+    # trains at most 1/target_saving of what fine-tuning every candidate in full would (rows x parameters:
+    # the evidence scales with the bill; see damoc/plan.py::grace_for_saving), never under
+    # min_grace_period. bench/results/selection.md checks its ranking where zero-shot loss's is wrong.
+    grace_period: int | Literal["auto"] = "auto"
     target_saving: float = Field(default=50, gt=1)
     min_grace_period: int = Field(default=2, gt=0)
     reduction_factor: float = Field(default=2, gt=1)

@@ -107,6 +107,7 @@ def test_cross_field_checks(job_dir):
 
 
 def test_grace_period_is_steps_or_auto(job_dir):
+    assert spec_from_data(spec_dict(), base_dir=str(job_dir)).tune.grace_period == "auto"  # the default
     spec = spec_from_data(spec_dict(**{"tune.grace_period": "auto", "tune.target_saving": 30}), base_dir=str(job_dir))
     assert spec.tune.grace_period == "auto" and spec.tune.target_saving == 30 and spec.tune.min_grace_period == 2
     for bad in (0, "soon"):

