@@ -32,9 +32,9 @@ from damoc.report.compare import compare_runs, load_ranking  # noqa: E402
 from damoc.rundir import read_json  # noqa: E402
 
 
-def one(zoo: Path, domain: str, seed: int, grace: int | str, names: list[str], work: Path, a, runtime) -> dict:
+def one(zoo: Path, domain: str, rows: int, seed: int, grace: int | str, names: list[str], work: Path, a,
+        runtime) -> dict:
     a = argparse.Namespace(**{**vars(a), "seed": seed, "grace": grace})
-    rows = json.loads((zoo / "zoo.json").read_text())["data"][domain]["train"]
     spec = damoc_spec(zoo, domain, work / f"{domain}-s{seed}" / f"damoc-{grace}", names, a)
     d_run = run(spec, runtime)
     r_run = run(reference_spec(spec, work / f"{domain}-s{seed}" / "full", rows), runtime)
@@ -73,11 +73,13 @@ def main() -> None:
     zoo, work, out = Path(a.zoo).resolve(), Path(a.work).resolve(), Path(a.out)
     records: list[dict[str, Any]] = []
     with connect(None) as rt:
-        names = [c["name"] for c in build_zoo(zoo, a.preset, a.seed)["candidates"]]
+        info = build_zoo(zoo, a.preset, a.seed)
+        names = [c["name"] for c in info["candidates"]]
         shared = types.SimpleNamespace(address=rt.address)  # every run joins this cluster
         for domain in a.domains:
             for seed in a.seeds:
-                records += [one(zoo, domain, seed, g, names, work, a, shared) for g in a.graces]
+                records += [one(zoo, domain, info["data"][domain]["train"], seed, g, names, work, a, shared)
+                            for g in a.graces]
     settings = (f"zoo `{a.zoo}` (preset {a.preset}, built with seed {a.seed}); the DaMoC recipe of selection.md "
                 f"({a.epochs:g} epochs, keep_ratio {a.keep_ratio}, compress {a.compress_ratio}, prune {a.prune_ratio}, "
                 f"rf 2, stopped once decided; auto: target saving {a.target_saving:g}x); each seed's DaMoC runs are "

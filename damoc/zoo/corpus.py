@@ -7,6 +7,7 @@ import importlib
 import inspect
 import random
 import re
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -258,9 +259,8 @@ def lookup_qa_rows(wide: bool = False, n: int = 1200, seed: int = 0) -> list[dic
     """A record of settings (six standard-library module names, each set to a number) and a question
     about one of them; the answer is its number, read from the record. No candidate has seen the task
     in pretraining, so zero-shot loss ranks them by how well they guess numbers, not by how well they
-    learn to look one up: the domain where the zero-shot ranking and fine-tuning's disagree."""
-    import sys
-
+    learn to look one up: the domain where the zero-shot ranking and fine-tuning's disagree. Generated,
+    so `wide` (the other sets' switch to the whole standard library) has nothing to widen: `n` sizes it."""
     names = sorted(m for m in sys.stdlib_module_names if m.isalpha() and len(m) > 2)
     rng = random.Random(seed)
     rows = []
