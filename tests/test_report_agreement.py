@@ -41,3 +41,22 @@ def test_only_common_candidates_count_and_two_are_needed():
     assert kendall_tau({**TRUTH, "e": 9.0}, TRUTH) == 1.0
     with pytest.raises(ValueError, match="at least two"):
         kendall_tau({"a": 1.0}, TRUTH)
+
+
+def test_the_zero_shot_table_takes_the_compressed_figures_from_the_trials_step_0(tmp_path):
+    """The original models' zero-shot loss comes from the model stage; the compressed models' from their
+    trials' step 0 (the same model on the same rows), unless an older run measured it in the model stage."""
+    import json
+
+    from damoc.report.ranking import zero_shot_ranking
+
+    zs = {"a": {"original": 3.0, "rows": 4}, "b": {"original": 2.0, "compressed": 2.5, "rows": 4}}
+    for name, z in zs.items():
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "compression.json").write_text(json.dumps({"zero_shot": z}))
+    finetune = {"candidates": [{"name": n, "curve": [{"step": 0, "eval_loss": v}, {"step": 4, "eval_loss": v - 1}]}
+                               for n, v in (("a", 3.4), ("b", 2.2))]}
+    ranking = {"candidates": [{"name": "a", "rank": 1}, {"name": "b", "rank": 2}]}
+    z = zero_shot_ranking(tmp_path, finetune, ranking)
+    assert z["scores"] == {"a": 3.0, "b": 2.0} and z["compressed"] == {"a": 3.4, "b": 2.5}
+    assert z["pick"] == "b" and not z["agrees_on_pick"] and z["source"] == "original models (model stage)"

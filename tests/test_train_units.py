@@ -17,7 +17,7 @@ from damoc.lm.nll import bits_per_byte
 from damoc.lm.prompts import gold_option, options_of, prompt_text
 from damoc.lm.tokens import IGNORE, collate, encode
 from damoc.train.loop import Batches, report_steps
-from damoc.train.rungs import Rungs, asha_rungs, release_order
+from damoc.train.rungs import Rungs, asha_rungs, poll_until, release_order
 
 
 # ---------------------------------------------------------------- examples and metrics
@@ -105,6 +105,38 @@ def test_a_reused_trial_process_starts_deepspeed_again_after_train_destroyed_the
             dist.destroy_process_group()
 
 
+def test_deepspeed_imports_its_muon_optimizer_without_the_inductor_compiler():
+    """deepspeed.initialize imports Muon, whose kernels torch.compile wraps at import: with torch's default
+    backend that loads the inductor compiler into every trial process. Imported with the eager backend,
+    it does not, and the default is put back. A fresh interpreter: this one may hold inductor already."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from damoc.train.engine import MUON, import_muon_uncompiled; "
+            "import_muon_uncompiled(); import torch.compiler as c; "
+            "print(MUON in sys.modules, 'torch._inductor.compile_fx' in sys.modules, c.get_default_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.splitlines()[-1].split() == ["True", "False", "inductor"], out.stderr[-2000:]
+
+
+def test_step_zero_scores_what_the_model_stage_scored(tiny_model, tokenizer_dir):
+    """The compressed models' zero-shot figures in the report are their trials' step 0: the evaluation
+    gives exactly the model stage's bits per byte for the same model and rows."""
+    import torch
+
+    from damoc.lm.load import load_causal_lm
+    from damoc.lm.nll import rows_bits_per_byte
+    from damoc.train.args import TrainArgs
+    from damoc.train.evaluate import EvalSet, evaluate
+
+    tok, model = load_causal_lm(str(tiny_model("llama", layers=2)))
+    rows = [{"instruction": f"What is {i} plus {i}?", "input": "" if i % 2 else f"row {i}", "output": str(2 * i)}
+            for i in range(11)]
+    args = TrainArgs("c", "m", "t", "e", max_length=64, eval_batch_size=4)
+    got = evaluate(model, tok, EvalSet(tok, rows, args, 0, 1), args, torch.device("cpu"), False)["eval_loss"]
+    assert got == rows_bits_per_byte(model, tok, rows, "qa", "auto", 64)
+
+
 def test_batches_resume_where_they_stopped():
     from damoc.lm.tokens import Example
 
@@ -117,6 +149,19 @@ def test_batches_resume_where_they_stopped():
 
 
 # ---------------------------------------------------------------- scheduling
+
+
+def test_a_wait_at_a_rung_asks_soon_then_less_often(monkeypatch):
+    """Most waits end within a report or two (tens of ms): the first asks come 10 ms apart, then each
+    pause is half as long again, up to 0.2 s."""
+    import damoc.train.rungs as rungs
+
+    pauses: list[float] = []
+    monkeypatch.setattr(rungs.time, "sleep", pauses.append)
+    answers = iter([False] * 12 + [True])
+    poll_until(lambda: next(answers))
+    assert pauses[:3] == pytest.approx([0.01, 0.015, 0.0225]) and len(pauses) == 12
+    assert max(pauses) == 0.2 and pauses[-2:] == [0.2, 0.2]
 
 
 def test_rungs_and_report_steps():

@@ -77,10 +77,11 @@ def choose_layers(cal, m: ModelSpec, num_layers: int) -> tuple[list[int], list[f
 
 def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, out: Path, seed: int = 0,
                        task: str = "qa", template: str = "auto", eval_rows: list[dict[str, str]] | None = None,
-                       max_length: int = 512) -> dict[str, Any]:
+                       max_length: int = 512, score_compressed: bool = True) -> dict[str, Any]:
     """Compress one candidate into `out` (an HF folder) and write out/compression.json. With `eval_rows`,
-    the zero-shot answer loss (bits per byte) of the original and of the compressed model is measured on
-    them: the free baseline, at the cost of two forward passes."""
+    the zero-shot answer loss (bits per byte) of the original model is measured on them: the free
+    baseline, at the cost of a forward pass; with `score_compressed`, of the compressed one too (the
+    pipeline leaves that to the finetune stage, whose step 0 scores the same model on the same rows)."""
     t0 = time.perf_counter()
     device = "cuda" if m.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     dtype = pick_dtype(m.dtype, device)
@@ -107,7 +108,8 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
     del original
     merged_loss = calibration_loss(model, data) if changed else pruned_loss
     if eval_rows:
-        zero_shot["compressed"] = rows_bits_per_byte(model, tok, eval_rows, task, template, max_length)
+        if score_compressed:
+            zero_shot["compressed"] = rows_bits_per_byte(model, tok, eval_rows, task, template, max_length)
         zero_shot["rows"] = len(eval_rows)
     t_compress = time.perf_counter()
 

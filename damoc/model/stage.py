@@ -43,7 +43,9 @@ class CandidateCompressor:
     def run(self, src: Source, rows: list[dict[str, str]], m: ModelSpec, out: str, seed: int, task: str,
             template: str, eval_rows: list[dict[str, str]], max_length: int) -> dict[str, Any]:
         try:
-            return compress_candidate(src, rows, m, Path(out), seed, task, template, eval_rows, max_length)
+            # The compressed model's zero-shot loss is the finetune stage's step 0: not measured twice.
+            return compress_candidate(src, rows, m, Path(out), seed, task, template, eval_rows, max_length,
+                                      score_compressed=False)
         finally:  # the next candidate in this actor starts with the memory this one held
             import gc
 

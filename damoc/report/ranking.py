@@ -54,7 +54,8 @@ def rank_candidates(entries: list[dict[str, Any]], mode: str, metric: str = "eva
 def zero_shot_ranking(run_dir: Path, finetune: dict[str, Any], ranking: dict[str, Any]) -> dict[str, Any] | None:
     """The free baseline: the candidates ranked by their answer loss before any fine-tuning (bits per
     byte on the same eval rows): of the original models where the model stage measured them, else of
-    the trained models' step 0. Where it disagrees with the fine-tuned ranking is said."""
+    the trained models' step 0. Beside them, the compressed models' (their trials' step 0). Where it
+    disagrees with the fine-tuned ranking is said."""
     from damoc.report.agreement import best, kendall_tau
 
     scores, compressed = {}, {}
@@ -62,7 +63,8 @@ def zero_shot_ranking(run_dir: Path, finetune: dict[str, Any], ranking: dict[str
         z = (read_json(run_dir / "models" / e["name"] / "compression.json") or {}).get("zero_shot") or {}
         step0 = zero_shot(e, "eval_loss")
         if z.get("original") is not None:
-            scores[e["name"]], compressed[e["name"]] = z["original"], z.get("compressed")
+            scores[e["name"]] = z["original"]
+            compressed[e["name"]] = z["compressed"] if z.get("compressed") is not None else step0
         elif step0 is not None:
             scores[e["name"]] = step0
     ranked = {c["name"]: float(c["rank"]) for c in ranking["candidates"] if c["rank"] is not None}

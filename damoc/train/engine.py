@@ -8,6 +8,7 @@ and `save(dir)` / `load(dir)` for checkpoints that resume the optimizer and sche
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -60,11 +61,36 @@ def skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_muon_uncompiled() -> None:
+    """deepspeed.initialize imports DeepSpeed's Muon optimizer (to check ours against ZeRO's list), and
+    that module wraps its kernels in torch.compile when imported: with torch's default backend that
+    imports the inductor compiler, 0.6-1 s of every trial process's start. DaMoC never steps Muon, so
+    it is imported with the eager backend, whose wrappers cost nothing; the default is put back."""
+    import sys
+
+    import torch.compiler
+
+    if MUON in sys.modules or not hasattr(torch.compiler, "set_default_backend"):
+        return
+    before = torch.compiler.get_default_backend()
+    torch.compiler.set_default_backend("eager")
+    try:
+        importlib.import_module(MUON)
+    except ImportError:  # a DeepSpeed without Muon: nothing to spare
+        pass
+    finally:
+        torch.compiler.set_default_backend(before)
+
+
 class DeepSpeedEngine:
     def __init__(self, model, optimizer, scheduler, cfg: dict[str, Any]):
         import deepspeed
 
         skip_shm_comm_build()
+        import_muon_uncompiled()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
         self.zero_stage = cfg["zero_optimization"]["stage"]

@@ -137,19 +137,27 @@ class Rungs:
 RungBarrier = ray.remote(num_cpus=0)(Rungs)
 
 
-def wait_turn(barrier_name: str, name: str, rung: int, value: float, poll_s: float = 0.2) -> None:
+def poll_until(ready, first_s: float = 0.01, most_s: float = 0.2) -> None:
+    """Calls ready() until it is true, sleeping first_s, then half as long again each time, up to most_s:
+    a wait of a report or two (most of them) ends within ~10 ms of its cause, and a long one (a trial
+    minutes behind) asks the barrier five times a second, not a hundred."""
+    pause = first_s
+    while not ready():
+        time.sleep(pause)
+        pause = min(most_s, pause * 1.5)
+
+
+def wait_turn(barrier_name: str, name: str, rung: int, value: float) -> None:
     """Called by a trial's rank-0 worker before it reports at a rung."""
     barrier = ray.get_actor(barrier_name)
     ray.get(barrier.arrive.remote(name, rung, value))
-    while not ray.get(barrier.turn.remote(name, rung)):
-        time.sleep(poll_s)
+    poll_until(lambda: ray.get(barrier.turn.remote(name, rung)))
 
 
-def hold_if_decided(barrier_name: str, name: str, rung: int, grace_s: float = 15.0, poll_s: float = 0.2) -> bool:
+def hold_if_decided(barrier_name: str, name: str, rung: int, grace_s: float = 15.0) -> bool:
     """Called by a trial's rank-0 worker after it reported at a rung: waits while this rung may be
     deciding the selection for it (at most the barrier's timeout); True when it did, and the trial
     is to end here."""
     barrier = ray.get_actor(barrier_name)
-    while ray.get(barrier.hold.remote(name, rung, grace_s)):
-        time.sleep(poll_s)
+    poll_until(lambda: not ray.get(barrier.hold.remote(name, rung, grace_s)))
     return ray.get(barrier.ends.remote(name))
