@@ -11,12 +11,14 @@ any other. A folder without a marker is never taken as complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from damoc.spec import JobSpec, is_uri, resolve_path
 log = logging.getLogger("damoc.pipeline")
 
 MARKER = "_stage.json"
+IDLE_POLL_S = 0.25  # how often a running stage's CPUs are looked at for the next stage's early start
 STAGE_ORDER = ("data", "models", "finetune", "report")
 
 # Where each built-in stage lives; a stage's module registers it on import.
@@ -74,6 +77,7 @@ class StageContext:
     _runtime_factory: Callable[[], Any] = field(repr=False)
     fingerprint: str = ""  # of this stage's inputs: names work a later attempt may pick up
     resume: bool = False  # continue work an interrupted attempt left (a stage that can)
+    prepared: list[Any] = field(default_factory=list)  # actors started for it early (Stage.prepare)
 
     def input(self, stage_output: str) -> Path:
         """An upstream stage's finished folder, e.g. ctx.input("data") / "train.parquet"."""
@@ -106,6 +110,13 @@ class Stage:
     def fingerprint_extra(self, spec: JobSpec) -> dict[str, Any]:
         """Single settings outside the stage's spec sections that change its output."""
         return {}
+
+    def prepare(self, spec: JobSpec, base_dir: Path) -> list[Any]:
+        """Ray actors this stage starts first, started early: while the stage before it runs, once that
+        stage has held every CPU of the cluster and then left one idle (its busiest part is over). They
+        reach `run` as ctx.prepared, already past their start-up; the pipeline kills them if this stage
+        does not run. None by default."""
+        return []
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         """Write outputs under ctx.out; return the counts for the stage's log line."""
@@ -156,6 +167,17 @@ def keep_failed(tmp: Path, final: Path) -> Path | None:
         shutil.rmtree(tmp, ignore_errors=True)
         return None
     return kept
+
+
+def release(actors: list[Any]) -> None:
+    """Kill actors a stage was given but did not use (it was skipped, or the run ended)."""
+    if not actors:
+        return
+    import ray
+
+    for actor in actors:
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
 
 
 def parse_stage_list(text: str | None, known: Iterable[str] = STAGE_ORDER) -> list[str]:
@@ -258,6 +280,7 @@ class Pipeline:
         self.order = tuple(order or (registry.keys() if registry else STAGE_ORDER))
         self._runtime_factory = runtime_factory
         self._runtime: Any = None
+        self._prepared: tuple[str, list[Any]] = ("", [])  # (stage, its actors started early)
 
     def stage_class(self, name: str) -> type[Stage]:
         if self._registry is not None:
@@ -288,6 +311,7 @@ class Pipeline:
                 for name in names:
                     outcomes.append(self._run_one(name, names, resume))
             finally:
+                release(self._take_prepared(self._prepared[0]))
                 if self._runtime is not None and hasattr(self._runtime, "shutdown"):
                     self._runtime.shutdown()
                     self._runtime = None
@@ -312,6 +336,52 @@ class Pipeline:
                 log.warning("stage %s: output of %s is stale (its inputs changed since it ran); "
                             "rerun with --stages %s,%s", stage.name, up, up, stage.name)
 
+    def _take_prepared(self, name: str) -> list[Any]:
+        stage, actors = self._prepared
+        if stage != name:
+            return []
+        self._prepared = ("", [])
+        return actors
+
+    def _prepare_next_when_idle(self, name: str, selected: list[str]) -> Callable[[], None]:
+        """While stage `name` runs, a thread watches the cluster's CPUs: once the stage has held them all
+        (less than one free) and then leaves one free, the next stage's `prepare` starts its actors. On a
+        cluster the stage never fills that moment does not come, and nothing starts early. Returns what
+        stops the watch when the stage ends."""
+        later = selected[selected.index(name) + 1:]
+        nxt = self.stage_class(later[0])() if later else None
+        if nxt is None or type(nxt).prepare is Stage.prepare:
+            return lambda: None
+        stop = threading.Event()
+
+        def watch() -> None:
+            import ray
+
+            full = False
+            while not stop.wait(IDLE_POLL_S):
+                if self._runtime is None:  # the stage has not started Ray yet
+                    continue
+                free = ray.available_resources().get("CPU", 0.0)
+                if full and free >= 1:
+                    try:
+                        self._prepared = (later[0], nxt.prepare(self.spec, self.base_dir))
+                    except Exception as exc:  # noqa: BLE001 - an early start is an optimisation only
+                        log.debug("stage %s: could not start early: %s", later[0], exc)
+                    else:
+                        log.debug("stage %s: %d actors started while stage %s runs", later[0],
+                                  len(self._prepared[1]), name)
+                    return
+                full = full or free < 1
+
+        thread = threading.Thread(target=watch, name=f"damoc-prepare-{later[0]}", daemon=True)
+        thread.start()
+
+        def end() -> None:
+            stop.set()
+            thread.join()
+
+        return end
+
     def _run_one(self, name: str, selected: list[str], resume: bool) -> StageOutcome:
         cls = self.stage_class(name)
         stage = cls()
@@ -319,7 +389,9 @@ class Pipeline:
         final = self.run_dir / cls.output
         fp = stage_fingerprint(stage, self.spec, self.run_dir, self.base_dir, self._upstream(cls))
         marker = read_marker(self.run_dir, cls)
+        prepared = self._take_prepared(name)
         if resume and marker is not None and marker["fingerprint"] == fp:
+            release(prepared)
             log.info("stage %s: skipped, output is current (fingerprint %s, ran %.1fs on %s)",
                      name, fp, marker.get("seconds", 0.0), marker.get("finished_at", "?"))
             return StageOutcome(name, "skipped", 0.0, marker.get("counts", {}), fp)
@@ -330,10 +402,14 @@ class Pipeline:
 
         log.info("stage %s: running", name)
         tmp = new_temp_dir(final)
-        ctx = StageContext(self.spec, self.run_dir, tmp, self.base_dir, self._get_runtime, fp, resume)
+        ctx = StageContext(self.spec, self.run_dir, tmp, self.base_dir, self._get_runtime, fp, resume, prepared)
         t0 = time.monotonic()
+        stop_watching = self._prepare_next_when_idle(name, selected)
         try:  # the marker and the swap are inside: a full disk there leaves nothing half-done
-            counts = stage.run(ctx) or {}
+            try:
+                counts = stage.run(ctx) or {}
+            finally:
+                stop_watching()
             seconds = time.monotonic() - t0
             atomic_write_json(tmp / MARKER, {
                 "stage": name,

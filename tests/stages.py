@@ -71,4 +71,57 @@ class Slow(Stage):
         return {"files": 2}
 
 
-REGISTRY = {cls.name: cls for cls in (CountRows, SquareOnRay, Flaky, Slow)}
+class FillThenIdle(Stage):
+    """Holds both CPUs of a 2-CPU cluster for a second, then one of them for 1.5 s more."""
+
+    name, output, needs, spec_keys = "fill", "fill", ("count",), ()
+    holds = (1.0, 2.5)  # seconds, one CPU each
+
+    def run(self, ctx: StageContext):
+        ctx.runtime  # noqa: B018
+        import ray
+
+        @ray.remote(num_cpus=1)
+        def hold(seconds: float) -> None:
+            time.sleep(seconds)
+
+        ray.get([hold.remote(s) for s in self.holds])
+        return {"ended_at": time.time()}
+
+
+class HoldOne(FillThenIdle):
+    """Holds one CPU of two for 2.5 s: never the whole cluster."""
+
+    name, output = "one", "one"
+    holds = (2.5,)
+
+
+class StartsEarly(Stage):
+    """Asks for one actor ahead (Stage.prepare); writes what it was given and when that actor started."""
+
+    name, output, needs, spec_keys = "early", "early", ("fill",), ()
+
+    def prepare(self, spec, base_dir):
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class Clock:
+            def __init__(self):
+                self.born = time.time()
+
+            def born_at(self) -> float:
+                return self.born
+
+        return [Clock.remote()]
+
+    def run(self, ctx: StageContext):
+        began = time.time()
+        ctx.runtime  # noqa: B018
+        import ray
+
+        born = [ray.get(a.born_at.remote()) for a in ctx.prepared]
+        (ctx.out / "early.json").write_text(json.dumps({"prepared": len(born), "born": born, "began": began}))
+        return {"prepared": len(born)}
+
+
+REGISTRY = {cls.name: cls for cls in (CountRows, SquareOnRay, Flaky, Slow, FillThenIdle, HoldOne, StartsEarly)}

@@ -62,3 +62,15 @@ def test_gpu_candidates_each_get_their_own_actor_at_once():
 
     assert ModelStage.actors(5, ModelSpec(num_gpus=1)) == 5
     assert ModelStage.actors(3, ModelSpec(num_gpus=0.5)) == 3
+
+
+def test_more_actors_start_only_when_the_candidates_left_outlast_a_start_up():
+    """With an actor started ahead, the others start once the candidates left but one, at the mean
+    seconds so far, would take longer than a start-up: not for a few small candidates."""
+    from damoc.model.stage import worth_starting
+
+    assert not worth_starting(4, [0.9], start_up=3.3)  # 3 x 0.9 = 2.7 s: done before a new one is ready
+    assert worth_starting(5, [0.9], start_up=3.3)  # 3.6 s
+    assert worth_starting(2, [40.0, 20.0], start_up=3.3)  # big candidates: at once
+    assert not worth_starting(1, [40.0], start_up=3.3)  # the last one: the busy actor takes it next
+    assert not worth_starting(9, [], start_up=3.3)  # nothing measured yet

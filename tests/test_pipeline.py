@@ -195,6 +195,26 @@ def test_unwritable_run_dir_fails_naming_it(job_dir):
         p.run(["count"])
 
 
+def test_the_next_stage_starts_its_actors_once_this_one_leaves_a_cpu_idle(job_dir):
+    """A stage's `prepare` runs while the stage before it runs, once that one has held every CPU and then
+    left one idle; its actors reach the stage as ctx.prepared, already started. A stage that never held
+    every CPU gets nothing started early."""
+    pipeline = make_pipeline(job_dir, CountingRuntime())
+    pipeline.order = ("count", "fill", "early")
+    pipeline.run(["count", "fill", "early"])
+    early = json.loads((pipeline.run_dir / "early" / "early.json").read_text())
+    fill_ended = json.loads((pipeline.run_dir / "fill" / MARKER).read_text())["counts"]["ended_at"]
+    assert early["prepared"] == 1 and early["born"][0] < fill_ended < early["began"]
+
+    pipeline.order = ("count", "one", "early")
+    stages.StartsEarly.needs = ("one",)
+    try:
+        pipeline.run(["count", "one", "early"])
+    finally:
+        stages.StartsEarly.needs = ("fill",)
+    assert json.loads((pipeline.run_dir / "early" / "early.json").read_text())["prepared"] == 0
+
+
 def test_stage_list_parsing():
     assert parse_stage_list(None) == ["data", "models", "finetune", "report"]
     assert parse_stage_list("report, data") == ["data", "report"]

@@ -74,3 +74,19 @@ def context_window(path_or_config) -> int | None:
         config = path_or_config.to_dict()
     found = [int(config[k]) for k in WINDOW_KEYS if isinstance(config.get(k), int) and config[k] > 0]
     return min(found) if found else None
+
+
+def modeling_module(path: str) -> str | None:
+    """The transformers module of a local folder's architecture, named from config.json's model_type
+    (None: not readable, or a hub id): what loading the model imports first."""
+    import json
+    from pathlib import Path
+
+    try:
+        kind = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(kind, str) or not kind.replace("-", "_").isidentifier():
+        return None
+    kind = kind.replace("-", "_")
+    return f"transformers.models.{kind}.modeling_{kind}"

@@ -2,8 +2,9 @@
 
 On CPUs as many actors start as fit on the cluster at once (at most one per candidate), each taking
 the next candidate when it finishes one, so a small cluster pays each process's start-up and imports
-once rather than once per candidate; with GPUs every candidate gets its own actor at once. An
-actor loads its candidate, scores the layers on calibration rows from the data stage's output,
+once rather than once per candidate; one of them is started ahead, while the data stage ends
+(`prepare`), and the others only when the candidates left would outlast their start-up. With GPUs
+every candidate gets its own actor at once. An actor loads its candidate, scores the layers on calibration rows from the data stage's output,
 removes the least important ones, merges them into their kept neighbours and saves an HF folder
 (safetensors + tokenizer) with compression.json under RUN/models/<name>/. A candidate that fails
 (bad path, unsupported architecture, out of memory) is recorded as failed with its reason; the
@@ -12,8 +13,12 @@ others finish. RUN/models/models.json lists every candidate's outcome.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
+import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,23 +27,37 @@ import pyarrow.parquet as pq
 import ray
 
 from damoc.model.compress import Source, compress_candidate
-from damoc.pipeline import Stage, StageContext, register_stage
+from damoc.lm.load import modeling_module
+from damoc.pipeline import Stage, StageContext, register_stage, release
 from damoc import metrics
 from damoc.rundir import atomic_write_json
 from damoc.runtime import fitting
-from damoc.spec import JobSpec, ModelSpec
+from damoc.spec import JobSpec, ModelSpec, resolve_path
 
 log = logging.getLogger("damoc.model")
 
 
 @ray.remote
 class CandidateCompressor:
-    """Compresses one candidate per call, start to finish; torch uses the CPUs Ray gave it."""
+    """Compresses one candidate per call, start to finish; torch uses the CPUs Ray gave it. `modules` are
+    imported when it starts, in a thread of the lowest CPU priority (nice is per thread on Linux): an
+    actor started while the data stage runs takes only the cores that stage leaves idle."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, modules: tuple[str, ...] = ()):
         import torch
 
         torch.set_num_threads(max(1, threads))
+        if modules:
+            t = threading.Thread(target=import_quietly, args=(modules,), name="damoc-imports")
+            t.start()
+            t.join()
+        self.started = time.time()
+
+    def ready(self) -> float:
+        """Seconds from this process's start to the end of its imports."""
+        import psutil
+
+        return self.started - psutil.Process().create_time()
 
     def run(self, src: Source, rows: list[dict[str, str]], m: ModelSpec, out: str, seed: int, task: str,
             template: str, eval_rows: list[dict[str, str]], max_length: int) -> dict[str, Any]:
@@ -54,6 +73,16 @@ class CandidateCompressor:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def import_quietly(modules: tuple[str, ...]) -> None:
+    with contextlib.suppress(OSError):
+        os.nice(19)
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - loading the candidate says what is wrong, if anything
+            log.debug("models: %s not imported ahead: %s", name, exc)
 
 
 def calibration_rows(train_parquet: Path, rows: int, seed: int) -> list[dict[str, str]]:
@@ -75,6 +104,87 @@ def failure_reason(err: BaseException) -> str:
 
 
 ACTOR_RETRIES = 1
+
+
+def worth_starting(left: int, seconds: list[float], start_up: float) -> bool:
+    """Whether another actor would help with `left` candidates queued, given the seconds the ones done
+    took: it takes a candidate only after its start-up, so the ones left, but one, must keep the actors
+    at work longer than that."""
+    return bool(seconds) and (left - 1) * sum(seconds) / len(seconds) > start_up
+
+
+class Compressors:
+    """The stage's actors. A candidate goes to an actor once it is ready (past its start-up), so none
+    waits behind an actor still importing. With actors started ahead (Stage.prepare), the others of the
+    `size` the cluster allows start only once the candidates left would keep those busy longer than a
+    start-up takes (by the mean seconds so far, or by one running that long): a handful of small
+    candidates are done before a new actor would be ready, and its start would slow them."""
+
+    def __init__(self, m: ModelSpec, imports: tuple[str, ...], size: int, ahead: list[Any]):
+        self.m, self.imports = m, imports
+        self.pending: dict[ray.ObjectRef, tuple[str | None, Any, float]] = {}
+        self.seconds: list[float] = []  # per candidate done so far
+        self.start_up = 0.0  # the longest start-up an actor reported
+        self.to_start = size - len(ahead)
+        for actor in ahead:
+            self._ready(actor)
+        if not ahead:
+            self.grow(len_queue=None)
+
+    def new(self, num_cpus: float | None = None):
+        # A killed actor (node lost, OOM) is restarted and its candidate retried once: a run writes
+        # only its own folder, from scratch, so a retry is safe.
+        actor = CandidateCompressor.options(
+            num_cpus=self.m.num_cpus if num_cpus is None else num_cpus, num_gpus=self.m.num_gpus,
+            max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES).remote(max(1, int(self.m.num_cpus)),
+                                                                               self.imports)
+        self._ready(actor)
+        return actor
+
+    def _ready(self, actor) -> None:
+        self.pending[actor.ready.remote()] = (None, actor, time.monotonic())
+
+    def grow(self, len_queue: int | None) -> None:
+        """Start the actors still to start, now (len_queue None), or when `len_queue` candidates at the
+        mean seconds so far outlast a start-up."""
+        if self.to_start <= 0 or len_queue == 0:
+            return
+        if len_queue is not None and not worth_starting(len_queue, self.seconds, self.start_up):
+            return
+        n = self.to_start if len_queue is None else min(self.to_start, len_queue)
+        if self.start_up:  # an actor started ahead has been working alone until now
+            log.info("models: starting %d more actors: the candidates left outlast a start-up (%.1fs)", n,
+                     self.start_up)
+        for _ in range(n):
+            self.new()
+        self.to_start = 0
+
+    def submit(self, actor, name: str, ref) -> None:
+        self.pending[ref] = (name, actor, time.monotonic())
+
+    def next(self, len_queue: int) -> tuple[str | None, Any, float, Any, BaseException | None] | None:
+        """The next call to end: (candidate or None for a start-up, actor, when it began, result, error).
+        None when, with candidates queued, one has run longer than a start-up takes: the actors still to
+        start are started then (a big candidate shows it before it ends)."""
+        timeout = None
+        running = [t0 for name, _, t0 in self.pending.values() if name is not None]
+        if self.to_start > 0 and len_queue and running:
+            timeout = max(0.0, min(running) + self.start_up - time.monotonic())
+        done, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout)
+        if not done:
+            self.grow(None)
+            return None
+        name, actor, t0 = self.pending.pop(done[0])
+        try:
+            r = ray.get(done[0])
+        except ray.exceptions.RayError as err:
+            return name, actor, t0, None, err
+        if name is None:
+            self.start_up = max(self.start_up, float(r))
+        return name, actor, t0, r, None
+
+    def actors(self) -> list[Any]:
+        return [a for _, a, _ in self.pending.values()]
 
 
 @register_stage
@@ -99,11 +209,22 @@ class ModelStage(Stage):
         return Source(cand.name, location, cand.revision, cand.trust_remote_code, cand.allow_pickle_weights)
 
     @staticmethod
-    def new_actor(m: ModelSpec):
-        # A killed actor (node lost, OOM) is restarted and its candidate retried once: a run writes
-        # only its own folder, from scratch, so a retry is safe.
-        return CandidateCompressor.options(num_cpus=m.num_cpus, num_gpus=m.num_gpus, max_restarts=ACTOR_RETRIES,
-                                           max_task_retries=ACTOR_RETRIES).remote(max(1, int(m.num_cpus)))
+    def start_up_imports(spec: JobSpec, base_dir: str | Path) -> tuple[str, ...]:
+        """What a compressor imports as it starts (3-4 s of a process's start on a CPU): transformers and
+        each local candidate's architecture. It takes candidates only once they are in: an actor still
+        starting never holds one that a started actor could do sooner."""
+        archs = {modeling_module(resolve_path(c.path, str(base_dir))) for c in spec.candidates if c.path}
+        return ("transformers", "damoc.lm.nll", *sorted(a for a in archs if a))
+
+    def prepare(self, spec: JobSpec, base_dir: Path) -> list[Any]:
+        """On CPUs, one compressor started while the data stage ends, past its start-up when this stage
+        begins. It asks for no CPU, so it never holds up the data stage; this stage counts it as one of
+        the actors the cluster's CPUs allow. Not on GPUs, where each candidate has an actor of its own."""
+        m = spec.model
+        if not m.enabled or m.num_gpus > 0:
+            return []
+        pool = Compressors(m, self.start_up_imports(spec, base_dir), size=0, ahead=[])
+        return [pool.new(num_cpus=0)]
 
     @staticmethod
     def actors(n: int, m: ModelSpec) -> int:
@@ -150,35 +271,42 @@ class ModelStage(Stage):
         evals = pq.read_table(ctx.input("data") / "eval.parquet", columns=["instruction", "input", "output"]).to_pylist()
         evals_ref = ray.put(evals[: spec.finetune.eval_max_rows] if spec.finetune.eval_max_rows else evals)
         size = self.actors(len(spec.candidates), m)
-        queue = list(spec.candidates)
-        log.info("models: compressing %d candidates, %d at once, %d calibration rows each", len(queue), size,
-                 len(rows))
-        pending: dict[ray.ObjectRef, tuple[str, Any, float]] = {}
-
-        def give(actor) -> None:  # the next candidate to this actor, or the actor back to the cluster
-            if not queue:
-                ray.kill(actor)
-                return
-            cand = queue.pop(0)
-            ref = actor.run.remote(self.source(ctx, cand), rows_ref, m, str(ctx.out / cand.name), spec.seed,
-                                   spec.data.task, spec.finetune.template, evals_ref, spec.finetune.max_length)
-            pending[ref] = (cand.name, actor, time.monotonic())
-
-        for _ in range(size):
-            give(self.new_actor(m))
+        log.info("models: compressing %d candidates, %d at once (%d started ahead), %d calibration rows each",
+                 len(spec.candidates), size, min(size, len(ctx.prepared)), len(rows))
+        release(ctx.prepared[size:])
+        pool = Compressors(m, self.start_up_imports(spec, ctx.base_dir), size, ctx.prepared[:size])
         results: dict[str, dict[str, Any]] = {}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            name, actor, t0 = pending.pop(done[0])
-            try:
-                results[name] = self.compressed(ctx, spec, name, ray.get(done[0]))
-            except ray.exceptions.RayActorError as err:  # died twice: its process is gone
-                results[name] = self.failed(ctx, name, err, t0)
-                ray.kill(actor)
-                actor = self.new_actor(m)
-            except ray.exceptions.RayTaskError as err:
-                results[name] = self.failed(ctx, name, err, t0)
-            give(actor)
+        queue = list(spec.candidates)
+        try:
+            while pool.pending:
+                event = pool.next(len(queue))
+                if event is None:
+                    continue
+                name, actor, t0, r, err = event
+                if err is not None and name is None and not isinstance(err, ray.exceptions.RayActorError):
+                    raise err
+                if name is None and err is not None:  # it could not start: the next candidate fails for it
+                    name = queue.pop(0).name if queue else None
+                if name is not None and err is not None:
+                    results[name] = self.failed(ctx, name, err, t0)
+                elif name is not None:
+                    results[name] = self.compressed(ctx, spec, name, r)
+                    pool.seconds.append(time.monotonic() - t0)
+                if isinstance(err, ray.exceptions.RayActorError):  # died twice: its process is gone
+                    ray.kill(actor)
+                    if queue:
+                        pool.new()
+                    continue
+                pool.grow(len(queue))
+                if not queue:
+                    ray.kill(actor)
+                    continue
+                cand = queue.pop(0)
+                pool.submit(actor, cand.name, actor.run.remote(
+                    self.source(ctx, cand), rows_ref, m, str(ctx.out / cand.name), spec.seed, spec.data.task,
+                    spec.finetune.template, evals_ref, spec.finetune.max_length))
+        finally:  # a stage that fails leaves no actor behind
+            release(pool.actors())
         entries = [results[c.name] for c in spec.candidates]
         atomic_write_json(ctx.out / "models.json", {"enabled": True, "candidates": entries})
         n_failed = sum(e["status"] == "failed" for e in entries)
