@@ -106,6 +106,14 @@ def failure_reason(err: BaseException) -> str:
 ACTOR_RETRIES = 1
 
 
+def new_compressor(m: ModelSpec, imports: tuple[str, ...], num_cpus: float | None = None):
+    # A killed actor (node lost, OOM) is restarted and its candidate retried once: a run writes only its
+    # own folder, from scratch, so a retry is safe.
+    return CandidateCompressor.options(
+        num_cpus=m.num_cpus if num_cpus is None else num_cpus, num_gpus=m.num_gpus, max_restarts=ACTOR_RETRIES,
+        max_task_retries=ACTOR_RETRIES).remote(max(1, int(m.num_cpus)), imports)
+
+
 def worth_starting(left: int, seconds: list[float], start_up: float) -> bool:
     """Whether another actor would help with `left` candidates queued, given the seconds the ones done
     took: it takes a candidate only after its start-up, so the ones left, but one, must keep the actors
@@ -131,15 +139,8 @@ class Compressors:
         if not ahead:
             self.grow(len_queue=None)
 
-    def new(self, num_cpus: float | None = None):
-        # A killed actor (node lost, OOM) is restarted and its candidate retried once: a run writes
-        # only its own folder, from scratch, so a retry is safe.
-        actor = CandidateCompressor.options(
-            num_cpus=self.m.num_cpus if num_cpus is None else num_cpus, num_gpus=self.m.num_gpus,
-            max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES).remote(max(1, int(self.m.num_cpus)),
-                                                                               self.imports)
-        self._ready(actor)
-        return actor
+    def new(self) -> None:
+        self._ready(new_compressor(self.m, self.imports))
 
     def _ready(self, actor) -> None:
         self.pending[actor.ready.remote()] = (None, actor, time.monotonic())
@@ -223,8 +224,7 @@ class ModelStage(Stage):
         m = spec.model
         if not m.enabled or m.num_gpus > 0:
             return []
-        pool = Compressors(m, self.start_up_imports(spec, base_dir), size=0, ahead=[])
-        return [pool.new(num_cpus=0)]
+        return [new_compressor(m, self.start_up_imports(spec, base_dir), num_cpus=0)]
 
     @staticmethod
     def actors(n: int, m: ModelSpec) -> int:
