@@ -56,19 +56,29 @@ def weight_bytes(path: str) -> float:
     return sum(f.stat().st_size for f in files) if files else math.inf
 
 
+def local_config(path) -> dict | None:
+    """A local folder's config.json as a dict (None: not readable, or a hub id)."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 WINDOW_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length")
 
 
 def context_window(path_or_config) -> int | None:
     """The longest sequence a model's config allows: a loaded config, or a local folder's config.json
     (None: not readable, or a hub id)."""
-    import json
     from pathlib import Path
 
     if isinstance(path_or_config, (str, Path)):
-        try:
-            config = json.loads((Path(path_or_config) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        config = local_config(path_or_config)
+        if config is None:
             return None
     else:
         config = path_or_config.to_dict()
@@ -79,13 +89,7 @@ def context_window(path_or_config) -> int | None:
 def modeling_module(path: str) -> str | None:
     """The transformers module of a local folder's architecture, named from config.json's model_type
     (None: not readable, or a hub id): what loading the model imports first."""
-    import json
-    from pathlib import Path
-
-    try:
-        kind = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError):
-        return None
+    kind = (local_config(path) or {}).get("model_type")
     if not isinstance(kind, str) or not kind.replace("-", "_").isidentifier():
         return None
     kind = kind.replace("-", "_")

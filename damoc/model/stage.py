@@ -4,11 +4,11 @@ On CPUs as many actors start as fit on the cluster at once (at most one per cand
 the next candidate when it finishes one, so a small cluster pays each process's start-up and imports
 once rather than once per candidate; one of them is started ahead, while the data stage ends
 (`prepare`), and the others only when the candidates left would outlast their start-up. With GPUs
-every candidate gets its own actor at once. An actor loads its candidate, scores the layers on calibration rows from the data stage's output,
-removes the least important ones, merges them into their kept neighbours and saves an HF folder
-(safetensors + tokenizer) with compression.json under RUN/models/<name>/. A candidate that fails
-(bad path, unsupported architecture, out of memory) is recorded as failed with its reason; the
-others finish. RUN/models/models.json lists every candidate's outcome.
+every candidate gets its own actor at once. An actor loads its candidate, scores the layers on
+calibration rows from the data stage's output, removes the least important ones, merges them into
+their kept neighbours and saves an HF folder (safetensors + tokenizer) with compression.json under
+RUN/models/<name>/. A candidate that fails (bad path, unsupported architecture, out of memory) is
+recorded as failed with its reason; the others finish. RUN/models/models.json lists every candidate's outcome.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class CandidateCompressor:
 
 
 def import_quietly(modules: tuple[str, ...]) -> None:
+    """Import what can be imported, this thread at the lowest CPU priority."""
     with contextlib.suppress(OSError):
         os.nice(19)
     for name in modules:
