@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from damoc.lm.memory import length_bound
 from damoc.spec import DataSource, JobSpec, is_uri, resolve_path
 
 # Stated throughputs (training FLOP/s per worker) and fixed costs; the report replaces them with the
@@ -39,6 +40,7 @@ class CandidateFigures:
     layers: int | None = None
     layer_params: float | None = None  # parameters in the decoder layers
     note: str = ""
+    shape: Any = field(default=None, repr=False)  # damoc.lm.memory.Shape, for the memory estimate
 
     def params_after(self, prune_ratio: float) -> float | None:
         """Forward parameters once `prune_ratio` of the layers are removed."""
@@ -55,28 +57,32 @@ class DataFigures:
     prompt_share: float
     source: str  # sampled | spec | assumed
     notes: list[str] = field(default_factory=list)
+    length: int | None = None  # the training sequences' length bound (damoc.lm.memory.length_bound)
 
 
-def _config_params(path_or_id: str, trust_remote_code: bool, revision: str | None,
-                   offline: bool = False) -> tuple[int, int, int]:
-    """(parameters, decoder layers, parameters in them) from a config: the model is built on the meta
-    device, so no memory and no weights are touched. Offline, only a cached config is read."""
+def _config_params(path_or_id: str, trust_remote_code: bool, revision: str | None, targets: Any = "auto",
+                   offline: bool = False) -> tuple[int, int, int, Any]:
+    """(parameters, decoder layers, parameters in them, shape for the memory estimate) from a config: the
+    model is built on the meta device, so no memory and no weights are touched. Offline, only a cached
+    config is read."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from damoc.lm.arch import ADAPTERS
     from damoc.lm.load import hf_token
+    from damoc.lm.memory import resolve_targets, shape_of
 
     config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, revision=revision,
                                         token=hf_token(), local_files_only=offline)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
+    shape = shape_of(model, resolve_targets(config, targets))
     adapter = ADAPTERS.get(getattr(config, "model_type", None))
     if adapter is None:
-        return total, 0, 0
+        return total, 0, 0, shape
     layers = adapter.layer_list(model)
-    return total, len(layers), sum(p.numel() for p in layers.parameters())
+    return total, len(layers), sum(p.numel() for p in layers.parameters()), shape
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -103,9 +109,11 @@ def candidate_figures(spec: JobSpec, base_dir: str) -> list[CandidateFigures]:
         if c.hf and online is None:
             online = hub_reachable()  # offline: a cached config is still read, nothing is fetched or retried
         try:
-            total, layers, in_layers = _config_params(where, c.trust_remote_code, c.revision,
-                                                      offline=bool(c.hf) and not online)
-            out.append(CandidateFigures(c.name, float(total), "config", layers or None, float(in_layers) or None))
+            total, layers, in_layers, shape = _config_params(where, c.trust_remote_code, c.revision,
+                                                             spec.finetune.lora.target_modules,
+                                                             offline=bool(c.hf) and not online)
+            out.append(CandidateFigures(c.name, float(total), "config", layers or None, float(in_layers) or None,
+                                        shape=shape))
         except Exception as exc:  # noqa: BLE001 - offline hub, missing or odd config: project from what we have
             reason = f"config not readable ({type(exc).__name__}: {str(exc).splitlines()[0][:90]})"
             if c.params:
@@ -155,7 +163,8 @@ def data_figures(spec: JobSpec, base_dir: str, tokenizer_path: str | None) -> Da
     sample = sample[:SAMPLE_ROWS]
     if not sample or tokenizer_path is None:
         return DataFigures(rows, DEFAULT_TOKENS_PER_ROW, DEFAULT_PROMPT_SHARE, "assumed",
-                           ["no readable row or tokenizer for a sample; tokens per row assumed"])
+                           ["no readable row or tokenizer for a sample; tokens per row assumed"],
+                           length_bound(sample, spec.finetune.max_length) if sample else None)
     from damoc.data.lm import count_tokens
     from damoc.lm.load import load_tokenizer
     from damoc.lm.prompts import prompt_text
@@ -166,7 +175,8 @@ def data_figures(spec: JobSpec, base_dir: str, tokenizer_path: str | None) -> Da
     answers = count_tokens(tok, [r["output"] for r in sample])
     per_row = min(spec.finetune.max_length, (sum(prompts) + sum(answers)) / len(sample) + 1)
     return DataFigures(rows, per_row, sum(prompts) / max(1, sum(prompts) + sum(answers)), "sampled",
-                       [f"{len(sample)} rows sampled with the tokenizer of {Path(tokenizer_path).name}"])
+                       [f"{len(sample)} rows sampled with the tokenizer of {Path(tokenizer_path).name}"],
+                       length_bound(sample, spec.finetune.max_length))
 
 
 def planned_steps(ft, train_rows: int | None) -> int:
@@ -268,8 +278,9 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
         f_damoc = 6 * after * schedule[rank] * per_step * kept_tokens_per_row if after else None
         full_flops += f_full or 0.0
         damoc_flops += f_damoc or 0.0
-        rows_out.append({**asdict(c), "params_after": after, "full_steps": full_steps,
-                         "damoc_steps": schedule[rank], "full_flops": f_full, "damoc_flops": f_damoc})
+        rows_out.append({**{k: v for k, v in asdict(c).items() if k != "shape"}, "params_after": after,
+                         "full_steps": full_steps, "damoc_steps": schedule[rank], "full_flops": f_full,
+                         "damoc_flops": f_damoc, "memory_gib": trial_memory_gib(c, ft, data)})
     n = len(cands)
     full_seconds = full_flops / flops_per_worker / ft.num_workers + n * TRIAL_FIXED_S[mode]
     damoc_seconds = damoc_flops / flops_per_worker / ft.num_workers + n * TRIAL_FIXED_S[mode] + STAGE_FIXED_S
@@ -286,6 +297,8 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
             f"training throughput {flops_per_worker / 1e12:g} TFLOP/s per worker ({'GPU: bf16 at ~40% of an A100 peak' if ft.use_gpu else 'CPU: measured on the demo zoo'})",
             f"fixed cost {TRIAL_FIXED_S[mode]:g} s per trial ({mode}), {STAGE_FIXED_S:g} s for the data and model stages",
             "training FLOPs = 6 x forward parameters x tokens (the report's count); evaluation not counted",
+            "memory/worker: what each trial worker asks Ray for (process, weights, trainable state, one "
+            "micro-batch's activations, a chunk of logits; damoc/lm/memory.py), on the unpruned model",
             f"DaMoC keeps {d.filter.keep_ratio:g} of the rows, {compress:g} of the prompt tokens, removes "
             f"{m.prune_ratio if m.enabled else 0:g} of the layers; ASHA rungs {rungs or '-'} "
             f"(rf {tn.reduction_factor:g}){', stopped once decided' if rungs and not tn.finish_winner else ''}"
@@ -296,16 +309,29 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     }
 
 
+def trial_memory_gib(c: CandidateFigures, ft, data: DataFigures) -> float | None:
+    """What one worker of this candidate's trial asks Ray for (the finetune stage's estimate, on the
+    unpruned model: the full fine-tuning's figure and DaMoC's upper end)."""
+    from damoc.lm.memory import GIB, trial_memory
+
+    if c.shape is None:
+        return None
+    length = data.length or min(ft.max_length, round(2 * data.tokens_per_row))
+    est = trial_memory(c.shape, method=ft.method, lora_r=ft.lora.r, micro_batch=ft.batch_size, length=length,
+                       gpu=ft.use_gpu, weight_bytes=2 if ft.use_gpu and ft.precision != "fp32" else 4)
+    return round(est.host / GIB, 2)
+
+
 def format_plan(p: dict[str, Any]) -> str:
     def num(v, fmt="{:,.0f}"):
         return "-" if v is None else fmt.format(v)
 
     lines = [f"{'candidate':<18} {'params':>14} {'after prune':>14} {'from':>7} {'full steps':>10} "
-             f"{'DaMoC steps':>11} {'full FLOPs':>11} {'DaMoC FLOPs':>11}"]
+             f"{'DaMoC steps':>11} {'full FLOPs':>11} {'DaMoC FLOPs':>11} {'memory/worker':>13}"]
     for c in p["candidates"]:
         lines.append(f"{c['name']:<18} {num(c['params']):>14} {num(c['params_after']):>14} {c['source']:>7} "
                      f"{c['full_steps']:>10} {c['damoc_steps']:>11} {num(c['full_flops'], '{:.2e}'):>11} "
-                     f"{num(c['damoc_flops'], '{:.2e}'):>11}")
+                     f"{num(c['damoc_flops'], '{:.2e}'):>11} {num(c.get('memory_gib'), '{:.1f} GiB'):>13}")
     d = p["data"]
     lines += ["", f"training rows: {num(p['train_rows'])} (kept by DaMoC: {num(p['kept_rows'])}); "
                   f"{d['tokens_per_row']:.0f} tokens per row ({d['source']})",

@@ -90,6 +90,38 @@ def test_projection_reads_configs_and_samples_the_data(tmp_path, tiny_model):
     assert by["small"]["full_steps"] == 135  # 2 epochs x 270 rows / 4 rows per step
     assert p["data"]["source"] == "sampled" and p["ratio_flops"] > 4  # a quarter of the rows, pruned, ASHA
     assert any("config not readable" in a for a in p["assumptions"])
+    assert by["small"]["memory_gib"] > 0.5 and by["hub"]["memory_gib"] is None  # no config, no estimate
+
+
+def test_trial_memory_adds_its_terms_from_the_shape(tiny_model):
+    """The estimate's arithmetic, term by term, on a real model's shape (LoRA on the 7 projections)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from damoc.lm.memory import GIB, PROCESS_BYTES, meta_shape, shape_of, trial_memory
+
+    path = tiny_model("llama", hidden=32, layers=4)
+    shape = meta_shape(str(path), "auto")
+    real = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert shape == shape_of(real, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(real, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"]))
+    assert shape.trainable("lora", 4) == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    est = trial_memory(shape, method="lora", lora_r=4, micro_batch=2, length=10, gpu=False, chunk_floats=1 << 30)
+    h, i, v, layers = shape.hidden, shape.intermediate, shape.vocab, shape.layers
+    assert (h, i, layers, shape.heads) == (32, 64, 4, 4)
+    assert est.weights == 4 * shape.params and est.trainable_state == 16 * shape.trainable("lora", 4)
+    assert est.activations == 20 * layers * (12 * h + 4 * i + 4 * 10) * 4
+    assert est.logits == 12 * 10 * v  # half of 20 positions scored, three fp32 copies
+    assert est.host == PROCESS_BYTES + est.weights + est.trainable_state + est.activations + est.logits
+    gpu = trial_memory(shape, method="full", lora_r=4, micro_batch=2, length=10, gpu=True, weight_bytes=2)
+    assert gpu.host == PROCESS_BYTES + 2 * shape.params and gpu.trainable_state == 16 * shape.params
+    # a 262k vocabulary: one chunk of logits alive, not the micro-batch's
+    big = trial_memory(shape.__class__(**{**shape.__dict__, "vocab": 262_144}), method="lora", lora_r=4,
+                       micro_batch=8, length=512, gpu=False)
+    assert big.logits == 12 * 256 * 262_144 < GIB
 
 
 def test_plan_of_a_cluster_job_runs_offline(capsys, monkeypatch):
@@ -97,4 +129,4 @@ def test_plan_of_a_cluster_job_runs_offline(capsys, monkeypatch):
     assert main(["plan", "jobs/medical_qa.yaml"]) == 0
     out = capsys.readouterr().out
     assert "fine-tuning every candidate in full" in out and "GPU-hours" in out
-    assert "qwen2.5-7b" in out and "spec" in out and "saving:" in out
+    assert "qwen2.5-7b" in out and "spec" in out and "saving:" in out and "memory/worker" in out

@@ -4,6 +4,7 @@ NLL per token and per UTF-8 byte, and (for token compression) each prompt token'
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,18 +13,75 @@ import torch
 from damoc.lm.tokens import Example, collate
 
 
-def token_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+# Logits of this many floats at most are alive at once in the scored-positions loss (256 MiB in fp32):
+# 256 answer tokens at a time for a 262k vocabulary (Gemma 3), 1,365 for a 49k one.
+CHUNK_FLOATS = 1 << 26
+_HEAD_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # head module -> usable
+
+
+def _unwrapped(model):
+    """The HF model under a DeepSpeed engine or DDP wrapper (PeftModel forwards attributes itself)."""
+    return getattr(model, "module", model)
+
+
+def output_head(model):
+    """The output projection, where the model's logits are exactly that projection of its last hidden
+    state (checked once per model on three tokens): then the loss needs logits only at the scored
+    positions. None where the family does more (soft-capping, scaling): the full logits are used."""
+    inner = _unwrapped(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        return None
+    if head not in _HEAD_CHECKED:
+        ids = torch.tensor([[1, 2, 3]], device=head.weight.device)
+        with torch.no_grad():
+            out = inner(input_ids=ids, logits_to_keep=1, output_hidden_states=True)
+            mine = head(out.hidden_states[-1][:, -1:])
+        _HEAD_CHECKED[head] = out.logits.shape == mine.shape and torch.allclose(
+            out.logits.float(), mine.float(), atol=1e-4, rtol=1e-4)
+    return head if _HEAD_CHECKED[head] else None
+
+
+def _scored_nll(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each scored position (hidden: [N, H]) in chunks of CHUNK_FLOATS logits. With
+    gradients on and more than one chunk, each chunk's logits are recomputed in the backward pass
+    (activation checkpointing) instead of kept: peak memory is one chunk of logits, not N x vocab."""
+    def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(head(h).float(), y, reduction="none")
+
+    step = max(1, CHUNK_FLOATS // max(1, head.weight.shape[0]))
+    if hidden.shape[0] <= step:
+        return piece(hidden, targets)
+    from torch.utils.checkpoint import checkpoint
+
+    recompute = torch.is_grad_enabled()
+    return torch.cat([checkpoint(piece, hidden[s:s + step], targets[s:s + step], use_reentrant=False)
+                      if recompute else piece(hidden[s:s + step], targets[s:s + step])
+                      for s in range(0, hidden.shape[0], step)])
+
+
+def token_nll(model, batch, scored_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token NLL in fp32 at every position ([batch, len-1], 0 where the label is IGNORE) and the
-    mask of scored positions (answer tokens and EOS)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    mask of scored positions (answer tokens and EOS). Logits are computed only at the scored positions
+    where the model allows it (`output_head`): a batch x length x vocabulary tensor is never built."""
     labels = batch["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    return nll, labels != -100
+    scored = labels != -100
+    head = output_head(model) if scored_only else None
+    if head is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        return nll, scored
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
+                output_hidden_states=True)
+    values = _scored_nll(head, out.hidden_states[-1][:, :-1][scored], labels[scored])
+    nll = torch.zeros(labels.shape, dtype=values.dtype, device=values.device)
+    nll[scored] = values
+    return nll, scored
 
 
-def causal_lm_loss(model, batch) -> torch.Tensor:
+def causal_lm_loss(model, batch, scored_only: bool = True) -> torch.Tensor:
     """Mean cross-entropy over answer tokens (labels IGNORE elsewhere), computed in fp32."""
-    nll, scored = token_nll(model, batch)
+    nll, scored = token_nll(model, batch, scored_only)
     return nll.sum() / scored.sum().clamp(min=1)
 
 
@@ -50,12 +108,13 @@ def by_length(examples: list[Example], batch_size: int, max_tokens: int | None =
 
 
 @torch.no_grad()
-def answer_nll(model, examples: list[Example], pad: int, batch_size: int, device) -> list[tuple[float, int]]:
+def answer_nll(model, examples: list[Example], pad: int, batch_size: int, device,
+               scored_only: bool = True) -> list[tuple[float, int]]:
     """Per example: (summed answer NLL in nats, answer tokens)."""
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     for idx in by_length(examples, batch_size):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad).items()}
-        nll, scored = token_nll(model, batch)
+        nll, scored = token_nll(model, batch, scored_only)
         for i, n, t in zip(idx, nll.sum(dim=1).tolist(), scored.sum(dim=1).tolist()):
             out[i] = (n, t)
     return out

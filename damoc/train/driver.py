@@ -19,14 +19,14 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from damoc.runtime import fitting
+from damoc.compat import tune_survives_oom_kills
 from damoc.train.args import TrainArgs
 from damoc.train.loop import train_loop_per_worker
 from damoc.train.rungs import RungBarrier
@@ -39,15 +39,40 @@ DRIVER_MEMORY = 256 * 1024 * 1024
 TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 EXPERIMENT_STATE_S = "3"  # how often Tune saves the experiment (and the book): what a crash can lose
 BOOKS: dict[str, Book] = {}  # this process's books by key: a restored callback brings its own
+HALVINGS = "micro_batch_halvings"  # in a trial's config: its retry after running out of memory
 
 
 @dataclass
 class TrialPlan:
-    """Everything one candidate's trial needs; `args` is the per-worker loop's configuration."""
+    """Everything one candidate's trial needs; `args` is the per-worker loop's configuration; `memory`
+    the bytes each of its workers asks Ray for (damoc/lm/memory.py), 0 for none."""
 
     name: str
     args: TrainArgs
     storage_path: str
+    memory: int = 0
+
+
+MEMORY_SIGNS = ("OutOfMemoryError", "running low on memory", "out of memory", "MemoryError",
+                "can't allocate memory", "Cannot allocate memory")
+
+
+def out_of_memory(error: BaseException | str | None) -> bool:
+    """Whether a trial's failure is a lack of memory: Ray's memory monitor killed its worker, or an
+    allocation failed (CPU or GPU)."""
+    if error is None:
+        return False
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return any(sign in text for sign in MEMORY_SIGNS)
+
+
+def shrunk(args: TrainArgs, halvings: int) -> TrainArgs:
+    """The same effective batch in smaller micro-batches: the retry of a trial that ran out of memory."""
+    factor = 2 ** halvings
+    if halvings <= 0 or args.batch_size < factor:
+        return args
+    return replace(args, batch_size=args.batch_size // factor, grad_accum=args.grad_accum * factor,
+                   eval_batch_size=max(1, args.eval_batch_size // factor))
 
 
 def worker_resources(num_workers: int, use_gpu: bool, per_worker: dict[str, float] | None) -> dict[str, float]:
@@ -60,20 +85,39 @@ def worker_resources(num_workers: int, use_gpu: bool, per_worker: dict[str, floa
 
 def run_trial(config: dict[str, Any], plans: dict[str, TrialPlan], scaling: dict[str, Any],
               max_failures: int) -> None:
-    """One Tune trial: fit this candidate's TorchTrainer; rank 0's reports reach Tune."""
+    """One Tune trial: fit this candidate's TorchTrainer; rank 0's reports reach Tune. A worker group
+    that runs out of memory is fitted once more here in micro-batches half as large (same effective
+    batch, from its last checkpoint); a local-mode trial's process dies with it, and its retry is told
+    to halve through the trial's config (`Bookkeeping.on_trial_recover`)."""
     started = time.time()
     os.environ.update(TRAIN_ENV)
+    release_memory()  # a reused trial process: what the last trial left is freed before this one loads
+    plan = plans[config["candidate"]]
+    halvings = int(config.get(HALVINGS, 0))
+    while True:
+        try:
+            _trainer(plan, shrunk(plan.args, halvings).started(started), scaling, max_failures).fit()
+            return
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is a first lack of memory
+            if plan.args.local or halvings or not out_of_memory(exc) or plan.args.batch_size < 2:
+                raise
+            halvings = 1
+
+
+def _trainer(plan: TrialPlan, args: TrainArgs, scaling: dict[str, Any], max_failures: int):
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    plan = plans[config["candidate"]]
-    local = plan.args.local  # Ray Train's local mode: the loop runs here, in this (reused) trial process
-    trainer = TorchTrainer(
+    local = args.local  # Ray Train's local mode: the loop runs here, in this (reused) trial process
+    per_worker = worker_resources(1, scaling["use_gpu"], scaling["resources_per_worker"])
+    if plan.memory and "memory" not in per_worker:
+        per_worker["memory"] = plan.memory
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"args": plan.args.started(started)},
+        train_loop_config={"args": args},
         scaling_config=ray.train.ScalingConfig(**{**scaling, "num_workers": 0}) if local
-        else ray.train.ScalingConfig(**scaling),
+        else ray.train.ScalingConfig(**{**scaling, "resources_per_worker": per_worker}),
         # The run's name and storage stay the same across attempts: a resumed worker group continues
         # from the run's last checkpoint.
         run_config=ray.train.RunConfig(
@@ -81,7 +125,20 @@ def run_trial(config: dict[str, Any], plans: dict[str, TrialPlan], scaling: dict
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
-    trainer.fit()
+
+
+def release_memory() -> None:
+    """Free what earlier trials in this (reused) process left: Python's garbage, then the C heap's free
+    pages handed back to the system (glibc keeps them otherwise, and the process looks as large as the
+    largest model it ever trained)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 @dataclass
@@ -99,6 +156,7 @@ class TrialRecord:
     rungs: dict[str, float] = field(default_factory=dict)  # the metric at each rung it reported
     earlier_seconds: float = 0.0  # wall seconds of attempts cut short by an interrupted driver
     attempts: int = 0
+    memory_failures: int = 0  # attempts that ended for lack of memory
 
 
 @dataclass
@@ -216,7 +274,20 @@ class Bookkeeping(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, "TERMINATED")
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A trial about to be retried: if its process ran out of memory, the retry trains in micro-batches
+        half as large (its config is what the new attempt starts with)."""
+        rec = self.book.record(trial.config["candidate"])
+        if out_of_memory(last_failure(trial)):
+            rec.memory_failures += 1
+            if not trial.config.get(HALVINGS):
+                trial.config[HALVINGS] = 1
+                log.warning("finetune: %s ran out of memory; retrying from its last checkpoint in micro-batches "
+                            "half as large (same effective batch)", rec.name)
+
     def on_trial_error(self, iteration, trials, trial, **info):
+        if out_of_memory(last_failure(trial)):
+            self.book.record(trial.config["candidate"]).memory_failures += 1
         self._end(trial, "ERROR")
 
     def on_step_end(self, iteration, trials, **info):
@@ -234,6 +305,15 @@ class Bookkeeping(tune.Callback):
         BOOKS[self.book.key] = self.book
         if state.get("asha") and isinstance(self.scheduler, ResumableASHA):
             self.scheduler.load_records(state["asha"])
+
+
+def last_failure(trial) -> str:
+    """The text of a trial's latest failure, from the error file Tune has just appended to."""
+    path = trial.error_file
+    if not path or not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read().rsplit("Failure # ", 1)[-1]
 
 
 class Decided(tune.Stopper):
@@ -298,11 +378,16 @@ def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[st
     # trial is the worker: it holds the worker's resources, and its process (imports, process group)
     # is reused by the next trial. Train retries a worker group; Tune retries a local trial from its
     # last checkpoint.
-    resources = (worker_resources(1, scaling["use_gpu"], scaling["resources_per_worker"]) if local
-                 else {"CPU": 0, "memory": DRIVER_MEMORY})
+    def local_trial(config: dict[str, Any]) -> tune.PlacementGroupFactory:
+        each = worker_resources(1, scaling["use_gpu"], scaling["resources_per_worker"])
+        memory = plans[config["candidate"]].memory
+        return tune.PlacementGroupFactory([{"memory": memory, **each} if memory else each])
+
+    resources = local_trial if local else {"CPU": 0, "memory": DRIVER_MEMORY}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, plans=plans, scaling=scaling, max_failures=max_failures), resources)
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = EXPERIMENT_STATE_S
+    tune_survives_oom_kills()
     path = storage_path.rstrip("/") + "/tune"
     if restore:
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,

@@ -104,7 +104,8 @@ class DeepSpeedEngine:
         return self.engine.device
 
     def loss(self, batch):
-        return causal_lm_loss(self.engine, batch)
+        # ZeRO-3 gathers the head's weights in the engine's own forward: there the full logits are kept.
+        return causal_lm_loss(self.engine, batch, scored_only=self.zero_stage != 3)
 
     def backward(self, loss) -> None:
         self.engine.backward(loss)

@@ -84,7 +84,7 @@ def evaluate(model, tok, es: EvalSet, args: TrainArgs, device, generation: bool,
     model.eval()
     bs = args.eval_batch_size
     pad = pad_id(tok)
-    scored = answer_nll(model, es.answers, pad, bs, device)
+    scored = answer_nll(model, es.answers, pad, bs, device, not synced)  # ZeRO-3 across ranks: full logits
     sums = [sum(w * n for (n, _), w in zip(scored, es.weights)),
             sum(w * t for (_, t), w in zip(scored, es.weights)),
             sum(w * e.answer_bytes for e, w in zip(es.answers, es.weights))]
@@ -103,7 +103,7 @@ def evaluate(model, tok, es: EvalSet, args: TrainArgs, device, generation: bool,
     correct = mc_n = 0.0
     for w, options, gold, i in es.choices:
         per_byte = [nll / max(1, e.answer_bytes)
-                    for (nll, _), e in zip(answer_nll(model, options, pad, bs, device), options)]
+                    for (nll, _), e in zip(answer_nll(model, options, pad, bs, device, not synced), options)]
         hit = float(min(range(len(per_byte)), key=per_byte.__getitem__) == gold)
         correct, mc_n = correct + w * hit, mc_n + w
         if rows is not None and w:

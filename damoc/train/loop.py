@@ -201,6 +201,26 @@ def export_adapter(engine, args: TrainArgs, step: int, rank: int) -> None:
             shutil.copytree(tmp, target)
 
 
+def reset_peak_memory() -> None:
+    """Start this trial's peak resident memory afresh (Linux: clear_refs 5 resets VmHWM): a reused trial
+    process would otherwise report the peak of the largest model it trained before."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory() -> int:
+    """This process's peak resident memory in bytes since reset_peak_memory (0 where unknown)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def report_steps(max_steps: int, eval_every: int, rungs: tuple[int, ...] | list[int]) -> set[int]:
     """Steps that evaluate, checkpoint and report: every eval_every, every ASHA rung, and the last."""
     return set(range(eval_every, max_steps + 1, eval_every)) | {r for r in rungs if r <= max_steps} | {max_steps}
@@ -209,6 +229,7 @@ def report_steps(max_steps: int, eval_every: int, rungs: tuple[int, ...] | list[
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     entered = time.time()
     args: TrainArgs = config["args"]
+    reset_peak_memory()
     timeline = Timeline()
     with timeline.phase("imports"):
         import_stack(args)
@@ -245,12 +266,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with timeline.phase("engine_init"):
         engine = build_engine(model, args, dtype, device)
     synced = engine.zero_stage == 3 and world > 1
-    state = {"step": 0, "tokens": 0, "position": 0, "seconds": 0.0, "restarts": 0, "timeline": {}}
+    state = {"step": 0, "tokens": 0, "position": 0, "seconds": 0.0, "restarts": 0, "timeline": {},
+             "micro_batch": args.batch_size}
     checkpoint = get_checkpoint()
     if checkpoint:
         with timeline.phase("checkpointing"), checkpoint.as_directory() as d:
             state = {**state, **engine.load(Path(d))}
         state["restarts"] += 1
+        # A retry in smaller micro-batches (after running out of memory) goes on from the same rows.
+        state["position"] = state["position"] * state.get("micro_batch", args.batch_size) // args.batch_size
+        state["micro_batch"] = args.batch_size
         # The phases of earlier attempts, then this attempt's start-up on top.
         timeline = Timeline({k: v + timeline.seconds.get(k, 0.0) for k, v in state["timeline"].items()})
     elif args.trial_started_at is not None:  # a restart's own start-up is not measured from the trial's
@@ -266,7 +291,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save_rows(args, 0, rows)
         report({**result, "step": 0, "train_tokens": 0, "train_flops": 0.0, "forward_params": forward_params,
                 "trainable_params": trainable_params, "start_step": 0, "workers": world, "restarts": 0,
-                "chat_template": chat,
+                "chat_template": chat, "micro_batch": args.batch_size, "peak_rss_bytes": peak_memory(),
                 "trial_started_at": args.trial_started_at, **timeline.metrics()})
     start_step, t0, loss_sum, loss_n, tokens = state["step"], time.monotonic(), 0.0, 0, 0
     model.train()
@@ -300,7 +325,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "trainable_params": trainable_params, "train_flops": 6.0 * forward_params * state["tokens"],
                    "train_seconds": round(state["seconds"], 3), "restarts": state["restarts"],
                    "start_step": start_step, "workers": world, "trial_started_at": args.trial_started_at,
-                   "chat_template": chat}
+                   "chat_template": chat, "micro_batch": args.batch_size, "peak_rss_bytes": peak_memory()}
         if rank == 0 and step in args.rungs and args.barrier:
             sign = -1.0 if args.mode == "min" else 1.0  # the barrier ranks higher-is-better
             with timeline.phase("rung_wait"):

@@ -25,6 +25,7 @@ import ray
 
 from damoc import metrics
 from damoc.lm.load import context_window
+from damoc.lm.memory import length_bound
 from damoc.pipeline import Stage, StageContext, register_stage
 from damoc.plan import candidate_figures, planned_steps, resolve_grace
 from damoc.rundir import atomic_write_json, read_json
@@ -36,6 +37,7 @@ from damoc.train.driver import (
     Book,
     TrialPlan,
     new_barrier_name,
+    out_of_memory,
     trackers,
     tune_candidates,
     worker_resources,
@@ -97,7 +99,8 @@ def grace_period(ctx: StageContext, usable: dict[str, dict], steps: int) -> tupl
     return grace, info
 
 
-def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book) -> dict[str, Any]:
+def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book,
+                      memory: dict[str, Any] | None = None) -> dict[str, Any]:
     """One trial's record from Tune's result and the driver's book: status, learning curve, costs, timeline."""
     df = result.metrics_dataframe
     rows = [] if df is None or df.empty else df.to_dict("records")
@@ -112,13 +115,19 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book
                            "worker_seconds": round(seconds * workers, 3), "trial_seconds": round(seconds, 3),
                            "timeline": timeline.summarise(phases), "attempts": max(1, rec.attempts),
                            "earlier_seconds": round(rec.earlier_seconds, 3)}
-    for k in ("train_tokens", "train_flops", "forward_params", "trainable_params", "restarts", "start_step"):
+    for k in ("train_tokens", "train_flops", "forward_params", "trainable_params", "restarts", "start_step",
+              "micro_batch"):
         if k in last:
             out[k] = last[k]
+    if memory:
+        peak = max((r["peak_rss_bytes"] for r in rows if r.get("peak_rss_bytes") == r.get("peak_rss_bytes")
+                    and r.get("peak_rss_bytes")), default=None)
+        out["memory"] = {**memory, "peak_gib": round(peak / 1024 ** 3, 2) if peak else None,
+                         "memory_failures": rec.memory_failures}
     if "chat_template" in last:
         out["prompt"] = "chat template" if last["chat_template"] else "plain"
     if result.error is not None:
-        out["status"], out["reason"] = "failed", _reason(result.error)
+        out["status"], out["reason"] = "failed", _reason(result.error, memory)
     elif name == book.winner and book.decide:
         out["status"] = "decided"  # the last one standing, stopped where the choice was made
     elif steps < book.planned_steps:
@@ -172,11 +181,46 @@ def driver_phases(rec, last: dict[str, Any], t0: float) -> dict[str, float]:
     return {k: max(0.0, v) for k, v in out.items()}
 
 
-def _reason(err: BaseException) -> str:
+def _reason(err: BaseException, memory: dict[str, Any] | None = None) -> str:
+    if out_of_memory(err):
+        need = f" (needs ~{memory['estimate_gib']:g} GiB a worker)" if memory else ""
+        return f"out of memory{need}, after a retry in smaller micro-batches: {type(err).__name__}"
     text = str(err).strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
     # Train wraps the worker's exception: the last line names the root cause.
     return f"{type(err).__name__}: {lines[-1][:300] if lines else ''}"
+
+
+def memory_estimates(ctx: StageContext, plans: dict[str, TrialPlan], length: int) -> dict[str, dict[str, Any]]:
+    """Per candidate, what one worker needs (damoc/lm/memory.py) and what it asks Ray for: the estimate, or
+    finetune.resources_per_worker's `memory` where set, never more than the largest node has (a request no
+    node can meet would wait forever; such a trial runs alone there, and is said to be at risk)."""
+    from damoc.lm.memory import GIB, meta_shape, trial_memory
+
+    ft = ctx.spec.finetune
+    nodes = [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")]
+    largest = int(max(nodes, default=0.0))
+    trust = {c.name: c.trust_remote_code for c in ctx.spec.candidates}
+    out = {}
+    for name, plan in plans.items():
+        try:
+            shape = meta_shape(plan.args.model_path, ft.lora.target_modules, trust[name])
+        except Exception as exc:  # noqa: BLE001 - a config the meta device cannot build: ask for nothing
+            log.warning("finetune: %s: no memory estimate (%s); its trial asks Ray for CPUs only", name, exc)
+            continue
+        est = trial_memory(shape, method=ft.method, lora_r=ft.lora.r, micro_batch=ft.batch_size,
+                           length=min(length, plan.args.max_length), gpu=ft.use_gpu,
+                           weight_bytes=2 if ft.use_gpu and ft.precision != "fp32" else 4)
+        asked = int((ft.resources_per_worker or {}).get("memory", est.host))
+        if largest and asked > largest:
+            log.warning("finetune: %s needs ~%.1f GiB a worker; the largest node has %.1f GiB for tasks: it "
+                        "runs alone there and may be killed for memory", name, asked / GIB, largest / GIB)
+            asked = largest
+        plan.memory = asked
+        out[name] = {"estimate_gib": round(est.host / GIB, 2), "requested_gib": round(asked / GIB, 2),
+                     "device_gib": round(est.device / GIB, 2), "length": min(length, plan.args.max_length),
+                     "terms_gib": {k: round(v / GIB, 3) for k, v in est.as_dict().items()}}
+    return out
 
 
 @register_stage
@@ -238,19 +282,29 @@ class FinetuneStage(Stage):
         steps = planned_steps(ft, pq.ParquetFile(data_dir / "train.parquet").metadata.num_rows)
         grace, auto = grace_period(ctx, usable, steps) if tn.scheduler == "asha" else (tn.grace_period, None)
         rungs = asha_rungs(grace, tn.reduction_factor, steps) if tn.scheduler == "asha" else []
-        # Named after the stage's inputs: a resumed sweep's trials and callback find the new barrier.
-        barrier = None
-        if tn.sync_rungs and rungs and concurrent > 1:
-            barrier = f"damoc-rungs-{ctx.fingerprint}" if ctx.fingerprint else new_barrier_name()
         train_path, eval_path = str(data_dir / "train.parquet"), str(data_dir / "eval.parquet")
         plans = {c.name: TrialPlan(c.name, replace(train_args(
-            spec, c.name, str(Path(usable[c.name]["path"]).resolve()), train_path, eval_path, rungs, barrier,
+            spec, c.name, str(Path(usable[c.name]["path"]).resolve()), train_path, eval_path, rungs, None,
             c.trust_remote_code, steps), rows_dir=f"{storage}/eval_rows", export_dir=f"{storage}/adapters",
             max_length=self.window(ft.max_length, c.name, usable[c.name]["path"])),
             storage_path=storage.rstrip("/") + "/train")
             for c in spec.candidates if c.name in usable}
         scaling = {"num_workers": ft.num_workers, "use_gpu": ft.use_gpu,
                    "resources_per_worker": ft.resources_per_worker}
+        memory = memory_estimates(ctx, plans, length_bound(pq.read_table(
+            data_dir / "train.parquet", columns=["instruction", "input", "output"]).to_pylist(), ft.max_length))
+        need = ft.num_workers * max((p.memory for p in plans.values()), default=0)
+        mem_fits = fitting(cluster, {"memory": need}) if need else concurrent
+        if mem_fits < concurrent:
+            log.info("finetune: memory allows %d trial(s) at once (%s a worker)", max(1, mem_fits),
+                     ", ".join(f"{n} ~{m['requested_gib']:g} GiB" for n, m in memory.items()))
+            concurrent = max(1, mem_fits)
+        # Named after the stage's inputs: a resumed sweep's trials and callback find the new barrier.
+        barrier = None
+        if tn.sync_rungs and rungs and concurrent > 1:
+            barrier = f"damoc-rungs-{ctx.fingerprint}" if ctx.fingerprint else new_barrier_name()
+            for plan in plans.values():
+                plan.args = replace(plan.args, barrier=barrier)
         log.info("finetune: %d candidates, %d steps each, %d at once (%s per trial, %s; cluster %s), %s, "
                  "rungs at steps %s%s", len(plans), steps, concurrent, per_trial,
                  "Ray Train local mode in the trial" if ft.local else "Ray Train worker group",
@@ -268,7 +322,7 @@ class FinetuneStage(Stage):
         outcomes = {}
         for result in grid:
             name = result.config["candidate"]
-            outcomes[name] = candidate_outcome(result, name, spec, ft.num_workers, book)
+            outcomes[name] = candidate_outcome(result, name, spec, ft.num_workers, book, memory.get(name))
         for e in failed_upstream:
             outcomes[e["name"]] = {"name": e["name"], "status": "failed", "steps": 0, "curve": [],
                                    "reason": f"model stage: {e.get('reason', 'failed')}", "worker_seconds": 0.0}
