@@ -26,7 +26,7 @@ import torch
 from damoc.lm.arch import adapter_for
 from damoc.lm.load import load_causal_lm
 from damoc.lm.prompts import prompt_text
-from damoc.model.compress import Source, calibration_ids, compress_candidate
+from damoc.model.compress import Source, calibration_examples, compress_candidate
 from damoc.model.merge import METHODS
 from damoc.model.prune import choose_discrete, n_to_remove
 from damoc.model.scores import batches, calibrate, calibration_loss
@@ -64,7 +64,8 @@ def layer_scores(folder: Path, rows, a) -> dict:
     """BI and angular (one-layer blocks) of every layer; the layers each would remove at every ratio;
     the scoring pass's seconds against a plain forward pass over the same batches."""
     tok, model = load_causal_lm(str(folder), dtype=torch.float32)
-    data = batches(calibration_ids(tok, rows, "qa", a.template, a.max_length), 8, tok.pad_token_id or 0)
+    data = batches([e.ids for e in calibration_examples(tok, rows, "qa", a.template, a.max_length)], 8,
+                   tok.pad_token_id or 0)
     t = time.perf_counter()
     calibration_loss(model, data)
     plain = time.perf_counter() - t

@@ -66,7 +66,8 @@ def recipe_args(ap: argparse.ArgumentParser, work: str) -> None:
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--keep-ratio", type=float, default=0.2)
     ap.add_argument("--compress-ratio", type=float, default=0.6)
-    ap.add_argument("--prune-ratio", type=float, default=0.5)
+    ap.add_argument("--prune-ratio", type=lambda v: v if v == "auto" else float(v), default="auto",
+                    help="a fraction of the layers, or auto (the spec's default: bounded by model.max_damage)")
     ap.add_argument("--grace", type=grace_arg, default="auto",
                     help="ASHA grace period and eval interval, in steps; or auto (tune.grace_period: auto)")
     ap.add_argument("--target-saving", type=float, default=50, help="tune.target_saving, for --grace auto")

@@ -238,6 +238,18 @@ def resolve_grace(tn, n: int, full_steps: int, damoc_steps: int, full_params: li
                             tn.reduction_factor, not tn.finish_winner)
 
 
+def expected_prune(m) -> tuple[float, str]:
+    """The fraction of layers the projection assumes removed, and how it was chosen: `auto` stops where the
+    damage does, which only the model stage measures; half its cap is assumed (toy models reach the cap,
+    real LLMs stop short of it)."""
+    if not m.enabled:
+        return 0.0, ""
+    if m.prune_ratio == "auto":
+        return m.max_prune_ratio / 2, (f" (prune_ratio auto: half of max_prune_ratio {m.max_prune_ratio:g} assumed; "
+                                       f"the model stage stops at {m.max_damage:g} damage)")
+    return float(m.prune_ratio), ""
+
+
 def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     """The projection: per candidate and in total, full fine-tuning vs DaMoC."""
     from damoc.train.rungs import asha_rungs  # noqa: PLC0415 - the scheduling arithmetic, no Ray started
@@ -258,8 +270,9 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     per_step = ft.batch_size * ft.num_workers * ft.grad_accum
     full_steps, damoc_steps = planned_steps(ft, train_rows), planned_steps(ft, kept_rows)
     known = [c for c in cands if c.params]
+    pruned, auto_note = expected_prune(m)
     grace, _ = resolve_grace(tn, len(cands), full_steps, damoc_steps, [c.params for c in known],
-                             [c.params_after(m.prune_ratio if m.enabled else 0.0) for c in known])
+                             [c.params_after(pruned) for c in known])
     rungs = asha_rungs(grace, tn.reduction_factor, damoc_steps) if tn.scheduler == "asha" else []
     schedule = (asha_schedule(len(cands), rungs, damoc_steps, tn.reduction_factor, not tn.finish_winner)
                 if rungs else [damoc_steps] * len(cands))
@@ -273,7 +286,7 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     order = sorted(range(len(cands)), key=lambda i: -(cands[i].params or 0))
     for rank, i in enumerate(order):
         c = cands[i]
-        after = c.params_after(m.prune_ratio if m.enabled else 0.0)
+        after = c.params_after(pruned)
         f_full = 6 * c.params * full_steps * per_step * data.tokens_per_row if c.params else None
         f_damoc = 6 * after * schedule[rank] * per_step * kept_tokens_per_row if after else None
         full_flops += f_full or 0.0
@@ -300,7 +313,7 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
             "memory/worker: what each trial worker asks Ray for (process, weights, trainable state, one "
             "micro-batch's activations, a chunk of logits; damoc/lm/memory.py), on the unpruned model",
             f"DaMoC keeps {d.filter.keep_ratio:g} of the rows, {compress:g} of the prompt tokens, removes "
-            f"{m.prune_ratio if m.enabled else 0:g} of the layers; ASHA rungs {rungs or '-'} "
+            f"{pruned:g} of the layers{auto_note}; ASHA rungs {rungs or '-'} "
             f"(rf {tn.reduction_factor:g}){', stopped once decided' if rungs and not tn.finish_winner else ''}"
             + (f"; grace period auto: {grace} steps for a {tn.target_saving:g}x saving in rows x parameters "
                f"(not under {tn.min_grace_period})" if tn.grace_period == "auto" else ""),

@@ -266,9 +266,16 @@ class CalibrationSpec(Strict):
 
 class ModelSpec(Strict):
     enabled: bool = True
-    score: Literal["block_influence", "angular"] = "block_influence"
+    # Which layers go first: lowest Block Influence, lowest angular distance, or the last ones before the
+    # final layer (last_layers; the baseline of "Reassessing Layer Pruning in LLMs", ICLR 2026).
+    score: Literal["block_influence", "angular", "last_layers"] = "block_influence"
     prune: Literal["discrete", "contiguous"] = "discrete"
-    prune_ratio: float = Field(default=0.5, ge=0, lt=1)
+    # A fixed fraction of the layers, or auto: as many as keep the calibration answer loss (bits per byte
+    # on the domain's rows) within max_damage of the original's (relative), never more than max_prune_ratio.
+    # Real LLMs are far less redundant than toy ones: a fixed half wrecks them (see DESIGN.md).
+    prune_ratio: float | Literal["auto"] = "auto"
+    max_damage: float = Field(default=0.1, gt=0)
+    max_prune_ratio: float = Field(default=0.5, gt=0, lt=1)
     protect_first_last: bool = True
     merge: MergeSpec = Field(default_factory=MergeSpec)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
@@ -278,6 +285,14 @@ class ModelSpec(Strict):
 
 
 # ---------------------------------------------------------------- finetune stage
+
+
+    @field_validator("prune_ratio", mode="before")
+    @classmethod
+    def _ratio_or_auto(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1):
+            return v
+        raise ValueError("must be a fraction of the layers in [0, 1), or auto")
 
 
 class LoraSpec(Strict):

@@ -74,7 +74,7 @@ def test_calibration_ifd_compression_and_training_render_the_same_text(tokenizer
     model = tiny_model("llama", hidden=32, layers=2)
     tok = AutoTokenizer.from_pretrained(model)
     monkeypatch.setattr(model_compress, "render", spy("calibration"))
-    model_compress.calibration_ids(tok, [row], "qa", "auto", 128)
+    model_compress.calibration_examples(tok, [row], "qa", "auto", 128)
     monkeypatch.setattr(data_lm, "render", spy("ifd+compression"))
     LMScorer(str(model), compress=CompressArgs(0.5))({k: [v] for k, v in row.items()})
     monkeypatch.setattr(train_loop, "prompt_text", lambda *a, **k: spy("training")(*a, **k).text)

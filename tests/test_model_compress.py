@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from damoc.lm.arch import UnsupportedArchitecture, adapter_for
-from damoc.model.compress import Source, calibration_ids, compress_candidate
+from damoc.model.compress import Source, calibration_examples, compress_candidate
 from damoc.model.scores import batches, calibrate, calibration_loss
 from damoc.spec import ModelSpec
 
@@ -45,7 +45,7 @@ def test_block_influence_and_angular_match_an_independent_computation(tiny_model
     path = tiny_model("llama", hidden=32, layers=4, seed=1)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    data = batches(calibration_ids(tok, ROWS, "qa", "plain", 64), 4, tok.pad_token_id)
+    data = batches([e.ids for e in calibration_examples(tok, ROWS, "qa", "plain", 64)], 4, tok.pad_token_id)
     assert any((m == 0).any() for _, m in data)  # padding is present, so masking is exercised
     cal = calibrate(model, adapter_for(model.config), data)
     assert cal.loss == pytest.approx(calibration_loss(model, data), rel=1e-6)
@@ -97,3 +97,52 @@ def test_unsupported_architecture_names_the_model_type():
 
     with pytest.raises(UnsupportedArchitecture, match="model_type 'bloom'"):
         adapter_for(AutoConfig.for_model("bloom"))
+
+
+def test_auto_prune_removes_the_most_layers_within_the_damage_budget(tiny_model):
+    """A binary search over the count: with a damage that grows by 0.1 a removed layer from 1.0, a 25% budget
+    allows 2 layers of an 8-layer model's 6 removable (max_prune_ratio 0.75); each probe sees the model
+    without the layers the order names, and the model is whole again after every probe."""
+    from types import SimpleNamespace
+
+    from damoc.model.compress import choose_layers
+
+    path = tiny_model("llama", hidden=32, layers=8)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = adapter_for(model.config).layer_list(model)
+    seen = []
+
+    def damage(m):
+        kept = adapter_for(m.config).layer_list(m)
+        assert m.config.num_hidden_layers == len(kept)
+        assert [mod.self_attn.layer_idx for mod in kept] == list(range(len(kept)))
+        seen.append(sorted(i for i, layer in enumerate(layers) if layer not in list(kept)))
+        return 1.0 + 0.1 * (8 - len(kept))
+
+    cal = SimpleNamespace(block_influence=[0.9, 0.1, 0.5, 0.2, 0.8, 0.3, 0.7, 0.6], angular=[[0.0] * 8])
+    m = ModelSpec(prune_ratio="auto", max_damage=0.25, max_prune_ratio=0.75)
+    removed, record = choose_layers(model, cal, m, 8, damage)
+    assert removed == [1, 3]  # the two lowest Block Influence scores
+    assert record["original"] == 1.0 and record["pruned"] == pytest.approx(1.2)
+    assert record["relative"] == pytest.approx(0.2) and record["max_damage"] == 0.25
+    assert set(record["probes"]) == {"0", "3", "1", "2"}  # 6 removable: 3 too many, then 1, then 2
+    assert seen[1] == [1, 3, 5]  # the order's first three
+    assert adapter_for(model.config).layer_list(model) is layers and model.config.num_hidden_layers == 8
+    assert [layer.self_attn.layer_idx for layer in layers] == list(range(8))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    last, _ = choose_layers(model, cal, ModelSpec(score="last_layers", prune_ratio=0.25), 8, damage)
+    assert last == [5, 6]  # the two before the final layer
+    assert choose_layers(model, cal, ModelSpec(prune_ratio="auto", max_damage=0.01), 8, damage)[0] == []
+
+
+def test_auto_prune_writes_the_damage_and_a_loadable_folder(tmp_path, tiny_model):
+    src = tiny_model("llama", hidden=32, layers=4)
+    out = tmp_path / "auto"
+    r = compress_candidate(Source("a", str(src)), ROWS, ModelSpec(calibration={"rows": 16, "batch_size": 4}), out)
+    d = r["damage"]
+    assert r["prune_rule"] == "auto" and d["max_damage"] == 0.1 and d["metric"].startswith("calibration answer")
+    assert r["prune_ratio"] == len(r["removed"]) / 4 and d["probes"]["0"] == d["original"]
+    assert d["probes"][str(len(r["removed"]))] == d["pruned"] <= d["original"] * 1.1
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4 - len(r["removed"])

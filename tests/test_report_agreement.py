@@ -60,3 +60,36 @@ def test_the_zero_shot_table_takes_the_compressed_figures_from_the_trials_step_0
     z = zero_shot_ranking(tmp_path, finetune, ranking)
     assert z["scores"] == {"a": 3.0, "b": 2.0} and z["compressed"] == {"a": 3.4, "b": 2.5}
     assert z["pick"] == "b" and not z["agrees_on_pick"] and z["source"] == "original models (model stage)"
+
+
+def test_the_zero_shot_sentence_claims_only_what_the_run_measured(tmp_path):
+    """Agreeing; disagreeing in a DaMoC run (not judged: this run is no reference); disagreeing in a full
+    fine-tuning run (the free guess was wrong); and every candidate ending worse than its original began."""
+    import json
+
+    import yaml
+
+    from damoc.report.build import zero_shot_verdict
+    from damoc.report.ranking import zero_shot_ranking
+
+    for name, orig in (("a", 3.0), ("b", 2.0)):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "compression.json").write_text(json.dumps({"zero_shot": {"original": orig}}))
+
+    def verdict(finals: dict[str, float], spec: dict) -> str:
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        finetune = {"candidates": [{"name": n, "curve": [{"step": 0, "eval_loss": 9.0}], "final": {"eval_loss": v}}
+                                   for n, v in finals.items()]}
+        order = sorted(finals, key=finals.get)
+        ranking = {"candidates": [{"name": n, "rank": i + 1} for i, n in enumerate(order)]}
+        return zero_shot_verdict(zero_shot_ranking(tmp_path, finetune, ranking), order[0])
+
+    damoc = {"model": {"enabled": True}, "tune": {"scheduler": "asha"}}
+    full = {"data": {"filter": {"method": "none"}, "compress": {"enabled": False}}, "model": {"enabled": False},
+            "tune": {"scheduler": "none"}}
+    assert verdict({"a": 2.5, "b": 1.5}, damoc) == "Zero-shot loss picks b, as this run does."
+    said = verdict({"a": 1.5, "b": 1.8}, damoc)
+    assert said.startswith("Zero-shot loss would pick b; DaMoC's short fine-tuning") and "cannot say which" in said
+    assert "wrong" not in said and "worse than its unpruned original" not in said
+    assert "the free guess would have been wrong here" in verdict({"a": 1.5, "b": 1.8}, full)
+    assert "Every candidate ended worse than its unpruned original started" in verdict({"a": 3.5, "b": 2.4}, damoc)

@@ -16,11 +16,18 @@ import torch
 
 from damoc.lm.arch import adapter_for
 from damoc.lm.load import context_window, load_causal_lm, pad_id
-from damoc.lm.nll import rows_bits_per_byte
+from damoc.lm.nll import answer_nll, bits_per_byte, rows_bits_per_byte
 from damoc.lm.prompts import render
-from damoc.lm.tokens import encode
+from damoc.lm.tokens import Example, encode
 from damoc.model.merge import merge_layers, merge_targets
-from damoc.model.prune import choose_contiguous, choose_discrete, n_to_remove, remove_layers
+from damoc.model.prune import (
+    choose_contiguous,
+    choose_discrete,
+    choose_last,
+    layers_removed,
+    n_to_remove,
+    remove_layers,
+)
 from damoc.model.scores import batches, calibrate, calibration_loss
 from damoc.rundir import atomic_write_json
 from damoc.spec import ModelSpec
@@ -48,14 +55,22 @@ def load(src: Source, dtype: torch.dtype, device: str):
                           allow_pickle=src.allow_pickle_weights, dtype=dtype, device=device)
 
 
-def calibration_ids(tok, rows: list[dict[str, str]], task: str, template: str, max_length: int) -> list[list[int]]:
-    """Token ids of the calibration rows, rendered as training renders them for this candidate."""
-    out = [encode(tok, render(task, r["instruction"], r["input"], tok, template).text, r["output"], max_length).ids
+def calibration_examples(tok, rows: list[dict[str, str]], task: str, template: str,
+                         max_length: int) -> list[Example]:
+    """The calibration rows encoded as training encodes them for this candidate (answer labelled)."""
+    out = [encode(tok, render(task, r["instruction"], r["input"], tok, template).text, r["output"], max_length)
            for r in rows]
-    out = [ids for ids in out if len(ids) >= 2]  # a next-token loss needs two tokens
+    out = [e for e in out if len(e.ids) >= 2]  # a next-token loss needs two tokens
     if not out:
         raise ValueError("no calibration row has two or more tokens")
     return out
+
+
+def answer_bits_per_byte(model, examples: list[Example], pad: int, batch_size: int) -> float:
+    """The calibration rows' answer loss in bits per UTF-8 byte: what pruning damages, comparable across
+    tokenizers and with the eval figures."""
+    scored = answer_nll(model, examples, pad, batch_size, next(model.parameters()).device)
+    return bits_per_byte(sum(n for n, _ in scored), sum(e.answer_bytes for e in examples))
 
 
 def param_count(model) -> int:
@@ -66,13 +81,45 @@ def protected_layers(num_layers: int, m: ModelSpec) -> list[int]:
     return [0, num_layers - 1] if m.protect_first_last and num_layers > 2 else []
 
 
-def choose_layers(cal, m: ModelSpec, num_layers: int) -> tuple[list[int], list[float]]:
-    """The layers to remove and the per-layer scores shown for them."""
-    n = n_to_remove(num_layers, m.prune_ratio, m.protect_first_last)
-    per_layer = cal.block_influence if m.score == "block_influence" else cal.angular[0]
+def scores_shown(cal, m: ModelSpec) -> list[float]:
+    """The per-layer scores the report plots (Block Influence where the order is not a score)."""
+    return cal.angular[0] if m.score == "angular" else cal.block_influence
+
+
+def order_removed(cal, m: ModelSpec, num_layers: int, n: int) -> list[int]:
+    """The n layers to remove, by the spec's order."""
+    if m.score == "last_layers":
+        return choose_last(num_layers, n, m.protect_first_last)
     if m.prune == "contiguous":
-        return choose_contiguous(cal.angular, n, m.protect_first_last), per_layer
-    return choose_discrete(per_layer, n, m.protect_first_last), per_layer
+        return choose_contiguous(cal.angular, n, m.protect_first_last)
+    return choose_discrete(scores_shown(cal, m), n, m.protect_first_last)
+
+
+def choose_layers(model, cal, m: ModelSpec, num_layers: int, damage_of) -> tuple[list[int], dict[str, Any]]:
+    """The layers to remove and the damage record. A fixed prune_ratio removes that many. `auto` removes
+    the most layers whose calibration answer loss stays within max_damage of the original's (relative),
+    up to max_prune_ratio: a binary search over the count (the damage grows with it), each probe a
+    forward pass over the calibration rows with those layers taken out of the loaded model."""
+    original = damage_of(model)
+    trace = {0: original}
+    if m.prune_ratio != "auto":
+        removed = order_removed(cal, m, num_layers, n_to_remove(num_layers, m.prune_ratio, m.protect_first_last))
+    else:
+        lo, hi = 0, n_to_remove(num_layers, m.max_prune_ratio, m.protect_first_last)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            with layers_removed(model, order_removed(cal, m, num_layers, mid)):
+                trace[mid] = damage_of(model)
+            lo, hi = (mid, hi) if trace[mid] <= original * (1 + m.max_damage) else (lo, mid - 1)
+        removed = order_removed(cal, m, num_layers, lo)
+    if len(removed) not in trace:
+        with layers_removed(model, removed):
+            trace[len(removed)] = damage_of(model)
+    pruned = trace[len(removed)]
+    return removed, {"metric": "calibration answer loss, bits per byte", "original": original, "pruned": pruned,
+                     "relative": (pruned - original) / original if original else None,
+                     "max_damage": m.max_damage if m.prune_ratio == "auto" else None,
+                     "probes": {str(n): v for n, v in sorted(trace.items())}}
 
 
 def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, out: Path, seed: int = 0,
@@ -91,7 +138,8 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
     window = context_window(model.config)  # sequences never longer than the model's positions
     max_length = min(max_length, window) if window else max_length
     cal_length = min(m.calibration.max_length, window) if window else m.calibration.max_length
-    data = batches(calibration_ids(tok, rows, task, template, cal_length), m.calibration.batch_size, pad_id(tok))
+    examples = calibration_examples(tok, rows, task, template, cal_length)
+    data = batches([e.ids for e in examples], m.calibration.batch_size, pad_id(tok))
     t_load = time.perf_counter()
 
     zero_shot = {}
@@ -100,7 +148,11 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
         zero_shot["original"] = rows_bits_per_byte(model, tok, eval_rows, task, template, max_length)
         zero_shot["seconds"] = round(time.perf_counter() - t_zs, 3)
     cal = calibrate(model, adapter, data)
-    removed, per_layer = choose_layers(cal, m, layers_before)
+    t_score = time.perf_counter()
+    removed, damage = choose_layers(model, cal, m, layers_before,
+                                    lambda mdl: answer_bits_per_byte(mdl, examples, pad_id(tok), m.calibration.batch_size))
+    t_choose = time.perf_counter()
+    per_layer = scores_shown(cal, m)
     original = list(adapter.layer_list(model))  # keeps the removed layers alive for merging
     layers_after = remove_layers(model, removed)
     pruned_loss = calibration_loss(model, data)
@@ -119,7 +171,8 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
     report = {
         "name": src.name, "source": src.location, "status": "compressed",
         "model_type": model.config.model_type, "device": device, "dtype": str(dtype).removeprefix("torch."),
-        "score": m.score, "prune": m.prune, "prune_ratio": m.prune_ratio,
+        "score": m.score, "prune": m.prune, "prune_ratio": round(len(removed) / layers_before, 4),
+        "prune_rule": "auto" if m.prune_ratio == "auto" else "fixed", "damage": damage,
         "scores": per_layer, "block_influence": cal.block_influence,
         "angular_block": cal.angular[len(removed) - 1] if removed else [],
         "removed": removed, "protected": protected_layers(layers_before, m),
@@ -134,7 +187,8 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
                         "max_length": m.calibration.max_length, "task": task, "template": template},
         "seconds": round(time.perf_counter() - t0, 3),
         "seconds_by_step": {"load": round(t_load - t0, 3), "score": round(cal.seconds, 3),
-                            "prune_merge_eval": round(t_compress - t_load - cal.seconds, 3),
+                            "choose": round(t_choose - t_score, 3),
+                            "prune_merge_eval": round(t_compress - t_load - cal.seconds - (t_choose - t_score), 3),
                             "save": round(time.perf_counter() - t_compress, 3)},
     }
     atomic_write_json(out / "compression.json", report)

@@ -6,6 +6,8 @@ the KV cache is indexed by it, so a stale index breaks `generate()` with the cac
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from damoc.lm.arch import adapter_for
 
 
@@ -25,6 +27,13 @@ def choose_discrete(scores: list[float], n: int, protect_first_last: bool) -> li
     """The n lowest-scoring layers (on a tie, the deeper one goes first)."""
     pool = eligible(len(scores), protect_first_last)
     return sorted(sorted(pool, key=lambda i: (scores[i], -i))[:n])
+
+
+def choose_last(num_layers: int, n: int, protect_first_last: bool) -> list[int]:
+    """The n layers just before the final one (or the last n when nothing is protected): the baseline
+    "Reassessing Layer Pruning in LLMs" (ICLR 2026) finds hard to beat once the model is fine-tuned."""
+    pool = eligible(num_layers, protect_first_last)
+    return pool[len(pool) - n:] if n else []
 
 
 def choose_contiguous(angular: list[list[float]], n: int, protect_first_last: bool) -> list[int]:
@@ -61,3 +70,23 @@ def remove_layers(model, removed: list[int]) -> int:
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
     return len(kept)
+
+
+@contextmanager
+def layers_removed(model, removed: list[int]):
+    """The model without the layers at `removed` inside the block, as it was after it (layers, config
+    counts, layer indices): to measure the damage of several choices on one loaded model."""
+    adapter = adapter_for(model.config)
+    layers = adapter.layer_list(model)
+    keys = [k for k in (adapter.count_key, *adapter.per_layer_keys) if hasattr(model.config, k)]
+    saved = {k: getattr(model.config, k) for k in keys}
+    indices = [(m, m.layer_idx) for layer in layers for m in layer.modules() if hasattr(m, "layer_idx")]
+    remove_layers(model, removed)
+    try:
+        yield model
+    finally:
+        adapter.set_layer_list(model, layers)
+        for k, v in saved.items():
+            setattr(model.config, k, v)
+        for module, idx in indices:
+            module.layer_idx = idx

@@ -109,9 +109,7 @@ def _zero_shot_section(ranking: dict[str, Any]) -> list[Block]:
     rank_of = {c["name"]: c["rank"] for c in ranking["candidates"]}
     zrank = {n: i + 1 for i, n in enumerate(z["order"])}
     damoc_pick = next((c["name"] for c in ranking["candidates"] if c["rank"] == 1), None)
-    verdict = (f"Zero-shot loss picks {z['pick']}, as DaMoC does." if z["agrees_on_pick"] else
-               f"Zero-shot loss would pick {z['pick']}; fine-tuning (DaMoC) picks {damoc_pick}: the free guess "
-               "would have been wrong here.")
+    verdict = zero_shot_verdict(z, damoc_pick)
     moved = [n for n in z["order"] if rank_of.get(n) is not None and rank_of[n] != zrank[n]]
     tau = "" if z.get("kendall_tau") is None else f" Kendall tau between the two rankings: {z['kendall_tau']:+.2f}."
     return [("h2", "The free baseline: zero-shot loss"),
@@ -119,6 +117,26 @@ def _zero_shot_section(ranking: dict[str, Any]) -> list[Block]:
                   f"{verdict}{tau}" + (f" Ranked differently: {', '.join(moved)}." if moved else "")),
             ("table", ["candidate", "zero-shot eval_loss", "zero-shot rank", "compressed, zero-shot", "DaMoC rank"],
              [[n, z["scores"][n], zrank[n], (z.get("compressed") or {}).get(n), rank_of.get(n)] for n in z["order"]])]
+
+
+def zero_shot_verdict(z: dict[str, Any], damoc_pick: str | None) -> str:
+    """What the free baseline says beside this run's pick, claiming only what the run measured: a run
+    that fine-tuned everything in full is the reference; a DaMoC run is not, so a disagreement is stated,
+    not judged."""
+    if z["agrees_on_pick"]:
+        out = f"Zero-shot loss picks {z['pick']}, as this run does."
+    elif z.get("full_reference"):
+        out = (f"Zero-shot loss would pick {z['pick']}; full fine-tuning (this run) picks {damoc_pick}: the free "
+               "guess would have been wrong here.")
+    else:
+        out = (f"Zero-shot loss would pick {z['pick']}; DaMoC's short fine-tuning of the compressed candidates "
+               f"picks {damoc_pick}. This run cannot say which is right: a full fine-tuning reference run "
+               "(`damoc compare`) can.")
+    if z.get("all_below_original"):
+        out += (" Every candidate ended worse than its unpruned original started: the ranking may measure how "
+                "much compression hurt each model more than how well it learns the domain (lower "
+                "model.max_damage, or train longer).")
+    return out
 
 
 def _handoff_section(run_dir: Path, ranking: dict[str, Any]) -> list[Block]:
@@ -193,16 +211,21 @@ def _models_section(run_dir: Path, out: Path) -> list[Block]:
         if e["status"] != "compressed":
             rows.append([e["name"], e["status"], None, None, None, None, None, e.get("reason", "")])
             continue
-        cal = c.get("calibration_loss", {})
+        dmg = c.get("damage") or {}
+        rule = (f"auto (damage at most {dmg['max_damage']:.0%})" if dmg.get("max_damage") is not None
+                else f"fixed {c.get('prune_ratio')}")
         rows.append([e["name"], e["status"], f"{c.get('layers_before')} -> {c.get('layers_after')}",
-                     c.get("params_after", 0) / max(1, c.get("params_before", 1)), cal.get("original"),
-                     cal.get("pruned"), cal.get("merged"), f"removed {c.get('removed')}"])
+                     c.get("params_after", 0) / max(1, c.get("params_before", 1)), dmg.get("original"),
+                     dmg.get("pruned"), None if dmg.get("relative") is None else f"{dmg['relative']:+.1%}",
+                     f"{rule}; removed {c.get('removed')}"])
         if c.get("scores"):
             score = str(c.get("score", "score")).replace("_", " ")
             plots.layer_scores_png(out / f"layers_{e['name']}.png", c["scores"], c.get("removed", []),
                                    f"{e['name']}: {score} per layer", score, c.get("protected", []))
-    blocks.append(("table", ["candidate", "status", "layers", "params kept", "calib. loss original",
-                             "pruned", "merged", "note"], rows))
+    blocks.append(("p", "Damage: the calibration rows' answer loss in bits per byte, unpruned and as saved; "
+                        "`prune_ratio: auto` removes the most layers that keep it within `model.max_damage`."))
+    blocks.append(("table", ["candidate", "status", "layers", "params kept", "answer loss original",
+                             "pruned", "damage", "rule"], rows))
     blocks += [("img", f"layers_{e['name']}.png", f"{e['name']}: layer scores (red: removed; hatched: protected)")
                for e in index.get("candidates", []) if (out / f"layers_{e['name']}.png").is_file()]
     return blocks

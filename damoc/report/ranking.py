@@ -73,11 +73,26 @@ def zero_shot_ranking(run_dir: Path, finetune: dict[str, Any], ranking: dict[str
     order = sorted(scores, key=lambda n: (scores[n], n))
     common = [n for n in order if n in ranked]
     pick = best({n: scores[n] for n in common}, "min") if common else None
+    finals = {e["name"]: e["final"]["eval_loss"] for e in finetune.get("candidates", [])
+              if e["name"] in ranked and (e.get("final") or {}).get("eval_loss") is not None}
     return {"metric": "eval_loss", "scores": scores, "compressed": compressed or None, "order": order,
             "pick": pick, "agrees_on_pick": bool(common) and pick == min(ranked, key=ranked.get),
+            "full_reference": is_full_reference(_spec(run_dir)),
+            # every ranked candidate ends worse than its unpruned original started: compression, not the
+            # domain, may be what the ranking measured
+            "all_below_original": bool(compressed) and len(finals) > 1 and all(
+                finals[n] > scores[n] for n in finals if n in scores),
             "kendall_tau": kendall_tau({n: scores[n] for n in common}, {n: ranked[n] for n in common})
             if len(common) > 1 else None,
             "source": "original models (model stage)" if compressed else "each trial's step 0"}
+
+
+def is_full_reference(spec: dict[str, Any]) -> bool:
+    """Whether a run trains every candidate unpruned, on every row, uncompressed, to its end: its
+    ranking is what full fine-tuning says (the reference DaMoC is compared with)."""
+    data, model, tune = spec.get("data") or {}, spec.get("model") or {}, spec.get("tune") or {}
+    return ((data.get("filter") or {}).get("method") == "none" and not (data.get("compress") or {}).get("enabled")
+            and model.get("enabled") is False and tune.get("scheduler") == "none")
 
 
 def stage_costs(run_dir: Path, finetune: dict[str, Any]) -> dict[str, Any]:

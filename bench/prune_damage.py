@@ -1,0 +1,109 @@
+"""How much each pruning order damages a real LLM, layer by layer, and where `prune_ratio: auto` stops.
+
+For a local HF folder (e.g. the real SmolLM2-135M-Instruct or Gemma 3 270M that bench/real_selection.py
+converts), on QA rows of one domain rendered with the model's own prompt: the calibration answer loss
+(bits per byte, what `auto` bounds) and the answer loss on held-out rows of the same domain, with 0, 1,
+2, ... layers removed in each order the model stage offers (block_influence, angular, last_layers), up to
+half the layers. Then the count `auto` picks at several budgets. Results go to
+bench/results/prune_damage-NAME.{md,json}. Never run by the test suite.
+
+    .venv/bin/python bench/prune_damage.py --model /tmp/real/smollm2 --domain api_qa
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from damoc.lm.arch import adapter_for
+from damoc.lm.load import load_causal_lm, pad_id
+from damoc.model.compress import answer_bits_per_byte, calibration_examples, choose_layers, order_removed
+from damoc.model.prune import layers_removed, n_to_remove
+from damoc.model.scores import batches, calibrate
+from damoc.spec import ModelSpec
+
+OUT = Path(__file__).resolve().parent / "results"
+ORDERS = ("block_influence", "angular", "last_layers")
+BUDGETS = (0.05, 0.1, 0.2, 0.3)
+
+
+def domain_rows(name: str) -> tuple[list[dict], list[dict]]:
+    """(calibration rows, held-out rows) of one of the zoo's domains, built from this machine's files."""
+    from damoc.zoo import corpus
+
+    rows = {"api_qa": corpus.api_qa_rows, "general_qa": corpus.general_qa_rows,
+            "reading": corpus.reading_comprehension_rows, "lookup_qa": corpus.lookup_qa_rows}[name]()
+    train, held = corpus.split_rows(rows, 0.3, seed=0)
+    return train, held
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--domain", default="api_qa")
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=256)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    name = Path(a.model).name
+    tok, model = load_causal_lm(a.model, dtype=torch.float32)
+    model.eval()
+    train, held = domain_rows(a.domain)
+    cal_ex = calibration_examples(tok, train[:a.rows], "qa", "auto", a.max_length)
+    held_ex = calibration_examples(tok, held[:a.rows], "qa", "auto", a.max_length)
+    pad = pad_id(tok)
+    layers = adapter_for(model.config).num_layers(model.config)
+    t0 = time.perf_counter()
+    cal = calibrate(model, adapter_for(model.config), batches([e.ids for e in cal_ex], 8, pad))
+    score_s = time.perf_counter() - t0
+    top = n_to_remove(layers, 0.5, True)
+    curves: dict[str, list[dict]] = {}
+    for order in ORDERS:
+        m = ModelSpec(score=order)
+        curves[order] = []
+        for n in range(top + 1):
+            removed = order_removed(cal, m, layers, n)
+            with layers_removed(model, removed):
+                curves[order].append({"n": n, "removed": removed,
+                                      "calibration": answer_bits_per_byte(model, cal_ex, pad, 8),
+                                      "held_out": answer_bits_per_byte(model, held_ex, pad, 8)})
+            print(f"{order:16s} n={n:2d} cal {curves[order][-1]['calibration']:.3f} "
+                  f"held {curves[order][-1]['held_out']:.3f}", flush=True)
+    picks = {}
+    for order in ORDERS:
+        for budget in BUDGETS:
+            t = time.perf_counter()
+            removed, dmg = choose_layers(model, cal, ModelSpec(score=order, max_damage=budget), layers,
+                                         lambda mdl: answer_bits_per_byte(mdl, cal_ex, pad, 8))
+            picks[f"{order}@{budget}"] = {"removed": len(removed), "relative": dmg["relative"],
+                                          "probes": len(dmg["probes"]), "seconds": round(time.perf_counter() - t, 1)}
+    OUT.mkdir(exist_ok=True)
+    record = {"model": name, "domain": a.domain, "layers": layers, "rows": len(cal_ex), "held_out": len(held_ex),
+              "score_seconds": round(score_s, 2), "curves": curves, "auto": picks}
+    (OUT / f"prune_damage-{name}.json").write_text(json.dumps(record, indent=1))
+    base = curves[ORDERS[0]][0]
+    lines = [f"# Pruning damage on {name} ({layers} layers), domain {a.domain}",
+             "", f"Answer loss in bits per byte; calibration: {len(cal_ex)} training rows (what `prune_ratio: auto` "
+             f"bounds), held-out: {len(held_ex)} rows of the same domain. Unpruned: {base['calibration']:.3f} / "
+             f"{base['held_out']:.3f}. No fine-tuning after pruning.", "",
+             "| layers removed | " + " | ".join(f"{o} cal / held" for o in ORDERS) + " |",
+             "|---|" + "---|" * len(ORDERS)]
+    for n in range(top + 1):
+        lines.append(f"| {n} | " + " | ".join(f"{curves[o][n]['calibration']:.3f} / {curves[o][n]['held_out']:.3f}"
+                                               for o in ORDERS) + " |")
+    lines += ["", "`prune_ratio: auto`: layers removed (relative damage, probes, seconds) at each `max_damage`:", "",
+              "| order | " + " | ".join(f"{b:g}" for b in BUDGETS) + " |", "|---|" + "---|" * len(BUDGETS)]
+    for o in ORDERS:
+        lines.append(f"| {o} | " + " | ".join(
+            f"{picks[f'{o}@{b}']['removed']} ({picks[f'{o}@{b}']['relative']:+.1%}, {picks[f'{o}@{b}']['probes']}, "
+            f"{picks[f'{o}@{b}']['seconds']} s)" for b in BUDGETS) + " |")
+    (OUT / f"prune_damage-{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
