@@ -113,7 +113,7 @@ def test_trial_memory_adds_its_terms_from_the_shape(tiny_model):
     h, i, v, layers = shape.hidden, shape.intermediate, shape.vocab, shape.layers
     assert (h, i, layers, shape.heads) == (32, 64, 4, 4)
     assert est.weights == 4 * shape.params and est.trainable_state == 16 * shape.trainable("lora", 4)
-    assert est.activations == 20 * layers * (12 * h + 4 * i + 4 * 10) * 4
+    assert est.activations == 20 * layers * (24 * h + 6 * i + 4 * 10) * 4
     assert est.logits == 12 * 10 * v  # half of 20 positions scored, three fp32 copies
     assert est.host == PROCESS_BYTES + est.weights + est.trainable_state + est.activations + est.logits
     gpu = trial_memory(shape, method="full", lora_r=4, micro_batch=2, length=10, gpu=True, weight_bytes=2)

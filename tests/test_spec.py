@@ -116,6 +116,17 @@ def test_grace_period_is_steps_or_auto(job_dir):
     assert problems(spec_dict(**{"tune.target_saving": 1}), job_dir) == ["tune.target_saving: must be > 1.0"]
 
 
+def test_prune_ratio_is_a_fraction_or_auto(job_dir):
+    m = spec_from_data(spec_dict(), base_dir=str(job_dir)).model
+    assert (m.prune_ratio, m.max_damage, m.max_prune_ratio, m.score) == ("auto", 0.1, 0.5, "block_influence")
+    m = spec_from_data(spec_dict(**{"model.prune_ratio": 0.25, "model.score": "last_layers"}), base_dir=str(job_dir)).model
+    assert m.prune_ratio == 0.25 and m.score == "last_layers"
+    for bad in (1.0, -0.1, "half", True):
+        (line,) = problems(spec_dict(**{"model.prune_ratio": bad}), job_dir)
+        assert line.startswith("model.prune_ratio: "), line
+    assert problems(spec_dict(**{"model.max_damage": 0}), job_dir) == ["model.max_damage: must be > 0.0"]
+
+
 def test_three_independent_errors_three_lines(job_dir):
     lines = problems(spec_dict(**{"finetune.lora.r": -1, "tune.colour": "red",
                                   "data.train.path": "missing.jsonl"}), job_dir)

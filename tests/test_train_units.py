@@ -317,3 +317,17 @@ def test_render_escapes_and_references_images():
     md, page = to_markdown(blocks), to_html(blocks, "t")
     assert "| x\\|y | 1.5 |" in md and "![cap](p.png)" in md
     assert "R &lt;1&gt;" in page and '<img src="p.png"' in page and "1.235e+07" in page
+
+
+def test_rungs_judge_where_an_improving_trend_points_by_the_planned_end():
+    """A trial falling 0.043 a step from 1.635 to 1.549 by step 2 of 6 scores 1.377 (1.549 - 4 x 0.043) and
+    beats one at 1.443 falling 0.0065 a step (1.417): ASHA keeps it. Flat or worsening curves score
+    their metric; so do the first report and the last step; `max` metrics move the other way."""
+    from damoc.train.rungs import rung_score
+
+    assert rung_score(1.549, (0, 1.635), 2, 6, "min") == pytest.approx(1.549 - 4 * 0.043)
+    assert rung_score(1.443, (0, 1.456), 2, 6, "min") == pytest.approx(1.443 - 4 * 0.0065)
+    assert rung_score(1.5, (0, 1.4), 2, 6, "min") == 1.5  # worse than before: not extrapolated
+    assert rung_score(1.5, None, 0, 6, "min") == 1.5 and rung_score(1.2, (4, 1.3), 6, 6, "min") == 1.2
+    assert rung_score(0.5, [2, 0.3], 4, 8, "max") == pytest.approx(0.5 + 0.1 * 4)  # resumed: JSON lists
+    assert rung_score(0.3, (2, 0.5), 4, 8, "max") == 0.3

@@ -29,7 +29,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from damoc.compat import tune_survives_oom_kills
 from damoc.train.args import TrainArgs
 from damoc.train.loop import train_loop_per_worker
-from damoc.train.rungs import RungBarrier
+from damoc.train.rungs import RUNG_SCORE, RungBarrier
 
 log = logging.getLogger("damoc.train")
 DRIVER_MEMORY = 256 * 1024 * 1024
@@ -398,7 +398,9 @@ def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[st
         tuner = tune.Tuner(
             trainable,
             param_space={"candidate": tune.grid_search(list(plans))},
-            tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=sched, num_samples=1,
+            # ASHA judges the trend-projected score (damoc/train/rungs.py::rung_score); curves show the metric.
+            tune_config=tune.TuneConfig(metric=RUNG_SCORE if scheduler == "asha" else metric, mode=mode,
+                                        scheduler=sched, num_samples=1,
                                         max_concurrent_trials=max_concurrent, reuse_actors=local),
             run_config=tune.RunConfig(
                 name="tune", storage_path=storage_path,

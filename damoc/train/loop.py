@@ -239,7 +239,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         from damoc.train.engine import build_engine, resolve_precision
         from damoc.train.evaluate import EvalSet, all_sum, evaluate, gather_rows
-        from damoc.train.rungs import hold_if_decided, wait_turn
+        from damoc.train.rungs import RUNG_SCORE, hold_if_decided, rung_score, wait_turn
 
     report, get_checkpoint = result_channel(args)
     if args.local:  # the Tune trial's own process is the one worker
@@ -267,7 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine = build_engine(model, args, dtype, device)
     synced = engine.zero_stage == 3 and world > 1
     state = {"step": 0, "tokens": 0, "position": 0, "seconds": 0.0, "restarts": 0, "timeline": {},
-             "micro_batch": args.batch_size}
+             "micro_batch": args.batch_size, "previous": None}  # previous: (step, metric) of the last report
     checkpoint = get_checkpoint()
     if checkpoint:
         with timeline.phase("checkpointing"), checkpoint.as_directory() as d:
@@ -289,7 +289,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rows = gather_rows(rows, world)
         if rank == 0:
             save_rows(args, 0, rows)
-        report({**result, "step": 0, "train_tokens": 0, "train_flops": 0.0, "forward_params": forward_params,
+        state["previous"] = (0, result[args.metric])
+        report({**result, RUNG_SCORE: result[args.metric], "step": 0, "train_tokens": 0, "train_flops": 0.0, "forward_params": forward_params,
                 "trainable_params": trainable_params, "start_step": 0, "workers": world, "restarts": 0,
                 "chat_template": chat, "micro_batch": args.batch_size, "peak_rss_bytes": peak_memory(),
                 "trial_started_at": args.trial_started_at, **timeline.metrics()})
@@ -325,11 +326,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "trainable_params": trainable_params, "train_flops": 6.0 * forward_params * state["tokens"],
                    "train_seconds": round(state["seconds"], 3), "restarts": state["restarts"],
                    "start_step": start_step, "workers": world, "trial_started_at": args.trial_started_at,
-                   "chat_template": chat, "micro_batch": args.batch_size, "peak_rss_bytes": peak_memory()}
+                   "chat_template": chat, "micro_batch": args.batch_size, "peak_rss_bytes": peak_memory(),
+                   RUNG_SCORE: rung_score(result[args.metric], state["previous"], step, args.max_steps, args.mode)}
+        state["previous"] = (step, result[args.metric])
         if rank == 0 and step in args.rungs and args.barrier:
             sign = -1.0 if args.mode == "min" else 1.0  # the barrier ranks higher-is-better
             with timeline.phase("rung_wait"):
-                wait_turn(args.barrier, args.candidate, step, sign * metrics[args.metric])
+                wait_turn(args.barrier, args.candidate, step, sign * metrics[RUNG_SCORE])
         if rank == 0:
             record_report(args.job, args.candidate, args.metric, metrics)
             save_rows(args, step, rows)

@@ -41,6 +41,24 @@ def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[i
         k += 1
 
 
+RUNG_SCORE = "rung_score"  # the figure ASHA and the barrier judge trials by (see rung_score)
+
+
+def rung_score(value: float, previous: tuple[int, float] | None, step: int, planned: int, mode: str) -> float:
+    """What ASHA judges a trial by: its metric, moved along its current trend to the end of its planned
+    steps when that trend is an improvement. Early curves cross: a pruned model healing fast, or a
+    candidate learning the domain fast, can trail at the first rung and lead by the end (seen on real
+    LLMs: Gemma 3 270M trailed SmolLM2-135M by 0.11 bits/byte after 2 steps and led after 14). Judged on
+    where its trend points, such a trial is kept until its curve flattens; with flat curves the score
+    is the metric itself and ASHA behaves as it always did. The trend is the change per step since the
+    previous evaluation; a worsening one is not extrapolated (noise must not cut a trial)."""
+    if previous is None or step <= previous[0] or planned <= step:
+        return value
+    rate = (value - previous[1]) / (step - previous[0])
+    better = rate < 0 if mode == "min" else rate > 0
+    return value + rate * (planned - step) if better else value
+
+
 def release_order(values: dict[str, float], reduction_factor: float) -> list[str]:
     """Report order for one rung (values: higher is better) under which ASHA keeps the top
     ceil(n / rf): the kept ones from worst to best (each one beats everything recorded), then

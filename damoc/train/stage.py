@@ -229,7 +229,7 @@ class FinetuneStage(Stage):
     output = "finetune"
     needs = ("data", "models")
     spec_keys = ("data", "finetune", "tune", "select")
-    version = "1"
+    version = "2"  # 2: ASHA judges the trend-projected rung score; trials ask for memory
 
     @staticmethod
     def state_dir(ctx: StageContext) -> tuple[str, bool]:
