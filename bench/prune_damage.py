@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 
 from damoc.lm.arch import adapter_for
 from damoc.lm.load import load_causal_lm, pad_id
-from damoc.model.compress import answer_bits_per_byte, calibration_examples, choose_layers, order_removed
+from damoc.model.compress import answer_bits_per_byte, calibration_examples, largest_within, order_removed
 from damoc.model.prune import layers_removed, n_to_remove
 from damoc.model.scores import batches, calibrate
 from damoc.spec import ModelSpec
@@ -47,7 +48,11 @@ def main() -> None:
     ap.add_argument("--domain", default="api_qa")
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--from-log", help="write the results from the curve lines an earlier run printed (one cut "
+                                       "short before it wrote them), without measuring again")
     a = ap.parse_args()
+    if a.from_log:
+        return from_log(a)
     torch.set_num_threads(2)
     name = Path(a.model).name
     tok, model = load_causal_lm(a.model, dtype=torch.float32)
@@ -73,27 +78,49 @@ def main() -> None:
                                       "held_out": answer_bits_per_byte(model, held_ex, pad, 8)})
             print(f"{order:16s} n={n:2d} cal {curves[order][-1]['calibration']:.3f} "
                   f"held {curves[order][-1]['held_out']:.3f}", flush=True)
-    picks = {}
-    for order in ORDERS:
-        for budget in BUDGETS:
-            # The model stage's own search, its probes read off the curve just measured (the same forward
-            # passes: nothing to run again).
-            def measured(mdl, order=order):
-                return curves[order][layers - adapter_for(mdl.config).num_layers(mdl.config)]["calibration"]
-
-            removed, dmg = choose_layers(model, cal, ModelSpec(score=order, max_damage=budget), layers, measured)
-            best = max(n for n, pt in enumerate(curves[order])
-                       if pt["calibration"] <= curves[order][0]["calibration"] * (1 + budget))
-            picks[f"{order}@{budget}"] = {"removed": len(removed), "relative": dmg["relative"],
-                                          "probes": len(dmg["probes"]), "largest_within": best}
-    OUT.mkdir(exist_ok=True)
     record = {"model": name, "domain": a.domain, "layers": layers, "rows": len(cal_ex), "held_out": len(held_ex),
-              "score_seconds": round(score_s, 2), "curves": curves, "auto": picks}
+              "score_seconds": round(score_s, 2), "curves": curves}
+    write_results(record, top)
+
+
+def from_log(a: argparse.Namespace) -> None:
+    """The record from the lines `main` prints as it measures ('ORDER n= K cal X held Y')."""
+    from transformers import AutoConfig
+
+    curves: dict[str, list[dict]] = {o: [] for o in ORDERS}
+    for m in re.finditer(r"^(\w+)\s+n=\s*(\d+) cal ([\d.]+) held ([\d.]+)", Path(a.from_log).read_text(), re.M):
+        curves[m[1]].append({"n": int(m[2]), "removed": None, "calibration": float(m[3]), "held_out": float(m[4])})
+    config = AutoConfig.from_pretrained(a.model)
+    layers = adapter_for(config).num_layers(config)
+    write_results({"model": Path(a.model).name, "domain": a.domain, "layers": layers, "rows": a.rows,
+                   "held_out": a.rows, "score_seconds": None, "curves": curves, "from_log": a.from_log},
+                  n_to_remove(layers, 0.5, True))
+
+
+def auto_picks(curves: dict[str, list[dict]], top: int) -> dict[str, dict]:
+    """Where the model stage's search (largest_within) stops at each budget, its probes read off the
+    measured curves (the same forward passes: nothing to run again), beside the largest count within
+    the budget anywhere on the curve."""
+    picks = {}
+    for order, curve in curves.items():
+        base = curve[0]["calibration"]
+        for budget in BUDGETS:
+            n, trace = largest_within(lambda k, c=curve: c[k]["calibration"], top, budget)
+            best = max(k for k, pt in enumerate(curve[:top + 1]) if pt["calibration"] <= base * (1 + budget))
+            picks[f"{order}@{budget}"] = {"removed": n, "relative": (trace[n] - base) / base,
+                                          "probes": len(trace), "largest_within": best}
+    return picks
+
+
+def write_results(record: dict, top: int) -> None:
+    curves, name, layers = record["curves"], record["model"], record["layers"]
+    picks = record["auto"] = auto_picks(curves, top)
+    OUT.mkdir(exist_ok=True)
     (OUT / f"prune_damage-{name}.json").write_text(json.dumps(record, indent=1))
     base = curves[ORDERS[0]][0]
-    lines = [f"# Pruning damage on {name} ({layers} layers), domain {a.domain}",
-             "", f"Answer loss in bits per byte; calibration: {len(cal_ex)} training rows (what `prune_ratio: auto` "
-             f"bounds), held-out: {len(held_ex)} rows of the same domain. Unpruned: {base['calibration']:.3f} / "
+    lines = [f"# Pruning damage on {name} ({layers} layers), domain {record['domain']}",
+             "", f"Answer loss in bits per byte; calibration: {record['rows']} training rows (what `prune_ratio: auto` "
+             f"bounds), held-out: {record['held_out']} rows of the same domain. Unpruned: {base['calibration']:.3f} / "
              f"{base['held_out']:.3f}. No fine-tuning after pruning.", "",
              "| layers removed | " + " | ".join(f"{o} cal / held" for o in ORDERS) + " |",
              "|---|" + "---|" * len(ORDERS)]

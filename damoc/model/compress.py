@@ -95,31 +95,42 @@ def order_removed(cal, m: ModelSpec, num_layers: int, n: int) -> list[int]:
     return choose_discrete(scores_shown(cal, m), n, m.protect_first_last)
 
 
+def largest_within(damage_at, most: int, max_damage: float) -> tuple[int, dict[int, float]]:
+    """The largest count n <= most whose damage_at(n) stays within max_damage of damage_at(0) (relative),
+    by binary search (it assumes the damage grows with the count, as it mostly does: see
+    bench/results/prune_damage-*.md), and every value it probed by count."""
+    trace = {0: damage_at(0)}
+    lo, hi = 0, most
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        trace[mid] = damage_at(mid)
+        lo, hi = (mid, hi) if trace[mid] <= trace[0] * (1 + max_damage) else (lo, mid - 1)
+    return lo, trace
+
+
 def choose_layers(model, cal, m: ModelSpec, num_layers: int, damage_of) -> tuple[list[int], dict[str, Any]]:
     """The layers to remove and the damage record. A fixed prune_ratio removes that many. `auto` removes
     the most layers whose calibration answer loss stays within max_damage of the original's (relative),
-    up to max_prune_ratio: a binary search over the count (the damage grows with it), each probe a
-    forward pass over the calibration rows with those layers taken out of the loaded model."""
-    original = damage_of(model)
-    trace = {0: original}
-    if m.prune_ratio != "auto":
-        removed = order_removed(cal, m, num_layers, n_to_remove(num_layers, m.prune_ratio, m.protect_first_last))
+    up to max_prune_ratio (`largest_within`), each probe a forward pass over the calibration rows with
+    those layers taken out of the loaded model."""
+    def damage_at(n: int) -> float:
+        if n == 0:
+            return damage_of(model)
+        with layers_removed(model, order_removed(cal, m, num_layers, n)):
+            return damage_of(model)
+
+    if m.prune_ratio == "auto":
+        n, trace = largest_within(damage_at, n_to_remove(num_layers, m.max_prune_ratio, m.protect_first_last),
+                                  m.max_damage)
     else:
-        lo, hi = 0, n_to_remove(num_layers, m.max_prune_ratio, m.protect_first_last)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            with layers_removed(model, order_removed(cal, m, num_layers, mid)):
-                trace[mid] = damage_of(model)
-            lo, hi = (mid, hi) if trace[mid] <= original * (1 + m.max_damage) else (lo, mid - 1)
-        removed = order_removed(cal, m, num_layers, lo)
-    if len(removed) not in trace:
-        with layers_removed(model, removed):
-            trace[len(removed)] = damage_of(model)
-    pruned = trace[len(removed)]
+        n = n_to_remove(num_layers, m.prune_ratio, m.protect_first_last)
+        trace = {0: damage_at(0), n: damage_at(n)} if n else {0: damage_at(0)}
+    removed = order_removed(cal, m, num_layers, n)
+    original, pruned = trace[0], trace[n]
     return removed, {"metric": "calibration answer loss, bits per byte", "original": original, "pruned": pruned,
                      "relative": (pruned - original) / original if original else None,
                      "max_damage": m.max_damage if m.prune_ratio == "auto" else None,
-                     "probes": {str(n): v for n, v in sorted(trace.items())}}
+                     "probes": {str(k): v for k, v in sorted(trace.items())}}
 
 
 def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, out: Path, seed: int = 0,
