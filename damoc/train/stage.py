@@ -127,7 +127,7 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book
     if "chat_template" in last:
         out["prompt"] = "chat template" if last["chat_template"] else "plain"
     if result.error is not None:
-        out["status"], out["reason"] = "failed", _reason(result.error, memory)
+        out["status"], out["reason"] = "failed", _reason(result.error, memory, rec.memory_failures)
     elif name == book.winner and book.decide:
         out["status"] = "decided"  # the last one standing, stopped where the choice was made
     elif steps < book.planned_steps:
@@ -181,10 +181,11 @@ def driver_phases(rec, last: dict[str, Any], t0: float) -> dict[str, float]:
     return {k: max(0.0, v) for k, v in out.items()}
 
 
-def _reason(err: BaseException, memory: dict[str, Any] | None = None) -> str:
+def _reason(err: BaseException, memory: dict[str, Any] | None = None, memory_failures: int = 0) -> str:
     if out_of_memory(err):
         need = f" (needs ~{memory['estimate_gib']:g} GiB a worker)" if memory else ""
-        return f"out of memory{need}, after a retry in smaller micro-batches: {type(err).__name__}"
+        retried = ", after a retry in smaller micro-batches" if memory_failures > 1 else ""
+        return f"out of memory{need}{retried}: {type(err).__name__}"
     text = str(err).strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
     # Train wraps the worker's exception: the last line names the root cause.
