@@ -65,17 +65,10 @@ def _config_params(path_or_id: str, trust_remote_code: bool, revision: str | Non
     """(parameters, decoder layers, parameters in them, shape for the memory estimate) from a config: the
     model is built on the meta device, so no memory and no weights are touched. Offline, only a cached
     config is read."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from damoc.lm.arch import ADAPTERS
-    from damoc.lm.load import hf_token
-    from damoc.lm.memory import resolve_targets, shape_of
+    from damoc.lm.memory import meta_model, resolve_targets, shape_of
 
-    config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, revision=revision,
-                                        token=hf_token(), local_files_only=offline)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    config, model = meta_model(path_or_id, trust_remote_code, revision, offline)
     total = sum(p.numel() for p in model.parameters())
     shape = shape_of(model, resolve_targets(config, targets))
     adapter = ADAPTERS.get(getattr(config, "model_type", None))
@@ -325,14 +318,12 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
 def trial_memory_gib(c: CandidateFigures, ft, data: DataFigures) -> float | None:
     """What one worker of this candidate's trial asks Ray for (the finetune stage's estimate, on the
     unpruned model: the full fine-tuning's figure and DaMoC's upper end)."""
-    from damoc.lm.memory import GIB, trial_memory
+    from damoc.lm.memory import GIB, finetune_memory
 
     if c.shape is None:
         return None
     length = data.length or min(ft.max_length, round(2 * data.tokens_per_row))
-    est = trial_memory(c.shape, method=ft.method, lora_r=ft.lora.r, micro_batch=ft.batch_size, length=length,
-                       gpu=ft.use_gpu, weight_bytes=2 if ft.use_gpu and ft.precision != "fp32" else 4)
-    return round(est.host / GIB, 2)
+    return round(finetune_memory(c.shape, ft, length).host / GIB, 2)
 
 
 def format_plan(p: dict[str, Any]) -> str:

@@ -77,9 +77,10 @@ def shape_of(model, targets) -> Shape:
                  lora_params={1: per_rank})
 
 
-def meta_shape(path_or_id: str, targets, trust_remote_code: bool = False, revision: str | None = None,
-               offline: bool = False) -> Shape:
-    """A candidate's shape from its config alone (the model is built on the meta device)."""
+def meta_model(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None,
+               offline: bool = False):
+    """(config, model) from a config alone: the model is built on the meta device, so no memory and no
+    weights are touched. Offline, only a cached config is read."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -88,7 +89,12 @@ def meta_shape(path_or_id: str, targets, trust_remote_code: bool = False, revisi
     config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, revision=revision,
                                         token=hf_token(), local_files_only=offline)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return config, AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def meta_shape(path_or_id: str, targets, trust_remote_code: bool = False) -> Shape:
+    """A candidate's shape from its config alone."""
+    config, model = meta_model(path_or_id, trust_remote_code)
     return shape_of(model, resolve_targets(config, targets))
 
 
@@ -136,6 +142,12 @@ def trial_memory(shape: Shape, *, method: str, lora_r: int, micro_batch: int, le
     if gpu:
         return TrialMemory(PROCESS_BYTES, weights, state, activations, logits, on_device, PROCESS_BYTES + weights)
     return TrialMemory(PROCESS_BYTES, weights, state, activations, logits, 0, PROCESS_BYTES + on_device)
+
+
+def finetune_memory(shape: Shape, ft, length: int) -> TrialMemory:
+    """trial_memory for the job's finetune section (LoRA rank, micro-batch, device, precision)."""
+    return trial_memory(shape, method=ft.method, lora_r=ft.lora.r, micro_batch=ft.batch_size, length=length,
+                        gpu=ft.use_gpu, weight_bytes=2 if ft.use_gpu and ft.precision != "fp32" else 4)
 
 
 def length_bound(rows, max_length: int) -> int:

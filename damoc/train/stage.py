@@ -25,7 +25,7 @@ import ray
 
 from damoc import metrics
 from damoc.lm.load import context_window
-from damoc.lm.memory import length_bound
+from damoc.lm.memory import GIB, length_bound
 from damoc.pipeline import Stage, StageContext, register_stage
 from damoc.plan import candidate_figures, planned_steps, resolve_grace
 from damoc.rundir import atomic_write_json, read_json
@@ -122,7 +122,7 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book
     if memory:
         peak = max((r["peak_rss_bytes"] for r in rows if r.get("peak_rss_bytes") == r.get("peak_rss_bytes")
                     and r.get("peak_rss_bytes")), default=None)
-        out["memory"] = {**memory, "peak_gib": round(peak / 1024 ** 3, 2) if peak else None,
+        out["memory"] = {**memory, "peak_gib": round(peak / GIB, 2) if peak else None,
                          "memory_failures": rec.memory_failures}
     if "chat_template" in last:
         out["prompt"] = "chat template" if last["chat_template"] else "plain"
@@ -196,7 +196,7 @@ def memory_estimates(ctx: StageContext, plans: dict[str, TrialPlan], length: int
     """Per candidate, what one worker needs (damoc/lm/memory.py) and what it asks Ray for: the estimate, or
     finetune.resources_per_worker's `memory` where set, never more than the largest node has (a request no
     node can meet would wait forever; such a trial runs alone there, and is said to be at risk)."""
-    from damoc.lm.memory import GIB, meta_shape, trial_memory
+    from damoc.lm.memory import finetune_memory, meta_shape
 
     ft = ctx.spec.finetune
     nodes = [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")]
@@ -209,9 +209,7 @@ def memory_estimates(ctx: StageContext, plans: dict[str, TrialPlan], length: int
         except Exception as exc:  # noqa: BLE001 - a config the meta device cannot build: ask for nothing
             log.warning("finetune: %s: no memory estimate (%s); its trial asks Ray for CPUs only", name, exc)
             continue
-        est = trial_memory(shape, method=ft.method, lora_r=ft.lora.r, micro_batch=ft.batch_size,
-                           length=min(length, plan.args.max_length), gpu=ft.use_gpu,
-                           weight_bytes=2 if ft.use_gpu and ft.precision != "fp32" else 4)
+        est = finetune_memory(shape, ft, min(length, plan.args.max_length))
         asked = int((ft.resources_per_worker or {}).get("memory", est.host))
         if largest and asked > largest:
             log.warning("finetune: %s needs ~%.1f GiB a worker; the largest node has %.1f GiB for tasks: it "
@@ -299,7 +297,7 @@ class FinetuneStage(Stage):
             for name, plan in plans.items():
                 plan.memory = shared
                 if name in memory:
-                    memory[name]["requested_gib"] = round(shared / 1024 ** 3, 2)
+                    memory[name]["requested_gib"] = round(shared / GIB, 2)
         need = ft.num_workers * max((p.memory for p in plans.values()), default=0)
         mem_fits = fitting(cluster, {"memory": need}) if need else concurrent
         if mem_fits < concurrent:
