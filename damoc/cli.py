@@ -52,6 +52,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_runtime_env(args: argparse.Namespace) -> int:
+    """The runtime env to submit the job with, on stdout (jobs/submit.sh); problems on stderr, exit 2."""
+    import yaml
+
+    from damoc.cluster_env import load_base, runtime_env_for
+
+    try:
+        spec = load_spec(args.job)
+        base = load_base(args.base)
+    except SpecError as err:
+        _print_spec_error(err)
+        return EXIT_BAD_INPUT
+    except (OSError, ValueError) as err:
+        print(f"damoc runtime-env: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    env, problems, notes = runtime_env_for(spec, base, Path.cwd(), str(args.job))
+    for line in problems:
+        print(f"{args.job}: {line}", file=sys.stderr)
+    if problems:
+        return EXIT_BAD_INPUT
+    for line in notes:
+        print(f"{args.job}: {line}", file=sys.stderr)
+    print(yaml.safe_dump(env, sort_keys=False), end="")
+    return EXIT_OK
+
+
 def cmd_select(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -77,9 +103,12 @@ def cmd_select(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
 
     def start_ray():
+        from damoc.interrupt import reclaim
         from damoc.runtime import connect
 
-        return connect(args.address, num_cpus=args.cpus)
+        runtime = connect(args.address, num_cpus=args.cpus)
+        reclaim()  # ray.init replaced the SIGTERM handler with one that exits the process
+        return runtime
 
     pipeline = Pipeline(spec, runtime_factory=start_ray)
     try:
@@ -98,6 +127,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def _select(args, spec, stages, pipeline, handler, terminal) -> int:
+    from damoc.interrupt import interruptible, interruption
     from damoc.pipeline import PipelineError, StageFailed
     from damoc.rundir import RunLocked
 
@@ -111,11 +141,20 @@ def _select(args, spec, stages, pipeline, handler, terminal) -> int:
     for line in candidate_problems(spec):  # those candidates fail in their stage; the others run
         log.warning("%s: %s", args.job, line)
     try:
-        outcomes = pipeline.run(stages, resume=resume)
+        with interruptible():
+            outcomes = pipeline.run(stages, resume=resume)
     except (PipelineError, StageFailed, RunLocked, OSError) as err:  # OSError: full disk, lost mount
         log.error("%s", err)
         log.info("the run's log, with the traceback: %s (-v shows it here)", pipeline.run_dir / "logs" / "damoc.log")
         return EXIT_FAILED
+    except BaseException as exc:  # noqa: BLE001 - an interruption, whatever a library made of it; else re-raised
+        stop = interruption(exc)
+        if stop is None:
+            raise
+        log.error("job %s: interrupted (%s); the run is not complete and nothing unfinished is marked done. "
+                  "The same command continues it: finished stages and trials are kept, interrupted trials "
+                  "resume from their last checkpoints", spec.name, stop.signal_name)
+        return stop.exit_code
     finally:
         logging.getLogger("damoc").removeHandler(handler)
         handler.close()
@@ -209,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("job", type=Path)
     pl.add_argument("--json", action="store_true", help="print the projection as JSON")
     pl.set_defaults(func=cmd_plan)
+
+    e = sub.add_parser("runtime-env", help="the runtime env to `ray job submit` a job with: the base one, "
+                       "narrowed so that the files its spec names are uploaded (jobs/submit.sh uses it)")
+    e.add_argument("job", type=Path)
+    e.add_argument("--base", default="cluster/runtime_env.yaml", help="the runtime env to start from")
+    e.set_defaults(func=cmd_runtime_env)
 
     s = sub.add_parser("select", help="run the selection job and write the run directory")
     s.add_argument("job", type=Path)

@@ -24,3 +24,31 @@ def tune_survives_oom_kills() -> None:
 
     handle_oom_as_actor_death.damoc_oom = True
     manager._actor_task_failed = handle_oom_as_actor_death
+
+
+def actor_node(actor_id: str) -> str | None:
+    """The node an actor ran on, from the GCS's actor table (Ray's public state API needs the dashboard, which a
+    cluster may not run): names the node a lost trial was on before it ever reported. None if unknown."""
+    try:
+        from ray._private import state
+
+        return state.actors(actor_id=actor_id)["Address"]["NodeID"] or None
+    except Exception:  # noqa: BLE001 - a name for a log line only
+        return None
+
+
+def send_token_if_at_hand() -> bool:
+    """Token authentication for a client joining a cluster, when a token is at hand (RAY_AUTH_TOKEN, or
+    ~/.ray/auth_token) and RAY_AUTH_MODE is unset: clusters started with `ray start` (Ray >= 2.52) refuse
+    clients without it after ~20 s of retries, saying only "failed to connect", and clusters without
+    authentication accept it. `ray.init(address=...)` does not do this by itself, and setting the variable
+    once Ray is imported is not enough (its config is cached): Ray's own helper refreshes it. True if on."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # another Ray: the user sets RAY_AUTH_MODE themselves
+        import os
+
+        return os.environ.get("RAY_AUTH_MODE") == "token"
+    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)

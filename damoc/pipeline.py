@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from damoc.interrupt import interruption
 from damoc.metrics import record_stage
 from damoc.rundir import (
     atomic_write_json,
@@ -421,7 +422,8 @@ class Pipeline:
             swap_in_dir(tmp, final)
         except BaseException as exc:
             seconds = time.monotonic() - t0
-            if isinstance(exc, Exception):
+            stop = interruption(exc)
+            if isinstance(exc, Exception) and stop is None:
                 kept = keep_failed(tmp, final)
                 log.error("stage %s: failed after %.1fs: %s: %s", name, seconds, type(exc).__name__, exc)
                 if kept:
@@ -429,6 +431,10 @@ class Pipeline:
                 log.debug("stage %s: the traceback", name, exc_info=exc)  # the run's log; the terminal with -v
                 raise StageFailed(name, seconds, exc) from exc
             shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("stage %s: interrupted after %.1fs (%s): not marked done", name, seconds,
+                        str(stop or exc) or type(exc).__name__)
+            if stop is not None and stop is not exc:
+                raise stop from exc
             raise
         shutil.rmtree(failed_dir(final), ignore_errors=True)  # superseded by this success
         log.info("stage %s: done in %.1fs %s", name, seconds, format_counts(counts))

@@ -80,6 +80,21 @@ def target_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
+def unreachable(address: str, exc: BaseException) -> str:
+    """What to say when a cluster cannot be joined: Ray's own message names neither token authentication
+    (Ray >= 2.52 clusters started with `ray start` refuse clients without the cluster's token) nor a fix."""
+    cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    token = os.environ.get("RAY_AUTH_TOKEN") or DEFAULT_TOKEN_PATH.is_file()
+    if os.environ.get("RAY_AUTH_MODE") == "token" and token:
+        auth = ("this client sends the token in RAY_AUTH_TOKEN or ~/.ray/auth_token: check that it is the cluster's "
+                "(the head node's ~/.ray/auth_token)")
+    else:
+        auth = ("if the cluster uses token authentication (Ray >= 2.52 clusters started with `ray start` do), run "
+                "with RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+    return (f"could not join the Ray cluster at {address} ({cause}): {auth}; otherwise check the address and that "
+            "the cluster is up")
+
+
 def _protect_token_file(path: Path = DEFAULT_TOKEN_PATH) -> None:
     # Ray writes the token world-readable; it is a secret that lets anyone on the host submit jobs.
     try:
@@ -138,12 +153,18 @@ def connect(
     """Join the cluster at `address`/RAY_ADDRESS, or start an embedded local one."""
     import ray
 
+    from damoc.compat import send_token_if_at_hand
+
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in this process; call Runtime.shutdown() first")
     target = target_address(address)
     t0 = time.monotonic()
     if target:
-        ctx = ray.init(address=target, log_to_driver=log_to_driver)
+        send_token_if_at_hand()
+        try:
+            ctx = ray.init(address=target, log_to_driver=log_to_driver)
+        except ConnectionError as exc:
+            raise ConnectionError(unreachable(target, exc)) from exc
         rt = Runtime(address=ctx.address_info["address"], dashboard_url=ctx.dashboard_url, embedded=False)
         log.info("ray: connected to %s in %.1fs", rt.address, time.monotonic() - t0)
         return rt
@@ -195,3 +216,19 @@ def connect(
     if rt.job_submit_hint:
         log.info("ray: submit to it with: %s", rt.job_submit_hint)
     return rt
+
+
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
+
+
+def on_head_node():
+    """A scheduling strategy for the small actors a stage's work talks to (the rung barrier, the data stage's
+    tally): the head node, which lives as long as the cluster; a worker node lost with one of them on it
+    would take every caller along. Not soft: Ray's scheduler treats a soft affinity as a mere preference
+    and spreads such actors over the workers anyway. None (any node) where there is no head to find."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next((n["NodeID"] for n in ray.nodes() if n.get("Alive") and HEAD_RESOURCE in n.get("Resources", {})),
+                None)
+    return NodeAffinitySchedulingStrategy(head, soft=False) if head else None

@@ -56,6 +56,26 @@ class Flaky(Stage):
         return {"files": 2}
 
 
+class Signalled(Stage):
+    """Writes a partial file, then gets DAMOC_TEST_SIGNAL (a signal number, if set) from itself; with DAMOC_TEST_WRAP
+    the exception it raises is swallowed and replaced, as Ray's C++ calls do (a SystemError)."""
+
+    name, output, needs, spec_keys, needs_ray = "signalled", "signalled", ("count",), (), False
+
+    def run(self, ctx: StageContext):
+        (ctx.out / "partial.txt").write_text("half")
+        try:
+            if os.environ.get("DAMOC_TEST_SIGNAL"):
+                os.kill(os.getpid(), int(os.environ["DAMOC_TEST_SIGNAL"]))
+                time.sleep(5)
+        except BaseException:
+            if os.environ.get("DAMOC_TEST_WRAP"):
+                raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from None
+            raise
+        (ctx.out / "done.txt").write_text("whole")
+        return {"files": 2}
+
+
 class Slow(Stage):
     """Writes a partial file, signals it started, then hangs while DAMOC_TEST_HANG is set."""
 
@@ -124,4 +144,4 @@ class StartsEarly(Stage):
         return {"prepared": len(born)}
 
 
-REGISTRY = {cls.name: cls for cls in (CountRows, SquareOnRay, Flaky, Slow, FillThenIdle, HoldOne, StartsEarly)}
+REGISTRY = {cls.name: cls for cls in (CountRows, SquareOnRay, Flaky, Signalled, Slow, FillThenIdle, HoldOne, StartsEarly)}

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -31,34 +33,46 @@ def scrape(port: int) -> set[str]:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_a_selection_and_exports_damoc_metrics(job_dir, tiny_model, tmp_path):
-    os.symlink(tiny_model("gpt2"), job_dir / "zoo" / "gpt2-s")
+def test_submit_sh_runs_a_selection_and_exports_damoc_metrics(job_dir, tiny_model, tmp_path):
+    """jobs/submit.sh as the README runs it, against a token-authenticated cluster: its spec's relative paths
+    point into zoo/ (which the runtime env excludes) and reach the cluster; the token is picked up."""
+    folder = REPO / "zoo" / f"_submit-{uuid.uuid4().hex[:8]}"  # inside the working dir that is uploaded
+    rel = folder.relative_to(REPO)
+    shutil.copytree(job_dir / "data", folder / "data")
+    for name, family in (("llama-s", "llama"), ("gpt2-s", "gpt2")):
+        shutil.copytree(tiny_model(family), folder / "models" / name)
     spec = spec_dict(**{
         "name": "submitted", "output_dir": str(tmp_path / "runs" / "submitted"),
-        "data.train": {"path": str(job_dir / "data" / "train.jsonl")}, "data.eval": {"split_ratio": 0.2},
+        "data.train": {"path": f"{rel}/data/train.jsonl"}, "data.eval": {"split_ratio": 0.2},
         "data.filter": {"method": "none"}, "data.compress": {"enabled": True, "ratio": 0.6},
-        "candidates": [{"name": n, "path": str(job_dir / "zoo" / n)} for n in ("llama-s", "gpt2-s")],
+        "candidates": [{"name": n, "path": f"{rel}/models/{n}"} for n in ("llama-s", "gpt2-s")],
         "model.prune_ratio": 0.25,
         "finetune": {"num_workers": 1, "max_steps": 8, "eval_every": 4, "batch_size": 4,
                      "deepspeed": {"enabled": False}},
         "tune": {"grace_period": 4}})
-    spec_path = write_spec(tmp_path / "job.yaml", spec)
+    write_spec(folder / "job.yaml", spec)
     metrics_port = free_port()
-    head = start_head(num_cpus=3, metrics_port=metrics_port)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["RAY_AUTH_MODE"] = "token"
+    try:
+        head = start_head(num_cpus=3, metrics_port=metrics_port)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_AUTH_MODE: submit.sh sets it
+    env.update(RAY_ADDRESS=f"http://{head.dashboard_url}", DAMOC_RUNTIME_ENV="cluster/runtime_env.image.yaml",
+               DAMOC_CLUSTER_PYTHON=sys.executable)  # the cluster's nodes run this virtualenv's interpreter
     ray_bin, address = str(Path(sys.executable).parent / "ray"), f"http://{head.dashboard_url}"
-    job_id = f"damoc-submit-{uuid.uuid4().hex[:8]}"
     try:
         for _ in range(60):  # the job agent registers a few seconds after the head is up
-            r = subprocess.run([ray_bin, "job", "submit", "--address", address, "--submission-id", job_id,
-                                "--working-dir", str(REPO), "--runtime-env", str(REPO / "cluster/runtime_env.image.yaml"),
-                                "--no-wait", "--", sys.executable, "-m", "damoc", "select", str(spec_path)],
-                               capture_output=True, text=True, timeout=300, env=env)
+            r = subprocess.run([str(REPO / "jobs" / "submit.sh"), f"{rel}/job.yaml", "--no-wait"],
+                               capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
             if r.returncode == 0 or "No available agent" not in r.stderr:
                 break
             time.sleep(1)
-        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        shipped = next(ln for ln in r.stderr.splitlines() if "shipped from the excluded zoo" in ln)
+        assert f"{rel}/data/train.jsonl" in shipped and f"{rel}/models/gpt2-s" in shipped
+        job_id = re.search(r"job (damoc-job-\S+): ray job logs", r.stdout).group(1)
+        env["RAY_AUTH_MODE"] = "token"
         seen: set[str] = set()
         status, deadline = "PENDING", time.monotonic() + 900
         while time.monotonic() < deadline:
@@ -85,6 +99,7 @@ def test_ray_job_submit_runs_a_selection_and_exports_damoc_metrics(job_dir, tiny
                 "ray_damoc_train_loss", "ray_damoc_eval_metric", "ray_damoc_stage_seconds"} <= seen, seen
     finally:
         head.stop()
+        shutil.rmtree(folder, ignore_errors=True)
     assert not head.processes()  # only that cluster was stopped, and all of it
 
 
@@ -185,3 +200,45 @@ def test_cluster_launcher_and_runtime_env():
     assert not any(p.startswith("ray") for p in pins)  # the cluster's own Ray, never a second one
     r = subprocess.run(["bash", "-n", str(REPO / "jobs/submit.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_runtime_env_ships_what_the_spec_names_and_refuses_what_it_cannot(tmp_path, tiny_model):
+    """`damoc runtime-env`: excluded folders (and .gitignore's) narrowed to the named files; a relative path
+    outside the working dir refused naming its key; an absolute one flagged."""
+    from damoc.cluster_env import runtime_env_for
+    from damoc.spec import spec_from_data
+
+    root = tmp_path / "repo"
+    (root / "zoo" / "demo" / "data").mkdir(parents=True)
+    (root / "zoo" / "demo" / "data" / "train.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
+    (root / "zoo" / "demo" / "data" / "other.jsonl").write_text("")
+    (root / "zoo" / "bench").mkdir()
+    shutil.copytree(tiny_model("llama"), root / "zoo" / "demo" / "models" / "llama-s")
+    (root / ".gitignore").write_text("# local state\n/zoo/\n/runs/\n")
+    data = spec_dict(**{"data.train": {"path": "zoo/demo/data/train.jsonl"},
+                        "candidates": [{"name": "llama-s", "path": "zoo/demo/models/llama-s"}]})
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        spec = spec_from_data(data, base_dir=str(root))
+        env, problems, notes = runtime_env_for(spec, {"excludes": ["zoo", ".git"], "env_vars": {"A": "1"}}, root)
+        assert not problems and env["env_vars"] == {"A": "1"}
+        assert "zoo" not in env["excludes"] and "/zoo/" not in env["excludes"] and "/runs/" in env["excludes"]
+        assert {"/zoo/bench", "/zoo/demo/data/other.jsonl"} <= set(env["excludes"])
+        assert not any(e.startswith(("/zoo/demo/models", "/zoo/demo/data/train")) for e in env["excludes"])
+        outside = tmp_path / "elsewhere.jsonl"
+        outside.write_text("")
+        spec = spec_from_data({**data, "data": {"train": {"path": "../elsewhere.jsonl"}}}, base_dir=str(root))
+        _, problems, _ = runtime_env_for(spec, {}, root)
+        assert problems and problems[0].startswith("data.train.path: ../elsewhere.jsonl is outside")
+        spec = spec_from_data({**data, "data": {"train": {"path": str(outside)}}}, base_dir=str(root))
+        _, problems, notes = runtime_env_for(spec, {}, root)
+        assert not problems and any("absolute path: it must exist on every node" in n for n in notes)
+    finally:
+        os.chdir(cwd)
+
+
+def test_the_cluster_entrypoint_names_an_interpreter_without_damocs_dependencies():
+    r = subprocess.run(["sh", str(REPO / "jobs" / "entrypoint.sh"), "/bin/false", "select", "job.yaml"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "lacks DaMoC's dependencies" in r.stderr and "DAMOC_CLUSTER_PYTHON" in r.stderr

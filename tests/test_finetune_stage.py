@@ -10,6 +10,7 @@ import re
 
 import pytest
 from conftest import QA_ROWS, spec_dict, write_jsonl
+from trainkit import hopeless_copy
 
 from damoc.cli import main
 from damoc.pipeline import Pipeline
@@ -25,20 +26,6 @@ def _no_ray_address(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
-def hopeless(src, dst):
-    """A copy of a tiny model whose final norm is zero: its logits are 0 whatever LoRA learns (norms are not
-    LoRA targets), so it stays at the uniform distribution, clearly worse than candidates that learn."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(src)
-    with torch.no_grad():
-        model.model.norm.weight.zero_()
-    model.save_pretrained(dst)
-    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-    return dst
-
-
 @pytest.mark.slow
 def test_three_candidates_ranked_weak_one_stopped_early(tmp_path, tiny_model, tokenizer_dir):
     write_jsonl(tmp_path / "data" / "train.jsonl", QA_ROWS * 3)
@@ -47,7 +34,7 @@ def test_three_candidates_ranked_weak_one_stopped_early(tmp_path, tiny_model, to
         "data.filter": {"method": "none"}, "data.compress": {"enabled": False}, "data.eval": {"split_ratio": 0.2},
         "candidates": [{"name": "llama-a", "path": str(good)},
                        {"name": "gpt2-b", "path": str(tiny_model("gpt2", hidden=32, layers=4))},
-                       {"name": "llama-bad", "path": str(hopeless(good, tmp_path / "bad"))},
+                       {"name": "llama-bad", "path": str(hopeless_copy(good, tmp_path / "bad"))},
                        {"name": "bloom-x", "path": str(unsupported_model(tmp_path / "bloom", tokenizer_dir))}],
         "model": {"prune_ratio": 0.5, "calibration": {"rows": 8, "batch_size": 4}},
         "finetune": {"num_workers": 2, "max_steps": 8, "eval_every": 4, "batch_size": 4, "lr": 5e-3},
@@ -99,7 +86,7 @@ def test_stop_when_decided_ranks_as_finishing_the_winner_does(tmp_path, tiny_mod
         "data.filter": {"method": "none"}, "data.compress": {"enabled": False}, "data.eval": {"split_ratio": 0.2},
         "candidates": [{"name": "llama-a", "path": str(good)},
                        {"name": "gpt2-b", "path": str(tiny_model("gpt2", hidden=32, layers=2))},
-                       {"name": "llama-bad", "path": str(hopeless(good, tmp_path / "bad"))}],
+                       {"name": "llama-bad", "path": str(hopeless_copy(good, tmp_path / "bad"))}],
         "model": {"enabled": False},
         "finetune": {"num_workers": 1, "max_steps": 8, "eval_every": 2, "batch_size": 4, "lr": 5e-3},
         "tune": {"grace_period": 2, "reduction_factor": 2, "callbacks": ["tensorboard"]}})

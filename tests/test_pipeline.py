@@ -126,6 +126,25 @@ def test_failed_stage_keeps_previous_output_and_leaves_no_partial(job_dir, monke
     assert not (p.run_dir / "flaky.failed").exists()
 
 
+@pytest.mark.parametrize("signum, wrapped", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True)])
+def test_a_stop_signal_is_an_interruption_never_a_success_or_a_failure(job_dir, monkeypatch, signum, wrapped):
+    """SIGINT/SIGTERM inside a stage: Interrupted with the shell's exit code, the stage neither marked done
+    nor kept as failed, even when a library turned the signal's exception into its own error."""
+    from damoc.interrupt import Interrupted, interruptible
+
+    monkeypatch.setenv("DAMOC_TEST_SIGNAL", str(int(signum)))
+    if wrapped:
+        monkeypatch.setenv("DAMOC_TEST_WRAP", "1")
+    p = make_pipeline(job_dir)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(Interrupted) as stop, interruptible():
+        p.run(["count", "signalled"])
+    assert stop.value.exit_code == 128 + signum
+    assert read_marker(p.run_dir, stages.CountRows) is not None  # the stage before it is done
+    assert not (p.run_dir / "signalled").exists() and not (p.run_dir / "signalled.failed").exists()
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers are put back
+
+
 def test_failed_first_run_leaves_nothing_that_looks_complete(job_dir, monkeypatch):
     monkeypatch.setenv("DAMOC_TEST_FAIL", "1")
     p = make_pipeline(job_dir)

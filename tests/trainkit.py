@@ -41,3 +41,17 @@ def fit(cfg: dict, data: Path, storage: Path, workers: int = 2, max_failures: in
         run_config=ray.train.RunConfig(name="fit", storage_path=str(storage),
                                        failure_config=ray.train.FailureConfig(max_failures=max_failures)))
     return trainer.fit()
+
+
+def hopeless_copy(src, dst):
+    """A copy of a tiny model whose final norm is zero: its logits are 0 whatever LoRA learns (norms are not
+    LoRA targets), so it stays at the uniform distribution, clearly worse than candidates that learn."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst

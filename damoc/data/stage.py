@@ -45,6 +45,7 @@ from damoc.data.work import ALIVE, DROPPED, EVAL, QUARANTINED, WorkData, WorkRow
 from damoc.lm.load import load_tokenizer
 from damoc.pipeline import Stage, StageContext, register_stage
 from damoc.rundir import atomic_write_json
+from damoc.runtime import on_head_node
 from damoc.spec import DataSpec, JobSpec
 
 log = logging.getLogger("damoc.data")
@@ -276,9 +277,16 @@ def actor_cpus(cpus: float, actors: int) -> float:
     return min(1.0, max(0.0, (cpus - 1) / max(1, actors)))
 
 
+def cpus_after_a_node_loss() -> float:
+    """The cluster's CPUs less its largest node's, where several nodes have CPUs: actors sized for the whole
+    cluster come back after a node is lost and hold every CPU left, and the tasks feeding them never run."""
+    nodes = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    return sum(nodes) - max(nodes) if len(nodes) > 1 else float(sum(nodes) or 1)
+
+
 def actor_pool(d: DataSpec, concurrent_pools: int) -> dict[str, Any]:
     """map_batches arguments for a model actor pool (`concurrent_pools` of them run at once)."""
-    per_actor = actor_cpus(float(ray.cluster_resources().get("CPU", 1)), concurrent_pools * d.num_actors)
+    per_actor = actor_cpus(cpus_after_a_node_loss(), concurrent_pools * d.num_actors)
     return dict(compute=ray.data.ActorPoolStrategy(size=d.num_actors), batch_size=d.batch_size,
                 num_cpus=per_actor, num_gpus=d.num_gpus_per_actor, batch_format="pandas")
 
@@ -481,7 +489,7 @@ class DataStage(Stage):
         the training batches of a seeded run are the same every time."""
         t0 = time.monotonic()
         plan = self.plan(ctx)
-        tally = Tally.remote()
+        tally = Tally.options(scheduling_strategy=on_head_node()).remote()  # survives a lost worker node
         work, streamed = self.pass1(ctx, plan, tally)
         log.debug("data: driver RSS %s MiB after pass 1", _rss_mib())
         drops, timings = self.select(ctx, plan, work)

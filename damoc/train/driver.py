@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -26,7 +27,8 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from damoc.compat import tune_survives_oom_kills
+from damoc.compat import actor_node, tune_survives_oom_kills
+from damoc.runtime import on_head_node
 from damoc.train.args import TrainArgs
 from damoc.train.loop import train_loop_per_worker
 from damoc.train.rungs import RUNG_SCORE, RungBarrier
@@ -154,9 +156,10 @@ class TrialRecord:
     entered: float | None = None  # when this attempt's trial function started (reported by rank 0)
     status: str | None = None  # Tune's, at the end: TERMINATED | ERROR
     rungs: dict[str, float] = field(default_factory=dict)  # the metric at each rung it reported
-    earlier_seconds: float = 0.0  # wall seconds of attempts cut short by an interrupted driver
+    earlier_seconds: float = 0.0  # wall seconds of earlier attempts: lost, paused, or cut short by the driver
     attempts: int = 0
     memory_failures: int = 0  # attempts that ended for lack of memory
+    node: str | None = None  # where its latest attempt reported from
 
 
 @dataclass
@@ -220,7 +223,37 @@ class Book:
 
 
 class ResumableASHA(ASHAScheduler):
-    """ASHA whose rung records can be saved and put back (Tune restores trials, not the scheduler)."""
+    """ASHA whose rung records can be saved and put back (Tune restores trials, not the scheduler), and
+    which keeps a lost trial from falling behind for good.
+
+    A trial whose process died (its node was lost) waits for a slot to restart from its checkpoint; the
+    trials still running would otherwise train on past their rungs, holding the slots it needs, and be
+    judged without it. So a trial that reaches a rung while a displaced trial (lost, or paused here) waits
+    below that rung yields its slot: Tune pauses it there (its checkpoint is the one it just reported) and
+    starts the waiting one first (Tune runs pending trials before paused ones). The cost of a lost node is
+    the lost trial's steps since its checkpoint and its restart, and the ranking does not depend on it."""
+
+    def __init__(self, *args, rungs: list[int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rungs = set(rungs or [])
+        self.displaced: dict[str, int] = {}  # trial id -> the step it waits at for a slot
+        self.on_yield: Any = None  # called with a trial that yields its slot (the barrier stops waiting for it)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        step = result.get("step")
+        if decision != self.CONTINUE or step not in self.rungs:
+            return decision
+        waiting = [t for t in tune_controller.get_trials() if t.status in ("PENDING", "PAUSED")
+                   and self.displaced.get(t.trial_id, step) < step]
+        if not waiting:
+            return decision
+        self.displaced[trial.trial_id] = step
+        if self.on_yield is not None:
+            self.on_yield(trial)
+        log.info("finetune: %s yields its slot at step %d to %s, waiting for one below that rung",
+                 trial.config.get("candidate"), step, ", ".join(t.config.get("candidate", "?") for t in waiting))
+        return self.PAUSE
 
     def records(self) -> list[dict[str, dict[str, float]]]:
         """Per bracket, per rung milestone: {trial id: recorded value}."""
@@ -239,6 +272,18 @@ class Bookkeeping(tune.Callback):
     def __init__(self, book: Book, scheduler, barrier_name: str | None):
         self.book, self.scheduler, self.barrier_name = book, scheduler, barrier_name
         BOOKS[book.key] = book
+        if isinstance(scheduler, ResumableASHA):
+            scheduler.on_yield = self._off_slot
+
+    def _off_slot(self, trial) -> TrialRecord:
+        """A trial that lost its slot (its process died) or yields it (paused): the attempt that ends is
+        closed on the bill (every attempt is paid for), and the rung barrier stops waiting for it."""
+        rec, now = self.book.record(trial.config["candidate"]), time.time()
+        rec.earlier_seconds += max(0.0, now - (rec.entered or rec.started or now))
+        rec.started = rec.entered = rec.first_result = None
+        if self.barrier_name:
+            self._barrier().leave.remote(rec.name)
+        return rec
 
     def _barrier(self):
         return ray.get_actor(self.barrier_name) if self.barrier_name else None
@@ -247,6 +292,8 @@ class Bookkeeping(tune.Callback):
         rec = self.book.record(trial.config["candidate"])
         rec.started, rec.ended, rec.status = time.time(), None, None
         rec.attempts += 1
+        if isinstance(self.scheduler, ResumableASHA):
+            self.scheduler.displaced.pop(trial.trial_id, None)
         if self.barrier_name:
             self._barrier().join.remote(rec.name, rec.last_step)
 
@@ -255,6 +302,7 @@ class Bookkeeping(tune.Callback):
         rec.first_result = rec.first_result or now
         rec.last_result = now
         rec.entered = result.get("trial_started_at") or rec.entered
+        rec.node = result.get("node") or rec.node
         if "step" in result:
             rec.last_step = int(result["step"])
             value = result.get(self.book.metric)
@@ -275,15 +323,29 @@ class Bookkeeping(tune.Callback):
         self._end(trial, "TERMINATED")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        """A trial about to be retried: if its process ran out of memory, the retry trains in micro-batches
-        half as large (its config is what the new attempt starts with)."""
-        rec = self.book.record(trial.config["candidate"])
-        if out_of_memory(last_failure(trial)):
+        """A trial about to be retried (its process died: a lost node, a crash, lack of memory). The attempt
+        that ended stays on the bill; the trial leaves the rung barrier, so the trials waiting there are
+        released under ASHA's rule instead of holding their slots for one that may need a slot to come back
+        (it is judged by plain ASHA when it reaches the rung). If it ran out of memory, the retry trains in
+        micro-batches half as large (its config is what the new attempt starts with)."""
+        rec, failure = self._off_slot(trial), last_failure(trial)
+        if isinstance(self.scheduler, ResumableASHA):
+            self.scheduler.displaced[trial.trial_id] = rec.last_step
+        if out_of_memory(failure):
             rec.memory_failures += 1
             if not trial.config.get(HALVINGS):
                 trial.config[HALVINGS] = 1
                 log.warning("finetune: %s ran out of memory; retrying from its last checkpoint in micro-batches "
                             "half as large (same effective batch)", rec.name)
+            return
+        actor = re.search(r"actor(?:_id:| ID:)? ([0-9a-f]{32})", failure)  # its node, if it never reported
+        since = f"step {rec.last_step} (its last checkpoint)" if rec.last_step else "the start (no checkpoint yet)"
+        node = (rec.node or (actor_node(actor.group(1)) if actor else None) or "?")[:12]
+        if any(sign in failure for sign in NODE_LOSS_SIGNS):  # its process unreachable: the node is going
+            log.warning("finetune: node %s lost: %s restarts from %s where there is room", node, rec.name, since)
+        else:
+            log.warning("finetune: %s: its trial process on node %s ended (%s); it restarts from %s", rec.name,
+                        node, failure_line(failure), since)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if out_of_memory(last_failure(trial)):
@@ -305,6 +367,15 @@ class Bookkeeping(tune.Callback):
         BOOKS[self.book.key] = self.book
         if state.get("asha") and isinstance(self.scheduler, ResumableASHA):
             self.scheduler.load_records(state["asha"])
+
+
+NODE_LOSS_SIGNS = ("node has died", "node was terminated", "ActorUnavailableError", "temporarily unavailable")
+
+
+def failure_line(failure: str) -> str:
+    """The last line of a failure's text that says something (Tune's error file ends with the cause)."""
+    lines = [ln.strip() for ln in failure.splitlines() if ln.strip() and not ln.startswith(("Traceback", "  "))]
+    return lines[-1][:160] if lines else "no reason given"
 
 
 def last_failure(trial) -> str:
@@ -371,8 +442,11 @@ def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[st
             ray.kill(ray.get_actor(barrier_name))
         except ValueError:
             pass
-        barrier = RungBarrier.options(name=barrier_name).remote(reduction_factor, rung_timeout_s, book.expected,
-                                                                book.decide)
+        where = on_head_node()
+        log.debug("finetune: rung barrier %s on %s", barrier_name, f"the head node {where.node_id[:12]}" if where
+                  else "any node (no head node found)")
+        barrier = RungBarrier.options(name=barrier_name, scheduling_strategy=where).remote(
+            reduction_factor, rung_timeout_s, book.expected, book.decide)
     # A worker-group trial is only a driver (its workers have their own resources): no CPU, so trials
     # never take CPUs their workers need; a little memory because a bundle cannot be empty. A local-mode
     # trial is the worker: it holds the worker's resources, and its process (imports, process group)
@@ -394,7 +468,7 @@ def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[st
                                    restart_errored=False)
     else:
         sched = (ResumableASHA(time_attr="step", grace_period=grace_period, reduction_factor=reduction_factor,
-                               max_t=book.planned_steps) if scheduler == "asha" else FIFOScheduler())
+                               max_t=book.planned_steps, rungs=book.rungs) if scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
             param_space={"candidate": tune.grid_search(list(plans))},

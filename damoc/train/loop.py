@@ -258,6 +258,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if window is not None and window < args.max_length:  # a hub original the stage could not read ahead
         args = replace(args, max_length=window)
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    node = ray.get_runtime_context().get_node_id()  # where this attempt runs (results.json lists them)
     chat = float(uses_chat(tok, args.template))  # which prompt shape this candidate trains on
     pad = pad_id(tok)
     with timeline.phase("data_ready"):
@@ -293,7 +294,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report({**result, RUNG_SCORE: result[args.metric], "step": 0, "train_tokens": 0, "train_flops": 0.0, "forward_params": forward_params,
                 "trainable_params": trainable_params, "start_step": 0, "workers": world, "restarts": 0,
                 "chat_template": chat, "micro_batch": args.batch_size, "peak_rss_bytes": peak_memory(),
-                "trial_started_at": args.trial_started_at, **timeline.metrics()})
+                "trial_started_at": args.trial_started_at, "node": node, **timeline.metrics()})
     start_step, t0, loss_sum, loss_n, tokens = state["step"], time.monotonic(), 0.0, 0, 0
     model.train()
     t_train = time.perf_counter()
@@ -327,7 +328,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "train_seconds": round(state["seconds"], 3), "restarts": state["restarts"],
                    "start_step": start_step, "workers": world, "trial_started_at": args.trial_started_at,
                    "chat_template": chat, "micro_batch": args.batch_size, "peak_rss_bytes": peak_memory(),
-                   RUNG_SCORE: rung_score(result[args.metric], state["previous"], step, args.max_steps, args.mode)}
+                   "node": node, RUNG_SCORE: rung_score(result[args.metric], state["previous"], step, args.max_steps, args.mode)}
         state["previous"] = (step, result[args.metric])
         if rank == 0 and step in args.rungs and args.barrier:
             sign = -1.0 if args.mode == "min" else 1.0  # the barrier ranks higher-is-better

@@ -109,8 +109,8 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book
     steps = int(last.get("step", 0))
     rec = book.record(name)
     phases = {**timeline.from_metrics(last), **driver_phases(rec, last, book.t0)}
-    began = rec.entered or rec.started or book.t0
-    seconds = max(0.0, (rec.ended or time.time()) - began) + rec.earlier_seconds  # every attempt is on the bill
+    began = rec.entered or rec.started  # None: no attempt running (lost or paused, and not back)
+    seconds = (max(0.0, (rec.ended or time.time()) - began) if began else 0.0) + rec.earlier_seconds  # every attempt
     out: dict[str, Any] = {"name": name, "steps": steps, "curve": curve, "workers": workers,
                            "worker_seconds": round(seconds * workers, 3), "trial_seconds": round(seconds, 3),
                            "timeline": timeline.summarise(phases), "attempts": max(1, rec.attempts),
@@ -124,6 +124,7 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book
                     and r.get("peak_rss_bytes")), default=None)
         out["memory"] = {**memory, "peak_gib": round(peak / GIB, 2) if peak else None,
                          "memory_failures": rec.memory_failures}
+    out["nodes"] = sorted({r["node"] for r in rows if isinstance(r.get("node"), str)})  # every attempt's node
     if "chat_template" in last:
         out["prompt"] = "chat template" if last["chat_template"] else "plain"
     if result.error is not None:
@@ -228,7 +229,7 @@ class FinetuneStage(Stage):
     output = "finetune"
     needs = ("data", "models")
     spec_keys = ("data", "finetune", "tune", "select")
-    version = "2"  # 2: ASHA judges the trend-projected rung score; trials ask for memory
+    version = "3"  # 2: ASHA judges the trend-projected rung score; trials ask for memory. 3: lost trials yielded to
 
     @staticmethod
     def state_dir(ctx: StageContext) -> tuple[str, bool]:
@@ -324,6 +325,10 @@ class FinetuneStage(Stage):
                                      max_failures=ft.max_failures, storage_path=storage,
                                      rung_timeout_s=tn.rung_timeout_s, barrier_name=barrier, local=ft.local,
                                      restore=restore, tracking=tracking)
+        unfinished = len(plans) - grid.num_terminated - grid.num_errors
+        if unfinished:  # a stage is done only once every trial is: never rank what the sweep did not decide
+            raise RuntimeError(f"the sweep returned with {unfinished} of {len(plans)} trial(s) neither finished "
+                               "nor failed; the same command resumes it")
         outcomes = {}
         for result in grid:
             name = result.config["candidate"]

@@ -16,6 +16,7 @@ import time
 import psutil
 import pytest
 from conftest import QA_ROWS, spec_dict, write_jsonl, write_spec
+from trainkit import hopeless_copy
 
 from damoc.pipeline import MARKER, Pipeline
 from damoc.runtime import connect
@@ -114,19 +115,6 @@ def test_model_stage_actor_killed_is_retried(job_dir, tiny_model):
     assert killed, "no compressor actor was seen to kill"
     index = json.loads((pipeline.run_dir / "models" / "models.json").read_text())
     assert [e["status"] for e in index["candidates"]] == ["compressed", "compressed"]
-
-
-def hopeless_copy(src, dst):
-    """A copy whose final norm is zero: its logits stay 0 whatever LoRA learns (clearly the worst)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(src)
-    with torch.no_grad():
-        model.model.norm.weight.zero_()
-    model.save_pretrained(dst)
-    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-    return dst
 
 
 @pytest.mark.slow
