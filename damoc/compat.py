@@ -40,9 +40,9 @@ def actor_node(actor_id: str) -> str | None:
 def send_token_if_at_hand() -> bool:
     """Token authentication for a client joining a cluster, when a token is at hand (RAY_AUTH_TOKEN, or
     ~/.ray/auth_token) and RAY_AUTH_MODE is unset: clusters started with `ray start` (Ray >= 2.52) refuse
-    clients without it after ~20 s of retries, saying only "failed to connect", and clusters without
-    authentication accept it. `ray.init(address=...)` does not do this by itself, and setting the variable
-    once Ray is imported is not enough (its config is cached): Ray's own helper refreshes it. True if on."""
+    clients without it after ~20 s of retries, saying only "failed to connect". `ray.init(address=...)` does
+    not do this by itself, and setting the variable once Ray is imported is not enough (its config is
+    cached): Ray's own helper refreshes it. True if on."""
     try:
         from ray._private.authentication.authentication_token_setup import (
             maybe_enable_token_auth_if_token_available,

@@ -160,11 +160,21 @@ def connect(
     target = target_address(address)
     t0 = time.monotonic()
     if target:
-        send_token_if_at_hand()
         try:
             ctx = ray.init(address=target, log_to_driver=log_to_driver)
         except ConnectionError as exc:
-            raise ConnectionError(unreachable(target, exc)) from exc
+            # Token authentication is not the default of a client: with RAY_AUTH_MODE unset and a token at hand,
+            # try once more with it (a client sending a token to a cluster without authentication has its
+            # actors fail, so it is never sent first).
+            if os.environ.get("RAY_AUTH_MODE") or not send_token_if_at_hand():
+                raise ConnectionError(unreachable(target, exc)) from exc
+            ray.shutdown()
+            try:
+                ctx = ray.init(address=target, log_to_driver=log_to_driver)
+            except ConnectionError as again:
+                raise ConnectionError(unreachable(target, again)) from again
+            log.info("ray: joined with the token at hand (~/.ray/auth_token or RAY_AUTH_TOKEN); RAY_AUTH_MODE=token "
+                     "skips the first try without it")
         rt = Runtime(address=ctx.address_info["address"], dashboard_url=ctx.dashboard_url, embedded=False)
         log.info("ray: connected to %s in %.1fs", rt.address, time.monotonic() - t0)
         return rt

@@ -231,12 +231,16 @@ class ResumableASHA(ASHAScheduler):
     judged without it. So a trial that reaches a rung while a displaced trial (lost, or paused here) waits
     below that rung yields its slot: Tune pauses it there (its checkpoint is the one it just reported) and
     starts the waiting one first (Tune runs pending trials before paused ones). The cost of a lost node is
-    the lost trial's steps since its checkpoint and its restart, and the ranking does not depend on it."""
+    the lost trial's steps since its checkpoint and its restart, and the ranking does not depend on it.
+    Once a trial was lost the cluster may have fewer slots than the sweep started with: from then on a
+    trial also yields at a rung to trials still waiting to start (the winner holding at its rung for them,
+    in the only slot left, would wait for them in vain)."""
 
     def __init__(self, *args, rungs: list[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.rungs = set(rungs or [])
         self.displaced: dict[str, int] = {}  # trial id -> the step it waits at for a slot
+        self.shrunk = False  # a trial was lost: the slots the sweep was planned with may be gone
         self.on_yield: Any = None  # called with a trial that yields its slot (the barrier stops waiting for it)
 
     def on_trial_result(self, tune_controller, trial, result):
@@ -245,7 +249,7 @@ class ResumableASHA(ASHAScheduler):
         if decision != self.CONTINUE or step not in self.rungs:
             return decision
         waiting = [t for t in tune_controller.get_trials() if t.status in ("PENDING", "PAUSED")
-                   and self.displaced.get(t.trial_id, step) < step]
+                   and self.displaced.get(t.trial_id, 0 if self.shrunk else step) < step]
         if not waiting:
             return decision
         self.displaced[trial.trial_id] = step
@@ -275,14 +279,14 @@ class Bookkeeping(tune.Callback):
         if isinstance(scheduler, ResumableASHA):
             scheduler.on_yield = self._off_slot
 
-    def _off_slot(self, trial) -> TrialRecord:
+    def _off_slot(self, trial, lost: bool = False) -> TrialRecord:
         """A trial that lost its slot (its process died) or yields it (paused): the attempt that ends is
         closed on the bill (every attempt is paid for), and the rung barrier stops waiting for it."""
         rec, now = self.book.record(trial.config["candidate"]), time.time()
         rec.earlier_seconds += max(0.0, now - (rec.entered or rec.started or now))
         rec.started = rec.entered = rec.first_result = None
         if self.barrier_name:
-            self._barrier().leave.remote(rec.name)
+            self._barrier().leave.remote(rec.name, lost)
         return rec
 
     def _barrier(self):
@@ -328,9 +332,10 @@ class Bookkeeping(tune.Callback):
         released under ASHA's rule instead of holding their slots for one that may need a slot to come back
         (it is judged by plain ASHA when it reaches the rung). If it ran out of memory, the retry trains in
         micro-batches half as large (its config is what the new attempt starts with)."""
-        rec, failure = self._off_slot(trial), last_failure(trial)
+        rec, failure = self._off_slot(trial, lost=True), last_failure(trial)
         if isinstance(self.scheduler, ResumableASHA):
             self.scheduler.displaced[trial.trial_id] = rec.last_step
+            self.scheduler.shrunk = True
         if out_of_memory(failure):
             rec.memory_failures += 1
             if not trial.config.get(HALVINGS):

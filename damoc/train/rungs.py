@@ -83,13 +83,17 @@ class Rungs:
         self.order: dict[int, list[str]] = {}
         self.done: dict[int, set[str]] = {}  # reports Tune has processed at each rung
         self.contested: set[int] = set()  # rungs where a late arrival was kept too: no decision there
+        self.shrunk = False  # a trial was lost (see leave)
 
     def join(self, name: str, passed: int = 0) -> None:
         self.live[name] = max(passed, self.live.get(name, 0))
         self.seen.add(name)
 
-    def leave(self, name: str) -> None:
+    def leave(self, name: str, lost: bool = False) -> None:
+        """`name` no longer holds a slot: it ended, yielded its slot, or was lost (then the cluster may have
+        fewer slots than the sweep began with, and nobody holds one waiting for trials to start)."""
         self.live.pop(name, None)
+        self.shrunk = self.shrunk or lost
 
     def arrive(self, name: str, rung: int, value: float) -> None:
         self.live.setdefault(name, 0)
@@ -144,7 +148,7 @@ class Rungs:
             return False  # someone else is past this rung too: it does not decide
         if now - self.arrived_at[(name, rung)] > self.timeout_s:
             return False
-        if self.winner is not None:
+        if self.winner is not None or self.shrunk:
             return False
         if len(self.seen) < self.expected or any(n != name for n in self.live):
             self.emptied_at.pop(rung, None)
