@@ -170,6 +170,8 @@ def test_sigterm_then_sigint_mid_finetune_exit_interrupted_and_the_same_command_
     results = run.results()
     assert results["llama-s"]["status"] == "finished" and results["llama-s"]["steps"] == 128
     assert all(e["status"] in ("finished", "stopped_early") for e in results.values())
+    cut = [e for e in results.values() if e["attempts"] > 1]  # running when a signal came: those seconds billed
+    assert cut and all(e["earlier_seconds"] > 0 for e in cut)
 
 
 def test_a_node_lost_during_the_data_stage_loses_no_row(cluster, job):

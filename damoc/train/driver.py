@@ -15,12 +15,14 @@ ASHA itself is not part of Tune's experiment state, so its records travel in the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -28,7 +30,9 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from damoc.compat import actor_node, tune_survives_oom_kills
+from damoc.rundir import atomic_write_json, read_json
 from damoc.runtime import on_head_node
+from damoc.spec import is_uri
 from damoc.train.args import TrainArgs
 from damoc.train.loop import train_loop_per_worker
 from damoc.train.rungs import RUNG_SCORE, RungBarrier
@@ -41,7 +45,8 @@ DRIVER_MEMORY = 256 * 1024 * 1024
 TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 EXPERIMENT_STATE_S = "3"  # how often Tune saves the experiment (and the book): what a crash can lose
 BOOKS: dict[str, Book] = {}  # this process's books by key: a restored callback brings its own
-HALVINGS = "micro_batch_halvings"  # in a trial's config: its retry after running out of memory
+HALVINGS = "micro_batch_halvings"
+SNAPSHOT = "damoc_book_snapshot.json"  # the book when a sweep was cut short, beside Tune's experiment state  # in a trial's config: its retry after running out of memory
 
 
 @dataclass
@@ -177,6 +182,7 @@ class Book:
     decided_at: int | None = None
     winner: str | None = None
     resumed: int = 0  # times the sweep was restored after an interruption
+    snapshot: str = ""  # where the book is written when the sweep is cut short (a local path; see save_snapshot)
 
     def record(self, name: str) -> TrialRecord:
         return self.trials.setdefault(name, TrialRecord(name))
@@ -207,15 +213,28 @@ class Book:
         return {"trials": {n: asdict(r) for n, r in self.trials.items()}, "t0": self.t0,
                 "decided_at": self.decided_at, "winner": self.winner, "resumed": self.resumed}
 
+    def save_snapshot(self) -> None:
+        """The book as it is when the sweep is cut short (interrupted, or the driver failing): Tune saves it
+        with the experiment only every EXPERIMENT_STATE_S, and the seconds since then would be lost."""
+        if self.snapshot and not is_uri(self.snapshot):
+            with contextlib.suppress(OSError):
+                atomic_write_json(Path(self.snapshot), {"at": time.time(), "book": self.state()})
+
     def restore(self, state: dict[str, Any]) -> None:
-        """The book of an interrupted sweep: attempts that were running when it stopped are closed at
-        their last sign of life (their seconds are kept); the next attempt starts a new record."""
+        """The book of an interrupted sweep: attempts that were running when it stopped are closed when it
+        was cut short (its snapshot), else at their last sign of life; their seconds are kept, and the next
+        attempt starts a new record."""
+        snap, close_at = read_json(Path(self.snapshot)) if self.snapshot and not is_uri(self.snapshot) else None, None
+        if isinstance(snap, dict) and snap.get("book", {}).get("t0") == state["t0"]:
+            state, close_at = snap["book"], snap["at"]  # newer than what Tune saved
+            Path(self.snapshot).unlink(missing_ok=True)
         self.t0, self.decided_at, self.winner = state["t0"], state["decided_at"], state["winner"]
         self.resumed = state.get("resumed", 0) + 1
         for name, r in state["trials"].items():
             rec = TrialRecord(**r)
             if rec.started is not None and rec.ended is None:  # cut short: its seconds stay on the bill
-                rec.earlier_seconds += max(0.0, (rec.last_result or rec.started) - (rec.entered or rec.started))
+                end = close_at or rec.last_result or rec.started
+                rec.earlier_seconds += max(0.0, end - (rec.entered or rec.started))
                 rec.started = rec.first_result = rec.entered = None
             self.trials[name] = rec
         log.info("finetune: resuming the sweep (attempt %d): %s", self.resumed + 1,
@@ -468,6 +487,7 @@ def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[st
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = EXPERIMENT_STATE_S
     tune_survives_oom_kills()
     path = storage_path.rstrip("/") + "/tune"
+    book.snapshot = book.snapshot or (f"{path}/{SNAPSHOT}" if not is_uri(path) else "")
     if restore:
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
@@ -490,6 +510,9 @@ def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[st
     book.t0 = book.t0 if restore else time.time()
     try:
         grid = tuner.fit()
+    except BaseException:
+        BOOKS.get(book.key, book).save_snapshot()
+        raise
     finally:
         if barrier is not None:
             ray.kill(barrier)
