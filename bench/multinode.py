@@ -56,7 +56,7 @@ def variant_spec(base: Path, name: str) -> Path:
     return out
 
 
-def outcome(name: str, spec: Path, codes: list[int], seconds: float, lines: list[str]) -> dict:
+def outcome(name: str, codes: list[int], seconds: float, lines: list[str]) -> dict:
     run = REPO / "runs" / "bench-multinode" / name
     ranking = json.loads((run / "report" / "ranking.json").read_text())
     results = json.loads((run / "finetune" / "results.json").read_text())
@@ -86,7 +86,7 @@ def main() -> None:
         spec = variant_spec(base, "undisturbed")
         inv = Invocation(spec, cluster.address)
         code, seconds = inv.finish()
-        rows.append(outcome("undisturbed", spec, [code], seconds, inv.lines))
+        rows.append(outcome("undisturbed", [code], seconds, inv.lines))
 
         spec = variant_spec(base, "node-lost")
         inv = Invocation(spec, cluster.address)
@@ -96,7 +96,7 @@ def main() -> None:
         code, seconds = inv.finish()
         cluster.add_node(num_cpus=1, object_store_memory=STORE)
         cluster.wait_for_nodes()
-        rows.append(outcome("node-lost", spec, [code], seconds, inv.lines))
+        rows.append(outcome("node-lost", [code], seconds, inv.lines))
 
         spec = variant_spec(base, "sigint-then-again")
         first = Invocation(spec, cluster.address)
@@ -105,7 +105,7 @@ def main() -> None:
         code1, s1 = first.finish()
         again = Invocation(spec, cluster.address)
         code2, s2 = again.finish()
-        rows.append(outcome("sigint-then-again", spec, [code1, code2], s1 + s2, first.lines + again.lines))
+        rows.append(outcome("sigint-then-again", [code1, code2], s1 + s2, first.lines + again.lines))
     finally:
         cluster.shutdown()
     same = all(r["ranking"] == rows[0]["ranking"] for r in rows)

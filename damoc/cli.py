@@ -127,7 +127,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def _select(args, spec, stages, pipeline, handler, terminal) -> int:
-    from damoc.interrupt import interruptible, interruption
+    from damoc.interrupt import Interrupted, interruptible
     from damoc.pipeline import PipelineError, StageFailed
     from damoc.rundir import RunLocked
 
@@ -147,10 +147,7 @@ def _select(args, spec, stages, pipeline, handler, terminal) -> int:
         log.error("%s", err)
         log.info("the run's log, with the traceback: %s (-v shows it here)", pipeline.run_dir / "logs" / "damoc.log")
         return EXIT_FAILED
-    except BaseException as exc:  # noqa: BLE001 - an interruption, whatever a library made of it; else re-raised
-        stop = interruption(exc)
-        if stop is None:
-            raise
+    except Interrupted as stop:  # interruptible() has turned whatever a library made of the signal into this
         log.error("job %s: interrupted (%s); the run is not complete and nothing unfinished is marked done. "
                   "The same command continues it: finished stages and trials are kept, interrupted trials "
                   "resume from their last checkpoints", spec.name, stop.signal_name)
