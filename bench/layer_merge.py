@@ -64,8 +64,7 @@ def layer_scores(folder: Path, rows, a) -> dict:
     """BI and angular (one-layer blocks) of every layer; the layers each would remove at every ratio;
     the scoring pass's seconds against a plain forward pass over the same batches."""
     tok, model = load_causal_lm(str(folder), dtype=torch.float32)
-    data = batches([e.ids for e in calibration_examples(tok, rows, "qa", a.template, a.max_length)], 8,
-                   tok.pad_token_id or 0)
+    data = batches(calibration_examples(tok, rows, "qa", a.template, a.max_length), 8, tok.pad_token_id or 0)
     t = time.perf_counter()
     calibration_loss(model, data)
     plain = time.perf_counter() - t

@@ -63,7 +63,7 @@ def main() -> None:
     pad = pad_id(tok)
     layers = adapter_for(model.config).num_layers(model.config)
     t0 = time.perf_counter()
-    cal = calibrate(model, adapter_for(model.config), batches([e.ids for e in cal_ex], 8, pad))
+    cal = calibrate(model, adapter_for(model.config), batches(cal_ex, 8, pad))
     score_s = time.perf_counter() - t0
     top = n_to_remove(layers, 0.5, True)
     curves: dict[str, list[dict]] = {}

@@ -59,3 +59,37 @@ def test_a_soft_capped_head_keeps_the_full_logits(tokenizer_dir):
     for model in (plain, capped):
         full, _ = nll.token_nll(model, batch, scored_only=False)
         assert torch.allclose(full, nll.token_nll(model, batch)[0], atol=1e-5)
+
+
+def test_the_scoring_pass_equals_full_logits_where_it_reads_them(tiny_model, monkeypatch):
+    """The data stage's pass (`score`) computes logits only at the positions it reads: every real token's
+    self-information for compression and the answer's loss, or the answer's alone. Each equals what the
+    full logits of that row alone give (no padding), as does the pooled embedding, in one chunk or many."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_model("llama", hidden=32, layers=2)
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    rows = [("What is 2 plus 3?", "5, and that is the answer"), ("A longer prompt with more words in it", "ok"),
+            ("Short", "a fairly long answer that spans several tokens of text")]
+    examples = [encode(tok, p, a, 64, spans=True) for p, a in rows]
+    want = []
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.tensor([e.ids])
+            out = model(input_ids=ids, output_hidden_states=True)
+            every = torch.nn.functional.cross_entropy(out.logits[0, :-1], ids[0, 1:], reduction="none")
+            scored = torch.tensor(e.labels[1:]) != -100
+            n_prompt = len(e.ids) - int(scored.sum())
+            info = [math.inf if p == 0 else float(every[p - 1]) for p in range(e.prompt_start, n_prompt)]
+            emb = torch.nn.functional.normalize(out.hidden_states[-1][0].mean(0), dim=-1)
+            want.append((float(every[scored].mean()), info, emb))
+    for floats in (nll.CHUNK_FLOATS, 3 * model.config.vocab_size):  # one chunk; chunks of 6 positions
+        monkeypatch.setattr(nll, "CHUNK_FLOATS", floats)
+        got = nll.score(model, examples, tok.pad_token_id or 0, "cpu", hidden=True)
+        alone = nll.score(model, examples, tok.pad_token_id or 0, "cpu", prompt_info=False)
+        for (ce, info, emb), g, a in zip(want, got, alone):
+            assert g.answer_ce == pytest.approx(ce, rel=1e-5) and a.answer_ce == pytest.approx(ce, rel=1e-5)
+            assert g.prompt_info == pytest.approx(info, rel=1e-5) and a.prompt_info == []
+            assert torch.allclose(torch.from_numpy(g.embedding), emb, atol=1e-5)

@@ -19,13 +19,29 @@ ROWS = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a +
     {"instruction": "Say it.", "input": "", "output": "The quick brown fox jumps over the lazy dog."}]
 
 
+def full_logits_losses(model, data) -> tuple[float, float, int]:
+    """Summed next-token NLL of every real token and of the answer tokens, and the real-token count, from
+    the model's full logits (what the calibration pass computes a chunk of positions at a time)."""
+    every, answer, tokens = 0.0, 0.0, 0
+    with torch.no_grad():
+        for b in data:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["input_ids"][:, 1:], reduction="none")
+            real = b["attention_mask"][:, 1:].bool()
+            every += float(nll[real].sum())
+            answer += float(nll[b["labels"][:, 1:] != -100].sum())
+            tokens += int(real.sum())
+    return every, answer, tokens
+
+
 def reference_scores(model, data):
     """BI and angular distances from output_hidden_states, with the final norm switched off so the
     last entry is the last layer's own output (not what the hooks saw, computed another way)."""
     model.model.norm = torch.nn.Identity()
     bi_num, bi_den, states = None, 0, []
     with torch.no_grad():
-        for ids, mask in data:
+        for b in data:
+            ids, mask = b["input_ids"], b["attention_mask"]
             hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
             m = mask.bool()
             per_layer = torch.stack([(1 - torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1))[m].sum()
@@ -45,10 +61,13 @@ def test_block_influence_and_angular_match_an_independent_computation(tiny_model
     path = tiny_model("llama", hidden=32, layers=4, seed=1)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    data = batches([e.ids for e in calibration_examples(tok, ROWS, "qa", "plain", 64)], 4, tok.pad_token_id)
-    assert any((m == 0).any() for _, m in data)  # padding is present, so masking is exercised
+    data = batches(calibration_examples(tok, ROWS, "qa", "plain", 64), 4, tok.pad_token_id)
+    assert any((b["attention_mask"] == 0).any() for b in data)  # padding is present, so masking is exercised
     cal = calibrate(model, adapter_for(model.config), data)
-    assert cal.loss == pytest.approx(calibration_loss(model, data), rel=1e-6)
+    every, answer, tokens = full_logits_losses(model, data)
+    assert cal.loss == pytest.approx(every / tokens, rel=1e-5) and cal.tokens == tokens
+    assert cal.answer_nll == pytest.approx(answer, rel=1e-5)
+    assert calibration_loss(model, data) == pytest.approx(cal.loss, rel=1e-6)
     bi, ang = reference_scores(model, data)
     assert cal.block_influence == pytest.approx(bi, rel=1e-4, abs=1e-6)
     for got, want in zip(cal.angular, ang):
@@ -126,8 +145,9 @@ def test_auto_prune_removes_the_most_layers_within_the_damage_budget(tiny_model)
     assert removed == [1, 3]  # the two lowest Block Influence scores
     assert record["original"] == 1.0 and record["pruned"] == pytest.approx(1.2)
     assert record["relative"] == pytest.approx(0.2) and record["max_damage"] == 0.25
-    assert set(record["probes"]) == {"0", "3", "1", "2"}  # 6 removable: 3 too many, then 1, then 2
-    assert seen[1] == [1, 3, 5]  # the order's first three
+    # 6 removable: 1 and 2 are within budget, 4 is over, then 3 is over
+    assert list(record["probes"]) == ["0", "1", "2", "3", "4"] and len(seen) == 5
+    assert seen[1:] == [[1], [1, 3], [1, 2, 3, 5], [1, 3, 5]]  # the order's first n, in the order probed
     assert adapter_for(model.config).layer_list(model) is layers and model.config.num_hidden_layers == 8
     assert [layer.self_attn.layer_idx for layer in layers] == list(range(8))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -16,7 +16,7 @@ import torch
 
 from damoc.lm.arch import adapter_for
 from damoc.lm.load import context_window, load_causal_lm, pad_id
-from damoc.lm.nll import answer_nll, bits_per_byte, rows_bits_per_byte
+from damoc.lm.nll import bits_per_byte, rows_bits_per_byte
 from damoc.lm.prompts import render
 from damoc.lm.tokens import Example, encode
 from damoc.model.merge import merge_layers, merge_targets
@@ -28,7 +28,7 @@ from damoc.model.prune import (
     n_to_remove,
     remove_layers,
 )
-from damoc.model.scores import batches, calibrate, calibration_loss
+from damoc.model.scores import batches, calibrate, forward_losses
 from damoc.rundir import atomic_write_json
 from damoc.spec import ModelSpec
 
@@ -69,8 +69,12 @@ def calibration_examples(tok, rows: list[dict[str, str]], task: str, template: s
 def answer_bits_per_byte(model, examples: list[Example], pad: int, batch_size: int) -> float:
     """The calibration rows' answer loss in bits per UTF-8 byte: what pruning damages, comparable across
     tokenizers and with the eval figures."""
-    scored = answer_nll(model, examples, pad, batch_size, next(model.parameters()).device)
-    return bits_per_byte(sum(n for n, _ in scored), sum(e.answer_bytes for e in examples))
+    return bits_per_byte(forward_losses(model, batches(examples, batch_size, pad), every=False).answer,
+                         answer_bytes(examples))
+
+
+def answer_bytes(examples: list[Example]) -> int:
+    return sum(e.answer_bytes for e in examples)
 
 
 def param_count(model) -> int:
@@ -97,25 +101,39 @@ def order_removed(cal, m: ModelSpec, num_layers: int, n: int) -> list[int]:
 
 def largest_within(damage_at, most: int, max_damage: float) -> tuple[int, dict[int, float]]:
     """The largest count n <= most whose damage_at(n) stays within max_damage of damage_at(0) (relative),
-    by binary search (it assumes the damage grows with the count, as it mostly does: see
-    bench/results/prune_damage-*.md), and every value it probed by count."""
+    and every value it probed by count. It assumes the damage grows with the count, as it mostly does
+    (bench/results/prune_damage-*.md), and probes 1, 2, 4, ... until one is over budget, then bisects:
+    a real model keeps most of its layers within budget, so the answer is small and found in about
+    2 log2(n) + 1 probes, where bisecting from `most` takes log2(most) however small n is."""
     trace = {0: damage_at(0)}
+
+    def within(n: int) -> bool:
+        trace[n] = damage_at(n)
+        return trace[n] <= trace[0] * (1 + max_damage)
+
     lo, hi = 0, most
-    while lo < hi:
+    while lo < hi:  # gallop
+        n = min(max(1, 2 * lo), hi)
+        if not within(n):
+            hi = n - 1
+            break
+        lo = n
+    while lo < hi:  # bisect
         mid = (lo + hi + 1) // 2
-        trace[mid] = damage_at(mid)
-        lo, hi = (mid, hi) if trace[mid] <= trace[0] * (1 + max_damage) else (lo, mid - 1)
+        lo, hi = (mid, hi) if within(mid) else (lo, mid - 1)
     return lo, trace
 
 
-def choose_layers(model, cal, m: ModelSpec, num_layers: int, damage_of) -> tuple[list[int], dict[str, Any]]:
+def choose_layers(model, cal, m: ModelSpec, num_layers: int, damage_of,
+                  original: float | None = None) -> tuple[list[int], dict[str, Any]]:
     """The layers to remove and the damage record. A fixed prune_ratio removes that many. `auto` removes
     the most layers whose calibration answer loss stays within max_damage of the original's (relative),
     up to max_prune_ratio (`largest_within`), each probe a forward pass over the calibration rows with
-    those layers taken out of the loaded model."""
+    those layers taken out of the loaded model. `original`: the unpruned model's figure where it is known
+    (the calibration pass measures it)."""
     def damage_at(n: int) -> float:
         if n == 0:
-            return damage_of(model)
+            return damage_of(model) if original is None else original
         with layers_removed(model, order_removed(cal, m, num_layers, n)):
             return damage_of(model)
 
@@ -150,7 +168,7 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
     max_length = min(max_length, window) if window else max_length
     cal_length = min(m.calibration.max_length, window) if window else m.calibration.max_length
     examples = calibration_examples(tok, rows, task, template, cal_length)
-    data = batches([e.ids for e in examples], m.calibration.batch_size, pad_id(tok))
+    data = batches(examples, m.calibration.batch_size, pad_id(tok))
     t_load = time.perf_counter()
 
     zero_shot = {}
@@ -160,16 +178,20 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
         zero_shot["seconds"] = round(time.perf_counter() - t_zs, 3)
     cal = calibrate(model, adapter, data)
     t_score = time.perf_counter()
+    n_bytes = answer_bytes(examples)
     removed, damage = choose_layers(model, cal, m, layers_before,
-                                    lambda mdl: answer_bits_per_byte(mdl, examples, pad_id(tok), m.calibration.batch_size))
+                                    lambda mdl: bits_per_byte(forward_losses(mdl, data, every=False).answer, n_bytes),
+                                    original=bits_per_byte(cal.answer_nll, n_bytes))
     t_choose = time.perf_counter()
     per_layer = scores_shown(cal, m)
     original = list(adapter.layer_list(model))  # keeps the removed layers alive for merging
     layers_after = remove_layers(model, removed)
-    pruned_loss = calibration_loss(model, data)
+    pruned_loss = forward_losses(model, data).mean if removed else cal.loss
     changed = merge_layers(original, removed, m.merge.method, m.merge.density, m.merge.scale, seed)
     del original
-    merged_loss = calibration_loss(model, data) if changed else pruned_loss
+    merged_loss = forward_losses(model, data).mean if changed else pruned_loss
+    # Forward passes over the calibration rows: scores, each damage probe, the pruned and merged losses.
+    passes = len(damage["probes"]) + bool(removed) + bool(changed)
     if eval_rows:
         if score_compressed:
             zero_shot["compressed"] = rows_bits_per_byte(model, tok, eval_rows, task, template, max_length)
@@ -193,8 +215,9 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
                   "into": {str(k): v for k, v in merge_targets(removed, layers_before).items()} if removed else {},
                   "entries_changed": changed},
         "calibration_loss": {"original": cal.loss, "pruned": pruned_loss, "merged": merged_loss},
+        "passes": passes,
         "zero_shot": zero_shot or None,
-        "calibration": {"rows": len(rows), "sequences": sum(len(b[0]) for b in data), "tokens": cal.tokens,
+        "calibration": {"rows": len(rows), "sequences": len(examples), "tokens": cal.tokens,
                         "max_length": m.calibration.max_length, "task": task, "template": template},
         "seconds": round(time.perf_counter() - t0, 3),
         "seconds_by_step": {"load": round(t_load - t0, 3), "score": round(cal.seconds, 3),

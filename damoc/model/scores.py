@@ -6,7 +6,8 @@ Forward hooks on the decoder layers read each layer's input and output hidden st
   norm and would inflate the last layer's score; hooks see the layer's own output.)
 - Angular distance (Gromov et al.): d(l, n) = arccos(cos(h_l, h_{l+n})) / pi on each row's last
   real token, averaged over rows, for every block start l and length n.
-The same pass gives the calibration loss of the unpruned model.
+The same pass gives the calibration loss of the unpruned model (every token) and its answer loss
+(the answer tokens: what pruning's damage is measured on).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from damoc.lm.arch import Adapter
+from damoc.lm.nll import by_length, next_token_nll, output_head
+from damoc.lm.tokens import Example, collate
 
 
 @dataclass
@@ -27,33 +30,16 @@ class Calibration:
     loss: float  # mean next-token cross-entropy over the calibration tokens
     tokens: int
     seconds: float
+    answer_nll: float = 0.0  # summed over the answer tokens (nats)
 
 
-def batches(seqs: list[list[int]], batch_size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Right-padded (input_ids, attention_mask) batches, longest rows together to waste less padding."""
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    out = []
-    for s in range(0, len(order), batch_size):
-        chunk = [seqs[i] for i in order[s:s + batch_size]]
-        width = max(len(c) for c in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, c in enumerate(chunk):
-            ids[i, :len(c)] = torch.tensor(c)
-            mask[i, :len(c)] = 1
-        out.append((ids, mask))
-    return out
+def batches(examples: list[Example], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches (input_ids, attention_mask, labels), longest rows together to waste less padding."""
+    return [collate([examples[i] for i in idx], pad_id) for idx in by_length(examples, batch_size)]
 
 
 def _hidden(x) -> torch.Tensor:
     return x[0] if isinstance(x, tuple) else x
-
-
-def batch_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token cross-entropy over real tokens, and their count."""
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-    m = mask[:, 1:].bool()
-    return float(nll[m].sum()), int(m.sum())
 
 
 class LayerProbe:
@@ -124,29 +110,48 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _forward_loss(model, data: list[tuple[torch.Tensor, torch.Tensor]], before_batch=None) -> tuple[float, int]:
-    """Mean next-token cross-entropy over the batches and the token count; `before_batch(mask)`
-    runs ahead of each forward (the probe's hook)."""
+@dataclass
+class Losses:
+    every: float  # summed next-token NLL over every real token (nats)
+    tokens: int
+    answer: float  # summed over the answer tokens (nats)
+
+    @property
+    def mean(self) -> float:
+        return self.every / max(1, self.tokens)
+
+
+def forward_losses(model, data: list[dict[str, torch.Tensor]], before_batch=None, every: bool = True) -> Losses:
+    """One no-grad forward over the batches: the next-token loss of the answer tokens and, with `every`, of
+    every real token, from the same logits (computed a chunk of positions at a time, never batch x length
+    x vocabulary; without `every` at the answer positions only); `before_batch(mask)` runs ahead of each
+    forward (the probe's hook)."""
     device = model_device(model)
-    total, count = 0.0, 0
+    out = Losses(0.0, 0, 0.0)
     with torch.no_grad():
-        for ids, mask in data:
+        for b in data:
             if before_batch is not None:
-                before_batch(mask)
-            ids, mask = ids.to(device), mask.to(device)
-            s, c = batch_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
-            total, count = total + s, count + c
-    return total / max(1, count), count
+                before_batch(b["attention_mask"])
+            b = {k: v.to(device) for k, v in b.items()}
+            real, scored = b["attention_mask"][:, 1:].bool(), b["labels"][:, 1:] != -100
+            nll, _ = next_token_nll(model, b, real if every else scored)
+            out.answer += float(nll[scored].sum())
+            if every:
+                out.every += float(nll.sum())
+                out.tokens += int(real.sum())
+    return out
 
 
-def calibrate(model, adapter: Adapter, data: list[tuple[torch.Tensor, torch.Tensor]]) -> Calibration:
-    """One forward pass over the calibration batches: layer scores and the model's loss."""
+def calibrate(model, adapter: Adapter, data: list[dict[str, torch.Tensor]]) -> Calibration:
+    """One forward pass over the calibration batches: layer scores and the model's losses."""
     t0 = time.perf_counter()
+    output_head(model)  # its one-off check is a forward of its own, which the probe must not see
     with LayerProbe(adapter.layer_list(model)) as probe:
-        loss, count = _forward_loss(model, data, probe.start_batch)
-    return Calibration(probe.block_influence(), probe.angular(), loss, count, time.perf_counter() - t0)
+        losses = forward_losses(model, data, probe.start_batch)
+    return Calibration(probe.block_influence(), probe.angular(), losses.mean, losses.tokens,
+                       time.perf_counter() - t0, losses.answer)
 
 
-def calibration_loss(model, data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean next-token cross-entropy over the calibration batches (a plain forward pass)."""
-    return _forward_loss(model, data)[0]
+def calibration_loss(model, data: list[dict[str, torch.Tensor]]) -> float:
+    """Mean next-token cross-entropy over the calibration batches' real tokens (a plain forward pass)."""
+    return forward_losses(model, data).mean

@@ -195,7 +195,7 @@ class ModelStage(Stage):
     output = "models"
     needs = ("data",)
     spec_keys = ("model", "candidates")
-    version = "1"
+    version = "2"  # 2: the damage search gallops from one layer; compression.json counts its passes
 
     def external_inputs(self, spec: JobSpec) -> list[str]:
         return [c.path for c in spec.candidates if c.path]
