@@ -20,12 +20,24 @@ from typing import Any
 from damoc.lm.memory import length_bound
 from damoc.spec import DataSource, JobSpec, is_uri, resolve_path
 
-# Stated throughputs (training FLOP/s per worker) and fixed costs; the report replaces them with the
-# run's own measurements.
+# Stated throughputs (FLOP/s per worker) and fixed costs; the report replaces them with the run's own
+# measurements. CPU figures are one thread per CPU in fp32, measured on this project's runs on a 2-core
+# x86 machine (bench/results/cpu_floor.md, real_selection.md, cost.md): in the finetune stage
+# SmolLM2-135M and Gemma 3 270M train at 66-74 GFLOP/s, and forward passes run at ~110; small models run
+# at a fraction of that, their time going to per-operation overhead (the bench zoo's 0.24-1.15M-parameter
+# models train at 7.5-17 GFLOP/s in the stage): a model of SMALL_PARAMS parameters runs at half the rate.
 GPU_FLOPS = 100e12  # bf16 at ~40% of an A100's peak; an H100 does ~2x
-CPU_FLOPS = 10e9  # per CPU worker, measured on the demo's candidates (fp32, 2 cores)
-TRIAL_FIXED_S = {"local": 10.0, "workers": 30.0}  # start-up per trial (timeline's fixed phases, 2-core CPU)
-STAGE_FIXED_S = 20.0  # data + model stages' start-up (cluster actors, model loads)
+CPU_TRAIN_FLOPS = 75e9
+CPU_FORWARD_FLOPS = 110e9
+SMALL_PARAMS = 3e6
+# Start-up per trial (the timeline's fixed phases, 2-core CPU). In local mode a trial process is reused by
+# the next trial: the first LOCAL_SLOTS trials pay the process start, later ones LOCAL_REUSED_S.
+TRIAL_FIXED_S = {"local": 8.0, "workers": 30.0}
+LOCAL_SLOTS, LOCAL_REUSED_S = 2, 1.0
+DATA_FIXED_S = 8.0  # the data stage's start-up: cluster actors, the reference LM's load
+DATA_ROW_S = 0.008  # the data stage's per-row work besides the reference LM (reads, rules, dedup, writes)
+MODEL_FIXED_S = 1.0  # a model-stage actor's start-up, plus its weights read at LOAD_BYTES_PER_S
+LOAD_BYTES_PER_S = 100e6
 SAMPLE_ROWS = 256
 DEFAULT_TOKENS_PER_ROW = 150  # when the data cannot be read here
 DEFAULT_PROMPT_SHARE = 0.6
@@ -243,8 +255,71 @@ def expected_prune(m) -> tuple[float, str]:
     return float(m.prune_ratio), ""
 
 
+def rate(params: float, train: bool, gpu: bool) -> float:
+    """FLOP/s per worker of a model this size: training (6 x params per token) or forward passes (2 x)."""
+    if gpu:
+        return GPU_FLOPS
+    return (CPU_TRAIN_FLOPS if train else CPU_FORWARD_FLOPS) * params / (params + SMALL_PARAMS)
+
+
+def expected_probes(m, layers: int | None, pruned: float) -> int:
+    """Damage probes the model stage's search makes when it stops at the assumed count (one per count it
+    tries, exactly as damoc/model/compress.py::largest_within tries them)."""
+    from damoc.model.compress import largest_within
+    from damoc.model.prune import n_to_remove
+
+    if not layers or m.prune_ratio != "auto":
+        return 1 if pruned else 0
+    stop = round(pruned * layers)
+    _, trace = largest_within(lambda n: float(n > stop), n_to_remove(layers, m.max_prune_ratio,
+                                                                      m.protect_first_last), 0.0)
+    return len(trace) - 1
+
+
+def data_stage_seconds(spec: JobSpec, data: DataFigures, rows: int, kept_rows: int, ref_params: float | None,
+                       gpu: bool) -> float:
+    """The data stage: start-up, per-row work, and the reference LM's forward passes (each row's prompt
+    and answer, and the answer alone for IFD) over every row where the filter reads its scores, else over
+    the kept rows where only compression does."""
+    from damoc.data.ops import build_chain
+
+    chain = build_chain(spec.data)
+    scored = rows if any(op.needs_lm or op.needs_embedding for op in chain) else \
+        kept_rows if spec.data.compress.enabled else 0
+    tokens = scored * data.tokens_per_row * (2 - data.prompt_share)
+    lm = 2 * ref_params * tokens / rate(ref_params, False, gpu) if ref_params and scored else 0.0
+    return DATA_FIXED_S + DATA_ROW_S * rows + lm
+
+
+def model_stage_seconds(spec: JobSpec, c: CandidateFigures, pruned: float, kept_rows: int, cal_tokens_per_row: float,
+                        eval_tokens: float, gpu: bool) -> float:
+    """One candidate's model-stage actor: start-up and load, the zero-shot pass over the eval rows, and the
+    passes over the calibration rows (scores and losses, each damage probe, the pruned and merged losses)."""
+    m = spec.model
+    if not m.enabled or not c.params:
+        return 0.0
+    removes = bool(round(pruned * (c.layers or 0)) if c.layers else pruned)
+    passes = 1 + expected_probes(m, c.layers, pruned) + removes + (removes and m.merge.method != "none")
+    cal = min(m.calibration.rows, kept_rows) * min(cal_tokens_per_row, m.calibration.max_length)
+    flops = 2 * c.params * (passes * cal + eval_tokens)
+    return MODEL_FIXED_S + 4 * c.params / LOAD_BYTES_PER_S + flops / rate(c.params, False, gpu)
+
+
+def trial_fixed_s(mode: str, index: int) -> float:
+    """The start-up of the index-th trial (0-based) in this mode."""
+    return TRIAL_FIXED_S[mode] if mode == "workers" or index < LOCAL_SLOTS else LOCAL_REUSED_S
+
+
+def evaluations(steps: int, planned: int, eval_every: int, rungs: list[int]) -> int:
+    """Evaluations of a trial that trains `steps` of its `planned` steps: step 0, then every report step."""
+    from damoc.train.loop import report_steps
+
+    return 1 + sum(1 for k in report_steps(planned, eval_every, rungs) if k <= steps)
+
+
 def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     """The projection: per candidate and in total, full fine-tuning vs DaMoC."""
+    from damoc.data.ops import build_chain
     from damoc.train.rungs import asha_rungs  # noqa: PLC0415 - the scheduling arithmetic, no Ray started
 
     base = base_dir or os.getcwd()
@@ -257,7 +332,10 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     data = data_figures(spec, base, tok_path)
     eval_share = d.eval.split_ratio or 0.0
     train_rows = int(data.rows * (1 - eval_share)) if data.rows else None
-    kept_rows = round(d.filter.keep_ratio * train_rows) if train_rows and d.filter.method != "none" else train_rows
+    budgeted = any(op.budgeted for op in build_chain(d))  # as the data stage applies keep_ratio
+    kept_rows = round(d.filter.keep_ratio * train_rows) if train_rows and budgeted else train_rows
+    eval_rows = eval_row_count(spec, base, data.rows)
+    eval_rows = min(eval_rows, ft.eval_max_rows) if ft.eval_max_rows else eval_rows
     compress = d.compress.ratio if d.compress.enabled else 1.0
     kept_tokens_per_row = data.tokens_per_row * (1 - data.prompt_share * (1 - compress))
     per_step = ft.batch_size * ft.num_workers * ft.grad_accum
@@ -269,11 +347,14 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     rungs = asha_rungs(grace, tn.reduction_factor, damoc_steps) if tn.scheduler == "asha" else []
     schedule = (asha_schedule(len(cands), rungs, damoc_steps, tn.reduction_factor, not tn.finish_winner)
                 if rungs else [damoc_steps] * len(cands))
-    flops_per_worker = GPU_FLOPS if ft.use_gpu else CPU_FLOPS
-    mode = "local" if ft.local else "workers"
+    gpu, mode = ft.use_gpu, ("local" if ft.local else "workers")
     unit, per_worker = ("GPU", (ft.resources_per_worker or {}).get("GPU", 1)) if ft.use_gpu else \
         ("CPU", (ft.resources_per_worker or {}).get("CPU", 1))
-    rows_out, full_flops, damoc_flops = [], 0.0, 0.0
+    eval_tokens = (eval_rows or 0) * data.tokens_per_row
+    ref = reference_params(spec, base, known)
+    stage_s = {"data": data_stage_seconds(spec, data, train_rows or 0, kept_rows or 0, ref, gpu),
+               "models": 0.0, "finetune": 0.0}
+    rows_out, full_flops, damoc_flops, full_s = [], 0.0, 0.0, 0.0
     # Candidates are projected best-first by nothing we know yet: the schedule is shared out by size,
     # the largest training longest (the cost's upper end when the largest wins).
     order = sorted(range(len(cands)), key=lambda i: -(cands[i].params or 0))
@@ -284,35 +365,79 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
         f_damoc = 6 * after * schedule[rank] * per_step * kept_tokens_per_row if after else None
         full_flops += f_full or 0.0
         damoc_flops += f_damoc or 0.0
+        # Full fine-tuning as the report projects it: training and start-up (its evaluations not counted).
+        full_s += (f_full / rate(c.params, True, gpu) / ft.num_workers if f_full else 0.0) + trial_fixed_s(mode, rank)
+        stage_s["models"] += model_stage_seconds(spec, c, pruned, kept_rows or 0, kept_tokens_per_row,
+                                                 eval_tokens, gpu)
+        evals = evaluations(schedule[rank], damoc_steps, ft.eval_every, rungs)
+        stage_s["finetune"] += trial_fixed_s(mode, rank) + (
+            (f_damoc / rate(after, True, gpu) + evals * 2 * after * eval_tokens / rate(after, False, gpu))
+            / ft.num_workers if f_damoc else 0.0)
         rows_out.append({**{k: v for k, v in asdict(c).items() if k != "shape"}, "params_after": after,
-                         "full_steps": full_steps, "damoc_steps": schedule[rank], "full_flops": f_full,
-                         "damoc_flops": f_damoc, "memory_gib": trial_memory_gib(c, ft, data)})
-    n = len(cands)
-    full_seconds = full_flops / flops_per_worker / ft.num_workers + n * TRIAL_FIXED_S[mode]
-    damoc_seconds = damoc_flops / flops_per_worker / ft.num_workers + n * TRIAL_FIXED_S[mode] + STAGE_FIXED_S
-    hours = lambda s: s * ft.num_workers * per_worker / 3600  # noqa: E731 - resource-hours of a trial's seconds
+                         "full_steps": full_steps, "damoc_steps": schedule[rank], "evaluations": evals,
+                         "full_flops": f_full, "damoc_flops": f_damoc, "memory_gib": trial_memory_gib(c, ft, data)})
+    # Worker-seconds as the report counts them: the data stage's seconds, each model actor's seconds x its
+    # CPUs, each trial's seconds x its workers.
+    stage_s["models"] *= m.num_cpus or 1
+    stage_s["finetune"] *= ft.num_workers
+    damoc_s = sum(stage_s.values())
+    hours = lambda s: s * per_worker / 3600  # noqa: E731 - resource-hours of worker-seconds
     return {
         "candidates": rows_out, "data": asdict(data), "train_rows": train_rows, "kept_rows": kept_rows,
-        "full": {"steps": full_steps, "flops": full_flops, "seconds": full_seconds, "hours": hours(full_seconds)},
-        "damoc": {"steps": sum(schedule), "flops": damoc_flops, "seconds": damoc_seconds,
-                  "hours": hours(damoc_seconds), "rungs": rungs},
+        "eval_rows": eval_rows,
+        "full": {"steps": full_steps, "flops": full_flops, "seconds": full_s * ft.num_workers,
+                 "hours": hours(full_s * ft.num_workers)},
+        "damoc": {"steps": sum(schedule), "flops": damoc_flops, "seconds": damoc_s, "hours": hours(damoc_s),
+                  "rungs": rungs, "stages": {k: round(v, 1) for k, v in stage_s.items()}},
         "ratio_flops": full_flops / damoc_flops if damoc_flops else None,
-        "ratio_hours": full_seconds / damoc_seconds if damoc_seconds else None,
+        "ratio_hours": full_s * ft.num_workers / damoc_s if damoc_s else None,
         "unit": f"{unit}-hours",
         "assumptions": [
-            f"training throughput {flops_per_worker / 1e12:g} TFLOP/s per worker ({'GPU: bf16 at ~40% of an A100 peak' if ft.use_gpu else 'CPU: measured on the demo zoo'})",
-            f"fixed cost {TRIAL_FIXED_S[mode]:g} s per trial ({mode}), {STAGE_FIXED_S:g} s for the data and model stages",
-            "training FLOPs = 6 x forward parameters x tokens (the report's count); evaluation not counted",
+            (f"throughput per worker: {GPU_FLOPS / 1e12:g} TFLOP/s (GPU: bf16 at ~40% of an A100 peak)" if gpu else
+             f"throughput per worker (CPU, one thread per CPU, fp32, measured on this project's runs): "
+             f"{CPU_TRAIN_FLOPS / 1e9:g} GFLOP/s training, {CPU_FORWARD_FLOPS / 1e9:g} forward, less on small "
+             f"models (half at {SMALL_PARAMS / 1e6:g}M parameters)"),
+            f"fixed cost {TRIAL_FIXED_S[mode]:g} s per trial ({mode}"
+            + (f"; later trials reuse the first {LOCAL_SLOTS} trials' processes: {LOCAL_REUSED_S:g} s" if mode == "local" else "")
+            + f"); data stage {DATA_FIXED_S:g} s + "
+            f"{DATA_ROW_S * 1e3:g} ms a row + the reference LM's passes "
+            f"({ref / 1e6 if ref else 0:,.0f}M parameters); model stage {MODEL_FIXED_S:g} s + the weights' load "
+            f"+ its passes over {m.calibration.rows} calibration rows and the eval rows, per candidate",
+            "training FLOPs = 6 x forward parameters x tokens (the report's count); DaMoC's evaluations at "
+            "2 x parameters x eval tokens; full fine-tuning's evaluations not counted (as the report)",
             "memory/worker: what each trial worker asks Ray for (process, weights, trainable state, one "
             "micro-batch's activations, a chunk of logits; damoc/lm/memory.py), on the unpruned model",
-            f"DaMoC keeps {d.filter.keep_ratio:g} of the rows, {compress:g} of the prompt tokens, removes "
-            f"{pruned:g} of the layers{auto_note}; ASHA rungs {rungs or '-'} "
+            f"DaMoC keeps {d.filter.keep_ratio if budgeted else 1:g} of the rows, {compress:g} of the prompt tokens, "
+            f"removes {pruned:g} of the layers{auto_note}; ASHA rungs {rungs or '-'} "
             f"(rf {tn.reduction_factor:g}){', stopped once decided' if rungs and not tn.finish_winner else ''}"
             + (f"; grace period auto: {grace} steps for a {tn.target_saving:g}x saving in rows x parameters "
                f"(not under {tn.min_grace_period})" if tn.grace_period == "auto" else ""),
             *data.notes, *[f"{c.name}: {c.note}" for c in cands if c.note],
         ],
     }
+
+
+def eval_row_count(spec: JobSpec, base: str, rows: int | None) -> int:
+    """Rows each evaluation scores before eval_max_rows: a local eval file's rows, or the split's share."""
+    ev = spec.data.eval
+    if ev.split_ratio:
+        return round((rows or 0) * ev.split_ratio)
+    if ev.path and not is_uri(ev.path):
+        try:
+            return count_rows(ev, base)
+        except OSError:
+            pass
+    return ev.rows or spec.finetune.eval_max_rows or 0
+
+
+def reference_params(spec: JobSpec, base: str, known: list[CandidateFigures]) -> float | None:
+    """Parameters of the data stage's reference LM: the spec's reference_model, else the smallest candidate."""
+    if spec.data.reference_model:
+        try:
+            return float(_config_params(resolve_path(spec.data.reference_model, base), False, None)[0])
+        except Exception:  # noqa: BLE001 - unreadable here: the smallest candidate's figure stands in
+            pass
+    return min((c.params for c in known), default=None)
 
 
 def trial_memory_gib(c: CandidateFigures, ft, data: DataFigures) -> float | None:
@@ -341,7 +466,8 @@ def format_plan(p: dict[str, Any]) -> str:
                   f"{d['tokens_per_row']:.0f} tokens per row ({d['source']})",
               f"fine-tuning every candidate in full: {p['full']['flops']:.3g} FLOPs, "
               f"~{p['full']['hours']:.3g} {p['unit']}",
-              f"DaMoC: {p['damoc']['flops']:.3g} FLOPs, ~{p['damoc']['hours']:.3g} {p['unit']}",
+              f"DaMoC: {p['damoc']['flops']:.3g} FLOPs, ~{p['damoc']['hours']:.3g} {p['unit']} ("
+              + ", ".join(f"{k} ~{v:,.0f} s" for k, v in p['damoc']['stages'].items()) + " of workers)",
               f"saving: {num(p['ratio_flops'], '{:.1f}x')} in training FLOPs, {num(p['ratio_hours'], '{:.1f}x')} in "
               f"{p['unit']}", "", "assumptions:"]
     lines += [f"  - {a}" for a in p["assumptions"]]

@@ -130,3 +130,53 @@ def test_plan_of_a_cluster_job_runs_offline(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "fine-tuning every candidate in full" in out and "GPU-hours" in out
     assert "qwen2.5-7b" in out and "spec" in out and "saving:" in out and "memory/worker" in out
+
+
+def test_the_plans_row_budget_is_the_data_stages(tmp_path, tiny_model):
+    """keep_ratio cuts rows only where a budgeted selector is in the chain, as the data stage applies it: a
+    chain of rules alone keeps every row (the plan used to project the cut whenever filter.method != none)."""
+    write_jsonl(tmp_path / "data" / "train.jsonl", QA_ROWS * 10)
+    model = tiny_model("llama", hidden=32, layers=4)
+    base = {"candidates": [{"name": "small", "path": str(model)}], "data.eval": {"split_ratio": 0.1},
+            "data.filter": {"keep_ratio": 0.25, "operators": [{"name": "rules"}]}}
+    p = project(spec_from_data(spec_dict(**base), base_dir=str(tmp_path)), str(tmp_path))
+    assert p["train_rows"] == 270 and p["kept_rows"] == 270
+    base["data.filter"] = {"keep_ratio": 0.25, "operators": [{"name": "rules"}, {"name": "top_k", "params": {"score": "chars"}}]}
+    p = project(spec_from_data(spec_dict(**base), base_dir=str(tmp_path)), str(tmp_path))
+    assert p["kept_rows"] == round(0.25 * 270)
+
+
+def test_the_plans_damoc_cost_adds_its_stages_from_their_passes(tmp_path, tiny_model):
+    """DaMoC's projected worker-seconds are the data stage's (start-up, rows, the reference LM's two passes
+    over every row), the model stage's (load, the zero-shot pass, the scoring pass, each damage probe the
+    search makes, the pruned loss) and the finetune stage's (start-up, training, each evaluation)."""
+    from damoc import plan as P
+    from damoc.model.compress import largest_within
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", QA_ROWS * 10)
+    write_jsonl(tmp_path / "data" / "eval.jsonl", QA_ROWS)
+    model = tiny_model("llama", hidden=32, layers=8)
+    spec = spec_from_data(spec_dict(**{"candidates": [{"name": "small", "path": str(model)}],
+                                       "data.eval": {"path": str(tmp_path / "data" / "eval.jsonl")},
+                                       "finetune": {"epochs": 1, "batch_size": 4, "max_steps": 10_000,
+                                                    "num_workers": 1}}),
+                          base_dir=str(tmp_path))
+    p = project(spec, str(tmp_path))
+    c, d, stages = p["candidates"][0], p["data"], p["damoc"]["stages"]
+    params, rows, kept, evals = c["params"], p["train_rows"], p["kept_rows"], p["eval_rows"]
+    assert (rows, kept, evals) == (300, 60, len(QA_ROWS))
+    lm = 2 * params * rows * d["tokens_per_row"] * (2 - d["prompt_share"]) / P.rate(params, False, False)
+    assert stages["data"] == pytest.approx(P.DATA_FIXED_S + P.DATA_ROW_S * rows + lm, abs=0.1)
+    # auto pruning assumed to stop at 2 of 8 layers (4 removable): the search probes 1, 2, 4 (over), 3 (over)
+    assert list(largest_within(lambda n: float(n > 2), 4, 0.0)[1]) == [0, 1, 2, 4, 3]
+    assert P.expected_probes(spec.model, 8, 0.25) == 4
+    kept_tokens = d["tokens_per_row"] * (1 - d["prompt_share"] * (1 - 0.6))
+    passes = 1 + 4 + 1  # scores and losses, four probes, the pruned loss
+    flops = 2 * params * (passes * kept * kept_tokens + evals * d["tokens_per_row"])
+    assert stages["models"] == pytest.approx(P.MODEL_FIXED_S + 4 * params / P.LOAD_BYTES_PER_S
+                                             + flops / P.rate(params, False, False), abs=0.1)
+    after = c["params_after"]
+    train = c["damoc_flops"] / P.rate(after, True, False)
+    evaluate = c["evaluations"] * 2 * after * evals * d["tokens_per_row"] / P.rate(after, False, False)
+    assert c["evaluations"] >= 2 and stages["finetune"] == pytest.approx(P.TRIAL_FIXED_S["local"] + train + evaluate, abs=0.1)
+    assert p["damoc"]["seconds"] == pytest.approx(sum(stages.values()), abs=0.2)  # the stages are rounded

@@ -38,7 +38,17 @@ import ray
 
 from damoc import metrics
 from damoc.data.lm import CompressArgs, LMScorer, count_tokens, field_text, smallest_model
-from damoc.data.ops import BATCH_ROWS, Operator, RowOp, SelectContext, Selector, Steps, alive_mask, get_operator, report
+from damoc.data.ops import (
+    BATCH_ROWS,
+    Operator,
+    RowOp,
+    SelectContext,
+    Selector,
+    Steps,
+    alive_mask,
+    build_chain,
+    report,
+)
 from damoc.data.readers import read_rows
 from damoc.data.rewrite import Rewriter
 from damoc.data.work import ALIVE, DROPPED, EVAL, QUARANTINED, WorkData, WorkRows, equals, fix_types, valid
@@ -50,24 +60,11 @@ from damoc.spec import DataSpec, JobSpec
 
 log = logging.getLogger("damoc.data")
 
-# What `filter.method` means when the spec lists no operators explicitly.
-DEFAULT_CHAINS: dict[str, list[tuple[str, dict]]] = {
-    "none": [],
-    "distribution": [("minhash_dedup", {}), ("k_center", {})],
-    "quality": [("rules", {}), ("ifd_filter", {}), ("top_k", {"score": "ifd"})],
-    "hybrid": [("rules", {}), ("ifd_filter", {}), ("minhash_dedup", {}), ("deita", {"score": "ifd"})],
-}
 TEXT_COLUMNS = ["id", "source", "instruction", "input", "output"]
 STATS_COLUMNS = ("chars", "repetition", "special_ratio", "ce_cond", "ce_alone", "ifd", "ppl", "judge")
 TOKEN_COLUMNS = ("prompt_tokens_before", "prompt_tokens_after", "rewrite_rounds")
 EVAL_ORDER = 1 << 62  # eval-source rows are ordered after every training row
 EXAMPLES = 5  # before/after rows kept for the report
-
-
-def build_chain(data: DataSpec) -> list[Operator]:
-    steps = ([(o.name, o.params) for o in data.filter.operators] if data.filter.operators is not None
-             else DEFAULT_CHAINS[data.filter.method])
-    return [get_operator(name)(**params) for name, params in steps]
 
 
 def _rss_mib() -> str:

@@ -106,6 +106,23 @@ def get_operator(name: str) -> type[Operator]:
     return OPERATORS[name]
 
 
+# What `filter.method` means when the spec lists no operators explicitly.
+DEFAULT_CHAINS: dict[str, list[tuple[str, dict]]] = {
+    "none": [],
+    "distribution": [("minhash_dedup", {}), ("k_center", {})],
+    "quality": [("rules", {}), ("ifd_filter", {}), ("top_k", {"score": "ifd"})],
+    "hybrid": [("rules", {}), ("ifd_filter", {}), ("minhash_dedup", {}), ("deita", {"score": "ifd"})],
+}
+
+
+def build_chain(data) -> list[Operator]:
+    """The operators of the spec's `data.filter` (a DataSpec), in order: the data stage runs them and
+    `damoc plan` reads what they need (the reference LM, a row budget)."""
+    steps = ([(o.name, o.params) for o in data.filter.operators] if data.filter.operators is not None
+             else DEFAULT_CHAINS[data.filter.method])
+    return [get_operator(name)(**params) for name, params in steps]
+
+
 def alive_mask(df: pd.DataFrame) -> np.ndarray:
     """Training rows that were read fine and nothing has dropped yet."""
     return (df["reason"].isna() & df["drop"].isna() & (df["split"] == "train")).to_numpy()
