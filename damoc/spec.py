@@ -419,8 +419,11 @@ def cross_checks(data: Any) -> list[str]:
     """Checks across sections, on the raw mapping too: `spec_from_data` reports them beside every
     other problem in one pass (pydantic runs a whole-spec check only once each part is valid)."""
     out = duplicate_names(data)
-    grace, steps = _get(data, "tune", "grace_period", default=1), _get(data, "finetune", "max_steps", default=100)
-    if _get(data, "tune", "scheduler", default="asha") == "asha" and isinstance(grace, int) and \
+    # Unset keys take the fields' own defaults (a figure written here would drift from them).
+    grace = _get(data, "tune", "grace_period", default=TuneSpec.model_fields["grace_period"].default)
+    steps = _get(data, "finetune", "max_steps", default=FinetuneSpec.model_fields["max_steps"].default)
+    scheduler = _get(data, "tune", "scheduler", default=TuneSpec.model_fields["scheduler"].default)
+    if scheduler == "asha" and isinstance(grace, int) and \
             isinstance(steps, int) and grace > steps:
         out.append(f"(top level): tune.grace_period ({grace}) exceeds finetune.max_steps ({steps})")
     if _get(data, "select", "metric") == "accuracy" and _get(data, "data", "task", default="qa") != "multiple_choice":

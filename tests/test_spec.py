@@ -102,6 +102,10 @@ def test_cross_field_checks(job_dir):
         "finetune: precision fp16 needs use_gpu: true (use bf16 on CPU)"]
     assert problems(spec_dict(**{"tune.grace_period": 500, "finetune.max_steps": 100}), job_dir) == [
         "(top level): tune.grace_period (500) exceeds finetune.max_steps (100)"]
+    # an unset max_steps is the field's default (200), not another figure
+    assert spec_from_data(spec_dict(**{"tune.grace_period": 150}), base_dir=str(job_dir)).tune.grace_period == 150
+    assert problems(spec_dict(**{"tune.grace_period": 500}), job_dir) == [
+        "(top level): tune.grace_period (500) exceeds finetune.max_steps (200)"]
     assert problems(spec_dict(**{"data.rewrite.enabled": True}), job_dir) == [
         "data.rewrite: rewrite.enabled needs 'model' or 'endpoint'"]
 
