@@ -84,9 +84,13 @@ class LMScorer:
         cond = [encode(self.tok, p.text, a, self.max_length, spans=True) for p, a in zip(prompts, answers)]
         alone = [encode(self.tok, "", a, self.max_length) for a in answers]
         pooled = self.embeddings and self.encoder is None
-        s_cond = self.score(self.model, cond, self.pad, self.device, hidden=pooled)
+        # Logits at the prompt positions only where compression reads their self-information; the answer
+        # alone is IFD's denominator, nothing more.
+        s_cond = self.score(self.model, cond, self.pad, self.device, hidden=pooled,
+                            prompt_info=self.compress is not None)
         ce_cond = np.array([s.answer_ce for s in s_cond], dtype=np.float32)
-        ce_alone = np.array([s.answer_ce for s in self.score(self.model, alone, self.pad, self.device)], dtype=np.float32)
+        ce_alone = np.array([s.answer_ce for s in self.score(self.model, alone, self.pad, self.device,
+                                                             prompt_info=False)], dtype=np.float32)
         batch["ce_cond"], batch["ce_alone"] = ce_cond, ce_alone
         batch["ifd"] = (ce_cond / np.maximum(ce_alone, 1e-6)).astype(np.float32)
         batch["ppl"] = np.exp(np.minimum(ce_cond, 50.0)).astype(np.float32)
