@@ -71,6 +71,20 @@ def domain_files(domain: str, work: Path, rows: int, eval_rows: int, seed: int) 
     return out / "train.jsonl", out / "eval.jsonl"
 
 
+def same_rows(run_dir: Path, train: Path, eval_: Path) -> bool:
+    """Whether a finished run trained and evaluated on exactly the rows of these files (a reference kept
+    from an earlier data file would be compared with DaMoC on other rows)."""
+    import pyarrow.parquet as pq
+
+    for part, path in (("train", train), ("eval", eval_)):
+        ran = pq.read_table(run_dir / "data" / f"{part}.parquet", columns=["instruction", "output"]).to_pylist()
+        now = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+        if [(r["instruction"], r["output"]) for r in ran] != [(r["instruction"], r["output"]) for r in now]:
+            log.info("the reference run in %s used other %s rows: running it again", run_dir, part)
+            return False
+    return True
+
+
 def real_models(work: Path, names: list[str]) -> dict[str, Path]:
     from damoc.zoo.real import fetch_model
 
@@ -92,6 +106,20 @@ def damoc_spec(a: argparse.Namespace, models: dict[str, Path], train: Path, eval
             "finetune": {"num_workers": 1, "epochs": a.epochs, "max_steps": 100_000, "batch_size": 8,
                          "max_length": a.max_length, "eval_max_rows": a.eval_rows, "eval_every": 100_000},
             "select": {"metric": "eval_loss"}}
+
+
+def plan_vs_report(spec: dict, run_dir: Path) -> dict:
+    """`damoc plan`'s projection for the spec (before the run) beside what the run's report measured: the
+    saving in CPU-hours and DaMoC's worker-seconds per stage."""
+    from damoc.plan import project
+    from damoc.spec import spec_from_data
+
+    p = project(spec_from_data(spec, check_files=False), str(REPO))
+    ranking = load_ranking(run_dir)
+    return {"projected_saving": p["ratio_hours"], "report_saving": (ranking.get("savings") or {}).get("ratio"),
+            "projected_stages": p["damoc"]["stages"], "projected_full_seconds": p["full"]["seconds"],
+            "measured_stages": {k: v["worker_seconds"] for k, v in ranking["cost"]["stages"].items()},
+            "report_full_seconds": ((ranking.get("savings") or {}).get("full_projected") or 0) * 3600}
 
 
 def trial_memory(run_dir: Path) -> dict[str, dict]:
@@ -129,12 +157,18 @@ def main() -> None:
     ap.add_argument("--reuse-reference", action="store_true",
                     help="keep a finished reference run in --work as it is (it is the slow part) and rerun DaMoC only")
     ap.add_argument("--report-only", action="store_true", help="write the tables from the runs in --work")
+    ap.add_argument("--reference-model", choices=list(MODELS), default=None,
+                    help="the data stage's reference LM (default: the spec's, the smallest candidate)")
+    ap.add_argument("--tag", default="", help="suffix of the result files and DaMoC's run folder")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     work = Path(a.work)
     models = real_models(work, a.models)
     train, eval_ = domain_files(a.domain, work, a.rows, a.eval_rows, a.seed)
     spec = damoc_spec(a, models, train, eval_)
+    if a.reference_model:
+        spec["data"]["reference_model"] = str(models[a.reference_model])
+    spec["output_dir"] += a.tag
     ref = reference_spec(spec, work / "runs" / "full", a.rows)
 
     walls = {}
@@ -142,7 +176,8 @@ def main() -> None:
         from damoc.runtime import connect
 
         runtime = connect(None, num_cpus=a.cpus)
-        kept = a.reuse_reference and (Path(ref["output_dir"]) / "report" / "ranking.json").exists()
+        kept = a.reuse_reference and (Path(ref["output_dir"]) / "report" / "ranking.json").exists() \
+            and same_rows(Path(ref["output_dir"]), train, eval_)
         for s in (spec,) if kept else (spec, ref):
             t0 = time.monotonic()
             run(s, runtime)
@@ -161,11 +196,12 @@ def main() -> None:
               "wall_seconds": walls, "cost": {"damoc": d_cost, "full": f_cost},
               "ratio": {k: (f_cost[k] / d_cost[k] if d_cost[k] else None) for k in d_cost},
               "memory": {"damoc": trial_memory(d_run), "full": trial_memory(f_run)},
-              "decided_at": load_ranking(d_run).get("decided_at")}
+              "decided_at": load_ranking(d_run).get("decided_at"), "plan": plan_vs_report(spec, d_run),
+              "reference_model": a.reference_model or "smallest candidate"}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "real_selection.json").write_text(json.dumps(record, indent=1, default=str))
-    (out / "real_selection.md").write_text(render(record))
+    (out / f"real_selection{a.tag}.json").write_text(json.dumps(record, indent=1, default=str))
+    (out / f"real_selection{a.tag}.md").write_text(render(record))
     print(render(record))
 
 
@@ -199,7 +235,18 @@ def render(r: dict) -> str:
                   f"{f(ratio.get('train_ws'), '{:.1f}x')} in training worker-seconds, "
                   f"{f(ratio.get('flops'), '{:.1f}x')} in training FLOPs. Wall: {r['wall_seconds']}. "
                   f"Decided at step {r['decided_at']}.",
-              f"Stage seconds: DaMoC {r['stages']['damoc']}, full {r['stages']['full']}."]
+              f"Stage seconds: DaMoC {r['stages']['damoc']}, full {r['stages']['full']}. "
+              f"Reference LM of the data stage: {r.get('reference_model', '-')}."]
+    if r.get("plan"):
+        p = r["plan"]
+        lines += ["", "`damoc plan` before the run against the run's report (worker-seconds):", "",
+                  "| | saving in CPU-hours | data | models | finetune | full fine-tuning |", "|---|---|---|---|---|---|",
+                  f"| plan | {f(p['projected_saving'], '{:.2f}x')} | " + " | ".join(
+                      f(p["projected_stages"].get(k), "{:.0f}") for k in ("data", "models", "finetune"))
+                  + f" | {f(p['projected_full_seconds'], '{:.0f}')} |",
+                  f"| report | {f(p['report_saving'], '{:.2f}x')} | " + " | ".join(
+                      f(p["measured_stages"].get(k), "{:.0f}") for k in ("data", "models", "finetune"))
+                  + f" | {f(p['report_full_seconds'], '{:.0f}')} |"]
     return "\n".join(lines) + "\n"
 
 
