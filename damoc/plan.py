@@ -276,14 +276,11 @@ def expected_probes(m, layers: int | None, pruned: float) -> int:
     return len(trace) - 1
 
 
-def data_stage_seconds(spec: JobSpec, data: DataFigures, rows: int, kept_rows: int, ref_params: float | None,
-                       gpu: bool) -> float:
-    """The data stage: start-up, per-row work, and the reference LM's forward passes (each row's prompt
-    and answer, and the answer alone for IFD) over every row where the filter reads its scores, else over
-    the kept rows where only compression does."""
-    from damoc.data.ops import build_chain
-
-    chain = build_chain(spec.data)
+def data_stage_seconds(spec: JobSpec, chain: list, data: DataFigures, rows: int, kept_rows: int,
+                       ref_params: float | None, gpu: bool) -> float:
+    """The data stage (`chain`: its operators): start-up, per-row work, and the reference LM's forward
+    passes (each row's prompt and answer, and the answer alone for IFD) over every row where the filter
+    reads its scores, else over the kept rows where only compression does."""
     scored = rows if any(op.needs_lm or op.needs_embedding for op in chain) else \
         kept_rows if spec.data.compress.enabled else 0
     tokens = scored * data.tokens_per_row * (2 - data.prompt_share)
@@ -298,7 +295,7 @@ def model_stage_seconds(spec: JobSpec, c: CandidateFigures, pruned: float, kept_
     m = spec.model
     if not m.enabled or not c.params:
         return 0.0
-    removes = bool(round(pruned * (c.layers or 0)) if c.layers else pruned)
+    removes = round(pruned * c.layers) > 0 if c.layers else pruned > 0
     passes = 1 + expected_probes(m, c.layers, pruned) + removes + (removes and m.merge.method != "none")
     cal = min(m.calibration.rows, kept_rows) * min(cal_tokens_per_row, m.calibration.max_length)
     flops = 2 * c.params * (passes * cal + eval_tokens)
@@ -332,7 +329,8 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     data = data_figures(spec, base, tok_path)
     eval_share = d.eval.split_ratio or 0.0
     train_rows = int(data.rows * (1 - eval_share)) if data.rows else None
-    budgeted = any(op.budgeted for op in build_chain(d))  # as the data stage applies keep_ratio
+    chain = build_chain(d)
+    budgeted = any(op.budgeted for op in chain)  # as the data stage applies keep_ratio
     kept_rows = round(d.filter.keep_ratio * train_rows) if train_rows and budgeted else train_rows
     eval_rows = eval_row_count(spec, base, data.rows)
     eval_rows = min(eval_rows, ft.eval_max_rows) if ft.eval_max_rows else eval_rows
@@ -352,7 +350,7 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
         ("CPU", (ft.resources_per_worker or {}).get("CPU", 1))
     eval_tokens = (eval_rows or 0) * data.tokens_per_row
     ref = reference_params(spec, base, known)
-    stage_s = {"data": data_stage_seconds(spec, data, train_rows or 0, kept_rows or 0, ref, gpu),
+    stage_s = {"data": data_stage_seconds(spec, chain, data, train_rows or 0, kept_rows or 0, ref, gpu),
                "models": 0.0, "finetune": 0.0}
     rows_out, full_flops, damoc_flops, full_s = [], 0.0, 0.0, 0.0
     # Candidates are projected best-first by nothing we know yet: the schedule is shared out by size,

@@ -178,10 +178,9 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
         zero_shot["seconds"] = round(time.perf_counter() - t_zs, 3)
     cal = calibrate(model, adapter, data)
     t_score = time.perf_counter()
-    n_bytes = answer_bytes(examples)
     removed, damage = choose_layers(model, cal, m, layers_before,
-                                    lambda mdl: bits_per_byte(forward_losses(mdl, data, every=False).answer, n_bytes),
-                                    original=bits_per_byte(cal.answer_nll, n_bytes))
+                                    lambda mdl: answer_bits_per_byte(mdl, examples, pad_id(tok), m.calibration.batch_size),
+                                    original=bits_per_byte(cal.answer_nll, answer_bytes(examples)))
     t_choose = time.perf_counter()
     per_layer = scores_shown(cal, m)
     original = list(adapter.layer_list(model))  # keeps the removed layers alive for merging
