@@ -45,8 +45,8 @@ DRIVER_MEMORY = 256 * 1024 * 1024
 TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 EXPERIMENT_STATE_S = "3"  # how often Tune saves the experiment (and the book): what a crash can lose
 BOOKS: dict[str, Book] = {}  # this process's books by key: a restored callback brings its own
-HALVINGS = "micro_batch_halvings"
-SNAPSHOT = "damoc_book_snapshot.json"  # the book when a sweep was cut short, beside Tune's experiment state  # in a trial's config: its retry after running out of memory
+HALVINGS = "micro_batch_halvings"  # in a trial's config: its retry after running out of memory
+SNAPSHOT = "damoc_book_snapshot.json"  # the book when a sweep was cut short, beside Tune's experiment state
 
 
 @dataclass
@@ -182,7 +182,7 @@ class Book:
     decided_at: int | None = None
     winner: str | None = None
     resumed: int = 0  # times the sweep was restored after an interruption
-    snapshot: str = ""  # where the book is written when the sweep is cut short (a local path; see save_snapshot)
+    snapshot: str = ""  # where the book is written when the sweep is cut short: a local path, "" for a URI
 
     def record(self, name: str) -> TrialRecord:
         return self.trials.setdefault(name, TrialRecord(name))
@@ -216,7 +216,7 @@ class Book:
     def save_snapshot(self) -> None:
         """The book as it is when the sweep is cut short (interrupted, or the driver failing): Tune saves it
         with the experiment only every EXPERIMENT_STATE_S, and the seconds since then would be lost."""
-        if self.snapshot and not is_uri(self.snapshot):
+        if self.snapshot:
             with contextlib.suppress(OSError):
                 atomic_write_json(Path(self.snapshot), {"at": time.time(), "book": self.state()})
 
@@ -224,7 +224,7 @@ class Book:
         """The book of an interrupted sweep: attempts that were running when it stopped are closed when it
         was cut short (its snapshot), else at their last sign of life; their seconds are kept, and the next
         attempt starts a new record."""
-        snap, close_at = read_json(Path(self.snapshot)) if self.snapshot and not is_uri(self.snapshot) else None, None
+        snap, close_at = read_json(Path(self.snapshot)) if self.snapshot else None, None
         if isinstance(snap, dict) and snap.get("book", {}).get("t0") == state["t0"]:
             state, close_at = snap["book"], snap["at"]  # newer than what Tune saved
             Path(self.snapshot).unlink(missing_ok=True)
