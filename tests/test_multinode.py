@@ -83,13 +83,13 @@ class Run:
         threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
         return self
 
-    def wait_for(self, text: str, after: int = 0, timeout: float = 600) -> int:
-        """The index of the first line from `after` on that contains `text`."""
+    def wait_for(self, text: str, after: int = 0, timeout: float = 600, count: int = 1) -> int:
+        """The index of the `count`th line from `after` on that contains `text`."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for i, line in enumerate(self.lines[after:], after):
-                if text in line:
-                    return i
+            found = [i for i, line in enumerate(self.lines[after:], after) if text in line]
+            if len(found) >= count:
+                return found[count - 1]
             assert self.proc.poll() is None, f"ended before '{text}':\n" + "".join(self.lines)[-4000:]
             time.sleep(0.05)
         raise AssertionError(f"no '{text}' in {timeout}s:\n" + "".join(self.lines)[-4000:])
@@ -130,7 +130,7 @@ def test_a_job_on_three_nodes_runs_trials_on_both_workers(cluster, undisturbed):
 
 def test_a_node_lost_mid_finetune_restarts_its_trial_without_waiting_on_a_rung(cluster, job, undisturbed):
     run = Run(job, cluster.address, "node-lost").start()
-    run.wait_for(" step    4 ")  # a trial past its first checkpoint
+    run.wait_for(" step    4 ", count=2)  # both trials past their first checkpoint: the victim's restarts from one
     victim = worker_nodes(cluster)[0]
     cluster.remove_node(victim, allow_graceful=False)  # its raylet and every worker on it, killed
     try:

@@ -165,6 +165,7 @@ class TrialRecord:
     attempts: int = 0
     memory_failures: int = 0  # attempts that ended for lack of memory
     node: str | None = None  # where its latest attempt reported from
+    lost_on: list[str] = field(default_factory=list)  # nodes of lost attempts (some never reported from there)
 
 
 @dataclass
@@ -351,6 +352,7 @@ class Bookkeeping(tune.Callback):
         released under ASHA's rule instead of holding their slots for one that may need a slot to come back
         (it is judged by plain ASHA when it reaches the rung). If it ran out of memory, the retry trains in
         micro-batches half as large (its config is what the new attempt starts with)."""
+        reported = self.book.record(trial.config["candidate"]).first_result is not None  # this attempt
         rec, failure = self._off_slot(trial, lost=True), last_failure(trial)
         if isinstance(self.scheduler, ResumableASHA):
             self.scheduler.displaced[trial.trial_id] = rec.last_step
@@ -364,7 +366,11 @@ class Bookkeeping(tune.Callback):
             return
         actor = re.search(r"actor(?:_id:| ID:)? ([0-9a-f]{32})", failure)  # its node, if it never reported
         since = f"step {rec.last_step} (its last checkpoint)" if rec.last_step else "the start (no checkpoint yet)"
-        node = (rec.node or (actor_node(actor.group(1)) if actor else None) or "?")[:12]
+        node = rec.node if reported else None  # else rec.node is an earlier attempt's
+        node = node or (actor_node(actor.group(1)) if actor else None)
+        if node and node not in rec.lost_on:
+            rec.lost_on.append(node)
+        node = (node or "?")[:12]
         if any(sign in failure for sign in NODE_LOSS_SIGNS):  # its process unreachable: the node is going
             log.warning("finetune: node %s lost: %s restarts from %s where there is room", node, rec.name, since)
         else:

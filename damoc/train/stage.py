@@ -124,7 +124,7 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book
                     and r.get("peak_rss_bytes")), default=None)
         out["memory"] = {**memory, "peak_gib": round(peak / GIB, 2) if peak else None,
                          "memory_failures": rec.memory_failures}
-    out["nodes"] = sorted({r["node"] for r in rows if isinstance(r.get("node"), str)})  # every attempt's node
+    out["nodes"] = sorted({r["node"] for r in rows if isinstance(r.get("node"), str)} | set(rec.lost_on))  # every attempt's
     if "chat_template" in last:
         out["prompt"] = "chat template" if last["chat_template"] else "plain"
     if result.error is not None:
