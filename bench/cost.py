@@ -137,7 +137,8 @@ def breakdown(run_dir: Path) -> dict[str, Any]:
                                                                     "rung_wait", "total")}
               | {"steps": e.get("steps"), "status": e.get("status")} for e in results.get("candidates", [])}
     return {"stages": stages, "trials": trials, "decided_at": results.get("decided_at"), "rungs": results.get("rungs"),
-            "grace_auto": results.get("grace_auto")}
+            "grace_auto": results.get("grace_auto"),
+            "kept": {e["name"]: e["kept_because"] for e in results.get("candidates", []) if e.get("kept_because")}}
 
 
 def bench_domain(domain: str, zoo: Path, names: list[str], work: Path, a, plain: dict, runtime) -> dict[str, Any]:
@@ -188,7 +189,9 @@ def domain_table(domain: str, res: dict[str, Any], cluster_start: float) -> str:
                   + (f" (grace period auto: {b['grace_auto']['grace_period']} steps, "
                      f"{b['grace_auto']['projected_saving']:.1f}x projected in rows x parameters)"
                      if b.get("grace_auto") else "")
-                  + (f"; decided at step {b['decided_at']}" if b["decided_at"] else ""), "",
+                  + (f"; decided at step {b['decided_at']}" if b["decided_at"] else "")
+                  + "".join(f"; {n} went on past ASHA's cut at step {s} ({why})"
+                            for n, k in (b.get("kept") or {}).items() for s, why in k.items()), "",
               "| trial | status | steps | fixed s | training s | evaluation s | checkpointing s | idle at rungs s | total s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name, t in b["trials"].items():

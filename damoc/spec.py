@@ -371,6 +371,11 @@ class TuneSpec(Strict):
     # ASHA stops does not depend on which trial happens to run faster.
     sync_rungs: bool = True
     rung_timeout_s: float = Field(default=900, gt=0)
+    # A synchronised rung stops a trial below ASHA's cut only when the ranking is steady: it was below
+    # the cut at its previous evaluation too (if one came after training began), and it is outside the
+    # kept ones in at least this share of paired resamples of the eval rows. Otherwise it goes on (the
+    # ranking wins over the saving; the report says which saving was reached). 0: ASHA's cut alone.
+    stop_confidence: float = Field(default=0.9, ge=0, lt=1)
     # The selection is decided once ASHA has stopped every candidate but one: false stops that one
     # there (it ranks first whatever it does next); true trains it to its planned steps.
     finish_winner: bool = False

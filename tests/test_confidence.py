@@ -43,3 +43,23 @@ def test_higher_is_better_metrics_and_the_pick_at_the_other_ones_step():
     out = bootstrap({"a": pick_late, "b": other}, "a", {"b": {"pick": pick_at_4, "other": other, "step": 4}},
                     "accuracy", "max", seed=0)
     assert out["vs"]["b"]["p_pick_better"] == 0.0 and out["p_best"] == 0.0  # at step 4 the pick was behind
+
+
+def test_beaten_shares_count_the_resamples_in_which_enough_others_do_better():
+    """Three candidates on the same 4 rows: c is behind both in every row (out of the best 2 on every
+    resample), a ahead of both; b's share against keep=1 is computed here from the same draws."""
+    from damoc.paired import beaten_shares
+
+    a, b, c = rows([1, 2, 1, 2]), rows([2, 1, 2, 1.5]), rows([3, 3, 3, 3])
+    out = beaten_shares({"a": a, "b": b, "c": c}, keep=2, metric="eval_loss", mode="min", seed=3)
+    assert out == {"a": 0.0, "b": 0.0, "c": 1.0}
+    one = beaten_shares({"a": a, "b": b, "c": c}, keep=1, metric="eval_loss", mode="min", seed=3)
+    draws = np.random.default_rng(3).integers(0, 4, size=(1000, 4))
+    a_sum, b_sum = np.array([1, 2, 1, 2])[draws].sum(1), np.array([2, 1, 2, 1.5])[draws].sum(1)
+    assert one["b"] == float((a_sum < b_sum).mean()) and one["a"] == float((b_sum < a_sum).mean())
+    assert one["c"] == 1.0
+    acc = beaten_shares({"x": {0: {"accuracy": 1}, 1: {"accuracy": 1}}, "y": {0: {"accuracy": 0}, 1: {"accuracy": 0}}},
+                        keep=1, metric="accuracy", mode="max", seed=0)
+    assert acc == {"x": 0.0, "y": 1.0}  # higher is better
+    assert beaten_shares({"x": {0: {"nll": 1, "bytes": 1}}, "y": {1: {"nll": 1, "bytes": 1}}}, 1, "eval_loss",
+                         "min", 0) == {}  # no row in common: no evidence

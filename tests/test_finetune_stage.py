@@ -89,7 +89,8 @@ def test_stop_when_decided_ranks_as_finishing_the_winner_does(tmp_path, tiny_mod
                        {"name": "llama-bad", "path": str(hopeless_copy(good, tmp_path / "bad"))}],
         "model": {"enabled": False},
         "finetune": {"num_workers": 1, "max_steps": 8, "eval_every": 2, "batch_size": 4, "lr": 5e-3},
-        "tune": {"grace_period": 2, "reduction_factor": 2, "callbacks": ["tensorboard"]}})
+        # ASHA's cut alone (the steady-ranking rule is tested below): the curves of a and b cross at step 2
+        "tune": {"grace_period": 2, "reduction_factor": 2, "callbacks": ["tensorboard"], "stop_confidence": 0}})
     rt = connect(None, num_cpus=4)  # three one-worker trials at once: every rung is synchronised
     shared = type("Shared", (), {"address": rt.address})()
     try:
@@ -155,6 +156,31 @@ def nan_copy(src, dst):
     model.save_pretrained(dst)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
     return dst
+
+
+@pytest.mark.slow
+def test_twins_are_never_told_apart_by_a_rung(tmp_path, tiny_model):
+    """Two copies of one model train alike: the rung at step 2 cannot rank them (each is behind the other in
+    no paired resample), so neither is stopped there although ASHA's cut keeps one; both finish, and the
+    terminal, results.json and the report say why."""
+    write_jsonl(tmp_path / "data" / "train.jsonl", QA_ROWS * 2)
+    good = tiny_model("llama", hidden=32, layers=2)
+    spec = spec_from_data(spec_dict(**{
+        "data.filter": {"method": "none"}, "data.compress": {"enabled": False}, "data.eval": {"split_ratio": 0.2},
+        "candidates": [{"name": "twin-a", "path": str(good)}, {"name": "twin-b", "path": str(good)}],
+        "model": {"enabled": False},
+        "finetune": {"num_workers": 1, "max_steps": 4, "eval_every": 2, "batch_size": 4, "lr": 5e-3},
+        "tune": {"grace_period": 2, "reduction_factor": 2}}), base_dir=str(tmp_path))
+    pipeline = Pipeline(spec, base_dir=tmp_path, runtime_factory=lambda: connect(None, num_cpus=2))
+    pipeline.run()
+    results = json.loads((pipeline.run_dir / "finetune" / "results.json").read_text())
+    assert results["rungs"] == [2]
+    by_name = {e["name"]: e for e in results["candidates"]}
+    assert [by_name[n]["status"] for n in ("twin-a", "twin-b")] == ["finished", "finished"]
+    why = [e.get("kept_because", {}) for e in by_name.values()]
+    assert sorted(map(len, why)) == [0, 1]  # the one below the cut went on, and says why
+    assert "behind the best 1 in 0% of paired resamples" in next(w["2"] for w in why if w)
+    assert "The ranking came before the saving" in (pipeline.run_dir / "report" / "report.md").read_text()
 
 
 @pytest.mark.slow

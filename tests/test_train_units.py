@@ -17,7 +17,7 @@ from damoc.lm.nll import bits_per_byte
 from damoc.lm.prompts import gold_option, options_of, prompt_text
 from damoc.lm.tokens import IGNORE, collate, encode
 from damoc.train.loop import Batches, report_steps
-from damoc.train.rungs import Rungs, asha_rungs, poll_until, release_order
+from damoc.train.rungs import Rungs, asha_rungs, poll_until, release_order, stable_keep
 
 
 # ---------------------------------------------------------------- examples and metrics
@@ -188,6 +188,63 @@ def test_release_order_makes_ray_asha_keep_the_top_ceil_n_over_rf(n, rf):
     assert kept == set(best)
 
 
+@pytest.mark.parametrize("keep", [1, 2, 3, 4, 5])
+def test_release_order_makes_ray_asha_keep_any_best_prefix(keep):
+    from ray.tune.schedulers.async_hyperband import _Bracket
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler
+
+    class T:
+        def __init__(self, name):
+            self.trial_id = name
+
+    values = {f"t{i}": v for i, v in enumerate([0.31, 0.9, 0.12, 0.77, 0.5, 0.63])}
+    bracket = _Bracket(min_t=4, max_t=64, reduction_factor=2, s=0)
+    kept = {name for name in release_order(values, 2, keep)
+            if bracket.on_result(T(name), 4, values[name]) == TrialScheduler.CONTINUE}
+    assert kept == set(sorted(values, key=values.get, reverse=True)[:keep])
+
+
+def per_row(nll: list[float]) -> dict[int, dict[str, float]]:
+    return {i: {"nll": v, "bytes": 1} for i, v in enumerate(nll)}
+
+
+def test_a_rung_stops_a_trial_only_when_the_ranking_is_steady():
+    """Three trials, ASHA keeps 2 (values: higher is better, as the barrier ranks). c is behind on every
+    eval row and was behind before: stopped. c within noise of b (its rows cross b's): kept, with the
+    share of resamples that put it out. c ahead of b at the previous evaluation: kept. Without evidence
+    the previous ranking alone decides; confidence 0 is ASHA's cut."""
+    values = {"a": -1.0, "b": -1.5, "c": -1.6}
+    before = {"a": -1.1, "b": -1.6, "c": -1.7}
+    a, b = per_row([1, 1, 1, 1, 1, 1]), per_row([1.5, 1.4, 1.6, 1.5, 1.5, 1.5])
+    clear = {"a": a, "b": b, "c": per_row([1.6, 1.5, 1.7, 1.6, 1.6, 1.6])}
+    assert stable_keep(values, before, clear, 2, 0.9, "eval_loss", "min", 0) == (2, {})
+    close = {**clear, "c": per_row([1.9, 1.0, 1.9, 1.0, 1.9, 1.0])}
+    keep, why = stable_keep(values, before, close, 2, 0.9, "eval_loss", "min", 0)
+    assert keep == 3 and "paired resamples" in why["c"] and set(why) == {"c"}
+    swapped = {**before, "b": -1.8}
+    keep, why = stable_keep(values, swapped, clear, 2, 0.9, "eval_loss", "min", 0)
+    assert keep == 3 and why == {"c": "it was ahead of the cut at its previous evaluation"}
+    assert stable_keep(values, before, {n: None for n in values}, 2, 0.9, "eval_loss", "min", 0) == (2, {})
+    assert stable_keep(values, swapped, close, 2, 0.0, "eval_loss", "min", 0) == (2, {})
+    four = {**values, "d": -2.0}
+    keep, why = stable_keep(four, {**before, "c": -1.0, "d": -2.1}, {n: None for n in four}, 1, 0.9, "eval_loss",
+                            "min", 0)
+    assert keep == 3 and set(why) == {"b", "c"} and "above" in why["b"]  # c led before; b ranks above it
+
+
+def test_a_barrier_keeps_the_unsteady_one_says_why_and_does_not_hold_for_a_decision():
+    r = Rungs(2, timeout_s=600, expected=2, decide=True, confidence=0.9)
+    for n in ("a", "b"):
+        r.join(n)
+    r.arrive("a", 4, -1.0, -1.2, per_row([1, 1, 1, 1]))
+    r.arrive("b", 4, -1.1, -1.1, per_row([1.1, 1.1, 1.1, 1.1]))  # b led at the previous evaluation
+    assert r.turn("b", 4) and r.order[4] == ["b", "a"] and r.kept[4] == 2  # both kept: worst first
+    assert r.why_kept("b", 4) == "it was ahead of the cut at its previous evaluation" and r.why_kept("a", 4) is None
+    assert not r.turn("a", 4)
+    r.processed("b", 4)
+    assert r.turn("a", 4) and not r.hold("a", 4, grace_s=5)  # two go on: this rung decides nothing
+
+
 def test_the_one_kept_at_a_deciding_rung_holds_until_decided_then_ends():
     """Three trials, rf 2: at rung 2 two are kept (nobody holds); at rung 4 one of two is kept and every
     trial of the sweep has been seen, so the kept one waits after its report while the other is on its
@@ -331,3 +388,13 @@ def test_rungs_judge_where_an_improving_trend_points_by_the_planned_end():
     assert rung_score(1.5, None, 0, 6, "min") == 1.5 and rung_score(1.2, (4, 1.3), 6, 6, "min") == 1.2
     assert rung_score(0.5, [2, 0.3], 4, 8, "max") == pytest.approx(0.5 + 0.1 * 4)  # resumed: JSON lists
     assert rung_score(0.3, (2, 0.5), 4, 8, "max") == 0.3
+
+
+def test_the_report_says_who_went_on_past_asha_s_cut_and_the_saving_reached():
+    from damoc.report.build import steadiness_note
+
+    finetune = {"candidates": [{"name": "a"}, {"name": "b", "kept_because": {"16": "x", "8": "y"}}]}
+    note = steadiness_note(finetune, {"savings": {"ratio": 3.25}})
+    assert note == ("The ranking came before the saving: b went on from step 8 (y); b went on from step 16 (x). "
+                    "ASHA's cut alone would have stopped it there; the saving this run reached is 3.2x (Cost).")
+    assert steadiness_note({"candidates": [{"name": "a"}]}, {}) == ""

@@ -87,6 +87,8 @@ def _ranking_section(ranking: dict[str, Any], finetune: dict[str, Any], out: Pat
                         f"{finetune.get('max_concurrent_trials')} trial(s) at once, "
                         f"{finetune.get('num_workers')} worker(s) each, {finetune.get('method')} fine-tuning, "
                         f"max {finetune.get('max_steps')} steps." + grace_note(finetune.get("grace_auto"))))
+    if steadiness_note(finetune, ranking):
+        blocks.append(("p", steadiness_note(finetune, ranking)))
     vs = (ranking.get("confidence") or {}).get("vs", {})
     blocks.append(("table", ["rank", "candidate", "status", metric, "95% interval", "at step", "p(pick better)",
                              "worker-s", "train FLOPs", "note"],
@@ -310,6 +312,20 @@ def _judge_section(run_dir: Path, out: Path) -> list[Block]:
             ("p", f"{len(df):,d} rows scored; median {q[1]:.2f} (10%: {q[0]:.2f}, 90%: {q[2]:.2f})"
                   + (f"; Spearman rank correlation with IFD {rho:+.2f}." if rho is not None else ".")),
             ("img", "judge.png", "distribution of the judge's expected scores")]
+
+
+def steadiness_note(finetune: dict[str, Any], ranking: dict[str, Any]) -> str:
+    """Which trials went on past a rung that ASHA's cut alone would have stopped them at, and why (the
+    ranking was not yet steady: tune.stop_confidence), and so which saving the run reached."""
+    kept = [(e["name"], int(step), why) for e in finetune.get("candidates", [])
+            for step, why in sorted(e.get("kept_because", {}).items(), key=lambda kv: int(kv[0]))]
+    if not kept:
+        return ""
+    ratio = (ranking.get("savings") or {}).get("ratio")
+    return ("The ranking came before the saving: " + "; ".join(f"{n} went on from step {s} ({why})"
+                                                                for n, s, why in kept)
+            + ". ASHA's cut alone would have stopped " + ("it" if len({n for n, _, _ in kept}) == 1 else "them")
+            + " there" + (f"; the saving this run reached is {ratio:.1f}x (Cost)." if ratio else "."))
 
 
 def grace_note(auto: dict | None) -> str:

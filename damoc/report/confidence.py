@@ -12,12 +12,12 @@ interval holds 0. Deterministic under the job's seed.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from damoc.paired import aggregate, arrays
 from damoc.rundir import read_json
 
 REPLICATES = 1000
@@ -32,18 +32,6 @@ def load_rows(folder: Path, step: int) -> dict[int, dict[str, float]] | None:
         return None
     data = read_json(folder / f"step-{earlier[-1]}.json") or {}
     return {int(i): r for i, r in data.get("rows", {}).items()}
-
-
-def aggregate(metric: str, values: dict[str, np.ndarray], draws: np.ndarray) -> np.ndarray:
-    """The metric on each resample (draws: replicates x rows, indices into the arrays)."""
-    if metric == "eval_loss":  # bits per byte: a ratio of sums, as the run computes it
-        return values["nll"][draws].sum(1) / (math.log(2) * np.maximum(1, values["bytes"][draws].sum(1)))
-    return values[metric][draws].mean(1)
-
-
-def arrays(rows: dict[int, dict[str, float]], index: list[int], metric: str) -> dict[str, np.ndarray]:
-    keys = ("nll", "bytes") if metric == "eval_loss" else (metric,)
-    return {k: np.array([rows[i][k] for i in index], dtype=np.float64) for k in keys}
 
 
 def interval(samples: np.ndarray) -> list[float]:

@@ -334,6 +334,9 @@ class Bookkeeping(tune.Callback):
                      "-" if value is None else f"{value:.4f}")
             if rec.last_step in self.book.rungs and self.book.metric in result:
                 rec.rungs[str(rec.last_step)] = float(result[self.book.metric])
+            if isinstance(result.get("kept_because"), str):
+                log.info("finetune: %s goes on from rung %d although ASHA's cut would stop it: %s", rec.name,
+                         rec.last_step, result["kept_because"])
             if self.barrier_name:
                 self._barrier().processed.remote(rec.name, rec.last_step)
 
@@ -464,7 +467,8 @@ def trackers(names: list[str], job: str, storage_path: str, mlflow_uri: str | No
 def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[str, Any], metric: str, mode: str,
                     scheduler: str, grace_period: int, reduction_factor: float, max_concurrent: int,
                     max_failures: int, storage_path: str, rung_timeout_s: float, barrier_name: str | None,
-                    local: bool, restore: bool, tracking: list | None = None) -> tuple[Any, Book]:
+                    local: bool, restore: bool, tracking: list | None = None, stop_confidence: float = 0.0,
+                    seed: int = 0) -> tuple[Any, Book]:
     """Run (or, with `restore`, resume) one trial per plan under Tune; the ResultGrid and the book."""
     barrier = None
     if barrier_name:  # by name: a resumed sweep's callback finds the new one
@@ -476,7 +480,7 @@ def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[st
         log.debug("finetune: rung barrier %s on %s", barrier_name, f"the head node {where.node_id[:12]}" if where
                   else "any node (no head node found)")
         barrier = RungBarrier.options(name=barrier_name, scheduling_strategy=where).remote(
-            reduction_factor, rung_timeout_s, book.expected, book.decide)
+            reduction_factor, rung_timeout_s, book.expected, book.decide, stop_confidence, metric, mode, seed)
     # A worker-group trial is only a driver (its workers have their own resources): no CPU, so trials
     # never take CPUs their workers need; a little memory because a bundle cannot be empty. A local-mode
     # trial is the worker: it holds the worker's resources, and its process (imports, process group)

@@ -268,7 +268,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine = build_engine(model, args, dtype, device)
     synced = engine.zero_stage == 3 and world > 1
     state = {"step": 0, "tokens": 0, "position": 0, "seconds": 0.0, "restarts": 0, "timeline": {},
-             "micro_batch": args.batch_size, "previous": None}  # previous: (step, metric) of the last report
+             "micro_batch": args.batch_size, "previous": None,  # previous: (step, metric) of the last report
+             # What the last report after training began was judged by (RUNG_SCORE): a rung's ranking must
+             # agree with it. Not step 0's: that is a pruned model before it healed, not a fine-tuning ranking.
+             "previous_score": None}
     checkpoint = get_checkpoint()
     if checkpoint:
         with timeline.phase("checkpointing"), checkpoint.as_directory() as d:
@@ -332,8 +335,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["previous"] = (step, result[args.metric])
         if rank == 0 and step in args.rungs and args.barrier:
             sign = -1.0 if args.mode == "min" else 1.0  # the barrier ranks higher-is-better
+            before = state["previous_score"]
             with timeline.phase("rung_wait"):
-                wait_turn(args.barrier, args.candidate, step, sign * metrics[RUNG_SCORE])
+                why = wait_turn(args.barrier, args.candidate, step, sign * metrics[RUNG_SCORE],
+                                None if before is None else sign * before, rows)
+            if why:
+                metrics["kept_because"] = why
+        state["previous_score"] = metrics[RUNG_SCORE]
         if rank == 0:
             record_report(args.job, args.candidate, args.metric, metrics)
             save_rows(args, step, rows)

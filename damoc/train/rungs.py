@@ -29,6 +29,8 @@ import time
 import numpy as np
 import ray
 
+from damoc.paired import Rows, beaten_shares
+
 
 def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
     """The steps where ASHA compares trials (its milestones below max_t)."""
@@ -59,20 +61,61 @@ def rung_score(value: float, previous: tuple[int, float] | None, step: int, plan
     return value + rate * (planned - step) if better else value
 
 
-def release_order(values: dict[str, float], reduction_factor: float) -> list[str]:
-    """Report order for one rung (values: higher is better) under which ASHA keeps the top
-    ceil(n / rf): the kept ones from worst to best (each one beats everything recorded), then
-    the rest from best to worst (each one is below the kept quantile)."""
-    ranked = sorted(values, key=lambda n: (-values[n], n))
-    keep = max(1, math.ceil(len(ranked) / reduction_factor))
-    return list(reversed(ranked[:keep])) + ranked[keep:]
+def ranked(values: dict[str, float]) -> list[str]:
+    return sorted(values, key=lambda n: (-values[n], n))
+
+
+def asha_keep(n: int, reduction_factor: float) -> int:
+    return max(1, math.ceil(n / reduction_factor))
+
+
+def release_order(values: dict[str, float], reduction_factor: float, keep: int | None = None) -> list[str]:
+    """Report order for one rung (values: higher is better) under which ASHA keeps the top `keep`
+    (by default ceil(n / rf)): the kept ones from worst to best (each one beats everything recorded),
+    then the rest from best to worst (each one is below every value recorded before it)."""
+    order = ranked(values)
+    keep = asha_keep(len(order), reduction_factor) if keep is None else keep
+    return list(reversed(order[:keep])) + order[keep:]
+
+
+def stable_keep(values: dict[str, float], previous: dict[str, float | None], rows: dict[str, Rows | None],
+                base: int, confidence: float, metric: str, mode: str, seed: int) -> tuple[int, dict[str, str]]:
+    """How many of a rung's group to keep (the best by value), and why each one kept beyond ASHA's `base`
+    was kept. A trial below the cut is stopped only when the ranking says so steadily: it was below the
+    cut at its previous evaluation too (`previous`: the value it reported then), and it is outside the
+    best `base` in at least `confidence` of paired resamples of the eval rows (`rows`: its per-row
+    figures now). Otherwise it is kept, and so is every trial ranked above it (ASHA keeps a best prefix)."""
+    order = ranked(values)
+    if confidence <= 0 or len(order) <= base:
+        return base, {}
+    before = {n: v for n, v in previous.items() if v is not None}
+    was_out = set(ranked(before)[base:]) if set(before) == set(order) else set(order)  # unknown: agrees
+    evidence = {n: r for n, r in rows.items() if r}
+    shares = beaten_shares(evidence, base, metric, mode, seed) if set(evidence) == set(order) else {}
+    keep, why = base, {}
+    for i, name in enumerate(order[base:], base):
+        share = shares.get(name)
+        if name not in was_out:
+            why[name] = "it was ahead of the cut at its previous evaluation"
+        elif share is not None and share < confidence:
+            why[name] = (f"behind the best {base} in {share:.0%} of paired resamples of the eval rows, "
+                         f"under the {confidence:.0%} that stopping asks")
+        else:
+            continue
+        keep = i + 1
+    return keep, {n: why.get(n, "it ranks above a trial kept for that") for n in order[base:keep]}
 
 
 class Rungs:
     """The barrier's state and rules (a plain class: RungBarrier is its Ray actor)."""
 
-    def __init__(self, reduction_factor: float, timeout_s: float, expected: int = 0, decide: bool = False):
+    def __init__(self, reduction_factor: float, timeout_s: float, expected: int = 0, decide: bool = False,
+                 confidence: float = 0.0, metric: str = "eval_loss", mode: str = "min", seed: int = 0):
         self.rf, self.timeout_s = reduction_factor, timeout_s
+        self.confidence, self.metric, self.mode, self.seed = confidence, metric, mode, seed  # see stable_keep
+        self.evidence: dict[int, dict[str, tuple[float | None, Rows | None]]] = {}  # rung -> {trial: (previous, rows)}
+        self.kept: dict[int, int] = {}  # rung -> how many of its group go on
+        self.kept_why: dict[int, dict[str, str]] = {}  # rung -> {trial kept beyond ASHA's cut: why}
         self.expected, self.decide = expected, decide  # trials in the sweep; hold the winner once decided
         self.seen: set[str] = set()
         self.winner: str | None = None  # the last one standing, set by the driver once its book says decided
@@ -95,10 +138,14 @@ class Rungs:
         self.live.pop(name, None)
         self.shrunk = self.shrunk or lost
 
-    def arrive(self, name: str, rung: int, value: float) -> None:
+    def arrive(self, name: str, rung: int, value: float, previous: float | None = None,
+               rows: Rows | None = None) -> None:
+        """`value`: what the trial is judged by here (higher is better); `previous`: the same at its
+        previous evaluation; `rows`: its per-row figures here (the paired resamples' evidence)."""
         self.live.setdefault(name, 0)
         self.seen.add(name)
         self.arrived.setdefault(rung, {})[name] = value
+        self.evidence.setdefault(rung, {})[name] = (previous, rows)
         self.arrived_at.setdefault((name, rung), time.monotonic())
 
     def processed(self, name: str, rung: int) -> None:
@@ -112,7 +159,7 @@ class Rungs:
             expected = {n for n, passed in self.live.items() if passed < rung}
             if not expected <= set(here):
                 return False  # someone still running has not reached the rung
-            self.order[rung] = release_order(here, self.rf)
+            self.order[rung] = release_order(here, self.rf, self.cut(rung))
         order, done = self.order[rung], self.done.get(rung, set())
         if name not in order:  # arrived after the group was released: plain ASHA
             if self.kept_late(name, rung):
@@ -120,6 +167,18 @@ class Rungs:
             return True
         before = order[: order.index(name)]
         return all(n in done or n not in self.live for n in before)
+
+    def cut(self, rung: int) -> int:
+        """How many of the group at `rung` go on (ASHA's ceil(n / rf), more while the ranking is unsteady)."""
+        here, seen = self.arrived[rung], self.evidence.get(rung, {})
+        self.kept[rung], self.kept_why[rung] = stable_keep(
+            here, {n: seen.get(n, (None, None))[0] for n in here}, {n: seen.get(n, (None, None))[1] for n in here},
+            asha_keep(len(here), self.rf), self.confidence, self.metric, self.mode, self.seed + rung)
+        return self.kept[rung]
+
+    def why_kept(self, name: str, rung: int) -> str | None:
+        """Why `name` went on from `rung` although ASHA's cut alone would have stopped it (None: it did not)."""
+        return self.kept_why.get(rung, {}).get(name)
 
     def kept_late(self, name: str, rung: int) -> bool:
         """ASHA's rule for a trial reporting after its rung's group: kept unless worse than the
@@ -142,7 +201,7 @@ class Rungs:
         or below this rung), or the last of them left under `grace_s` ago (the driver is catching up).
         Never longer than the rung's timeout, counted from the arrival."""
         order, now = self.order.get(rung), time.monotonic()
-        if not self.decide or not order or order[0] != name or math.ceil(len(order) / self.rf) != 1:
+        if not self.decide or not order or order[0] != name or self.kept.get(rung) != 1:
             return False
         if rung in self.contested or any(p > rung for n, p in self.live.items() if n != name):
             return False  # someone else is past this rung too: it does not decide
@@ -169,11 +228,14 @@ def poll_until(ready, first_s: float = 0.01, most_s: float = 0.2) -> None:
         pause = min(most_s, pause * 1.5)
 
 
-def wait_turn(barrier_name: str, name: str, rung: int, value: float) -> None:
-    """Called by a trial's rank-0 worker before it reports at a rung."""
+def wait_turn(barrier_name: str, name: str, rung: int, value: float, previous: float | None = None,
+              rows: Rows | None = None) -> str | None:
+    """Called by a trial's rank-0 worker before it reports at a rung (the arguments: Rungs.arrive's). Returns
+    why it goes on although ASHA's cut alone would have stopped it, if so."""
     barrier = ray.get_actor(barrier_name)
-    ray.get(barrier.arrive.remote(name, rung, value))
+    ray.get(barrier.arrive.remote(name, rung, value, previous, rows))
     poll_until(lambda: ray.get(barrier.turn.remote(name, rung)))
+    return ray.get(barrier.why_kept.remote(name, rung))
 
 
 def hold_if_decided(barrier_name: str, name: str, rung: int, grace_s: float = 15.0) -> bool:

@@ -124,6 +124,9 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book
                     and r.get("peak_rss_bytes")), default=None)
         out["memory"] = {**memory, "peak_gib": round(peak / GIB, 2) if peak else None,
                          "memory_failures": rec.memory_failures}
+    kept = {str(int(r["step"])): r["kept_because"] for r in rows if isinstance(r.get("kept_because"), str)}
+    if kept:  # rungs where the ranking was not steady enough to stop it
+        out["kept_because"] = kept
     out["nodes"] = sorted({r["node"] for r in rows if isinstance(r.get("node"), str)} | set(rec.lost_on))  # every attempt's
     if "chat_template" in last:
         out["prompt"] = "chat template" if last["chat_template"] else "plain"
@@ -324,7 +327,8 @@ class FinetuneStage(Stage):
                                      reduction_factor=tn.reduction_factor, max_concurrent=concurrent,
                                      max_failures=ft.max_failures, storage_path=storage,
                                      rung_timeout_s=tn.rung_timeout_s, barrier_name=barrier, local=ft.local,
-                                     restore=restore, tracking=tracking)
+                                     restore=restore, tracking=tracking, stop_confidence=tn.stop_confidence,
+                                     seed=spec.seed)
         unfinished = len(plans) - grid.num_terminated - grid.num_errors
         if unfinished:  # a stage is done only once every trial is: never rank what the sweep did not decide
             raise RuntimeError(f"the sweep returned with {unfinished} of {len(plans)} trial(s) neither finished "
