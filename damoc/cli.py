@@ -11,6 +11,7 @@ from pathlib import Path
 from damoc.spec import SpecError, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_PARTIAL = 3  # the stages ran, but some candidates failed: the ranking covers the others
 
 log = logging.getLogger("damoc.cli")
 
@@ -166,7 +167,25 @@ def _select(args, spec, stages, pipeline, handler, terminal) -> int:
     ran = [o for o in outcomes if o.status == "ran"]
     log.info("job %s: %d stage(s) ran, %d skipped, %.1fs; run directory %s", spec.name, len(ran),
              len(outcomes) - len(ran), sum(o.seconds for o in outcomes), pipeline.run_dir)
+    failed = failed_candidates(pipeline.run_dir, stages)
+    if failed:
+        log.warning("job %s: %d of %d candidate(s) failed (%s); the %s covers the others (exit %d)", spec.name,
+                    len(failed), len(spec.candidates), ", ".join(failed),
+                    "ranking" if "report" in stages else "output", EXIT_PARTIAL)
+        return EXIT_PARTIAL
     return EXIT_OK
+
+
+def failed_candidates(run_dir: Path, stages: list[str]) -> list[str]:
+    """Candidates the last stage run failed (upstream failures are carried down into each stage's output)."""
+    from damoc.rundir import read_json
+
+    for stage, output in (("report", "report/ranking.json"), ("finetune", "finetune/results.json"),
+                          ("models", "models/models.json")):
+        if stage in stages:
+            data = read_json(run_dir / output) or {}
+            return [c["name"] for c in data.get("candidates", []) if c.get("status") == "failed"]
+    return []
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,14 @@ class DataFigures:
     source: str  # sampled | spec | assumed
     notes: list[str] = field(default_factory=list)
     length: int | None = None  # the training sequences' length bound (damoc.lm.memory.length_bound)
+    # Each local candidate's [tokens per row, prompt share] with its own tokenizer (tokenizers differ:
+    # Gemma's 262k vocabulary reads the same rows in ~25% fewer tokens than SmolLM2's 49k).
+    by_candidate: dict[str, list[float]] = field(default_factory=dict)
+
+    def tokens(self, name: str) -> tuple[float, float]:
+        """Tokens per row and prompt share for candidate `name` (the sample's figures where it has none)."""
+        per_row, share = self.by_candidate.get(name, (self.tokens_per_row, self.prompt_share))
+        return per_row, share
 
 
 def _config_params(path_or_id: str, trust_remote_code: bool, revision: str | None, targets: Any = "auto",
@@ -147,8 +155,25 @@ def count_rows(source: DataSource, base_dir: str) -> int:
     return n
 
 
-def data_figures(spec: JobSpec, base_dir: str, tokenizer_path: str | None) -> DataFigures:
-    """Rows and tokens per row (prompt + answer as training renders them) from a sample of the data."""
+def token_figures(spec: JobSpec, sample: list[dict], tokenizer_path: str) -> tuple[float, float]:
+    """Tokens per row (prompt + answer as training renders them, within max_length) and the prompt's share."""
+    from damoc.data.lm import count_tokens
+    from damoc.lm.load import load_tokenizer
+    from damoc.lm.prompts import prompt_text
+
+    d = spec.data
+    tok = load_tokenizer(tokenizer_path)
+    prompts = count_tokens(tok, [prompt_text(d.task, r["instruction"], r["input"], tok, spec.finetune.template)
+                                 for r in sample])
+    answers = count_tokens(tok, [r["output"] for r in sample])
+    per_row = min(spec.finetune.max_length, (sum(prompts) + sum(answers)) / len(sample) + 1)
+    return per_row, sum(prompts) / max(1, sum(prompts) + sum(answers))
+
+
+def data_figures(spec: JobSpec, base_dir: str, tokenizer_path: str | None,
+                 candidate_paths: dict[str, str] | None = None) -> DataFigures:
+    """Rows and tokens per row (prompt + answer as training renders them) from a sample of the data, with
+    `tokenizer_path`'s tokenizer, and with each of `candidate_paths`' own (by_candidate)."""
     d = spec.data
     if d.train.hf or is_uri(d.train.path or ""):
         rows = d.train.rows
@@ -170,18 +195,18 @@ def data_figures(spec: JobSpec, base_dir: str, tokenizer_path: str | None) -> Da
         return DataFigures(rows, DEFAULT_TOKENS_PER_ROW, DEFAULT_PROMPT_SHARE, "assumed",
                            ["no readable row or tokenizer for a sample; tokens per row assumed"],
                            length_bound(sample, spec.finetune.max_length) if sample else None)
-    from damoc.data.lm import count_tokens
-    from damoc.lm.load import load_tokenizer
-    from damoc.lm.prompts import prompt_text
-
-    tok = load_tokenizer(tokenizer_path)
-    prompts = count_tokens(tok, [prompt_text(d.task, r["instruction"], r["input"], tok, spec.finetune.template)
-                                 for r in sample])
-    answers = count_tokens(tok, [r["output"] for r in sample])
-    per_row = min(spec.finetune.max_length, (sum(prompts) + sum(answers)) / len(sample) + 1)
-    return DataFigures(rows, per_row, sum(prompts) / max(1, sum(prompts) + sum(answers)), "sampled",
-                       [f"{len(sample)} rows sampled with the tokenizer of {Path(tokenizer_path).name}"],
-                       length_bound(sample, spec.finetune.max_length))
+    per_row, share = token_figures(spec, sample, tokenizer_path)
+    by_candidate = {}
+    for name, path in (candidate_paths or {}).items():
+        try:
+            by_candidate[name] = list(token_figures(spec, sample, path))
+        except Exception:  # noqa: BLE001 - no tokenizer there: the sample's figures stand in
+            continue
+    return DataFigures(rows, per_row, share, "sampled",
+                       [f"{len(sample)} rows sampled, tokens counted with each candidate's tokenizer"
+                        + (f" ({Path(tokenizer_path).name}'s where one has none)" if len(by_candidate) < len(
+                            candidate_paths or {}) else "")],
+                       length_bound(sample, spec.finetune.max_length), by_candidate)
 
 
 def planned_steps(ft, train_rows: int | None) -> int:
@@ -326,7 +351,8 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     tok_path = resolve_path(d.reference_model, base) if d.reference_model else (local[0] if local else None)
     if tok_path and not Path(tok_path).exists():
         tok_path = None
-    data = data_figures(spec, base, tok_path)
+    data = data_figures(spec, base, tok_path, {c.name: resolve_path(c.path, base) for c in spec.candidates
+                                               if c.path and Path(resolve_path(c.path, base)).exists()})
     eval_share = d.eval.split_ratio or 0.0
     train_rows = int(data.rows * (1 - eval_share)) if data.rows else None
     chain = build_chain(d)
@@ -335,7 +361,10 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     eval_rows = eval_row_count(spec, base, data.rows)
     eval_rows = min(eval_rows, ft.eval_max_rows) if ft.eval_max_rows else eval_rows
     compress = d.compress.ratio if d.compress.enabled else 1.0
-    kept_tokens_per_row = data.tokens_per_row * (1 - data.prompt_share * (1 - compress))
+
+    def kept_tokens(name: str) -> float:  # a training row after token compression, in `name`'s tokens
+        per_row, share = data.tokens(name)
+        return per_row * (1 - share * (1 - compress))
     per_step = ft.batch_size * ft.num_workers * ft.grad_accum
     full_steps, damoc_steps = planned_steps(ft, train_rows), planned_steps(ft, kept_rows)
     known = [c for c in cands if c.params]
@@ -348,9 +377,12 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     gpu, mode = ft.use_gpu, ("local" if ft.local else "workers")
     unit, per_worker = ("GPU", (ft.resources_per_worker or {}).get("GPU", 1)) if ft.use_gpu else \
         ("CPU", (ft.resources_per_worker or {}).get("CPU", 1))
-    eval_tokens = (eval_rows or 0) * data.tokens_per_row
     ref = reference_params(spec, base, known)
-    stage_s = {"data": data_stage_seconds(spec, chain, data, train_rows or 0, kept_rows or 0, ref, gpu),
+    ref_data = data  # the reference LM reads the rows in its own tokens (the sample's: reference_model's)
+    if not d.reference_model and known:  # the smallest candidate's
+        per_row, share = data.tokens(min(known, key=lambda c: c.params).name)
+        ref_data = replace(data, tokens_per_row=per_row, prompt_share=share)
+    stage_s = {"data": data_stage_seconds(spec, chain, ref_data, train_rows or 0, kept_rows or 0, ref, gpu),
                "models": 0.0, "finetune": 0.0}
     rows_out, full_flops, damoc_flops, full_s = [], 0.0, 0.0, 0.0
     # Candidates are projected best-first by nothing we know yet: the schedule is shared out by size,
@@ -358,14 +390,15 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     order = sorted(range(len(cands)), key=lambda i: -(cands[i].params or 0))
     for rank, i in enumerate(order):
         c = cands[i]
-        after = c.params_after(pruned)
-        f_full = 6 * c.params * full_steps * per_step * data.tokens_per_row if c.params else None
-        f_damoc = 6 * after * schedule[rank] * per_step * kept_tokens_per_row if after else None
+        after, per_row = c.params_after(pruned), data.tokens(c.name)[0]
+        eval_tokens = (eval_rows or 0) * per_row
+        f_full = 6 * c.params * full_steps * per_step * per_row if c.params else None
+        f_damoc = 6 * after * schedule[rank] * per_step * kept_tokens(c.name) if after else None
         full_flops += f_full or 0.0
         damoc_flops += f_damoc or 0.0
         # Full fine-tuning as the report projects it: training and start-up (its evaluations not counted).
         full_s += (f_full / rate(c.params, True, gpu) / ft.num_workers if f_full else 0.0) + trial_fixed_s(mode, rank)
-        stage_s["models"] += model_stage_seconds(spec, c, pruned, kept_rows or 0, kept_tokens_per_row,
+        stage_s["models"] += model_stage_seconds(spec, c, pruned, kept_rows or 0, kept_tokens(c.name),
                                                  eval_tokens, gpu)
         evals = evaluations(schedule[rank], damoc_steps, ft.eval_every, rungs)
         stage_s["finetune"] += trial_fixed_s(mode, rank) + (
@@ -461,7 +494,8 @@ def format_plan(p: dict[str, Any]) -> str:
                      f"{num(c['damoc_flops'], '{:.2e}'):>11} {num(c.get('memory_gib'), '{:.1f} GiB'):>13}")
     d = p["data"]
     lines += ["", f"training rows: {num(p['train_rows'])} (kept by DaMoC: {num(p['kept_rows'])}); "
-                  f"{d['tokens_per_row']:.0f} tokens per row ({d['source']})",
+                  + (", ".join(f"{n} {v[0]:.0f}" for n, v in d["by_candidate"].items()) + " tokens per row"
+                     if d.get("by_candidate") else f"{d['tokens_per_row']:.0f} tokens per row") + f" ({d['source']})",
               f"fine-tuning every candidate in full: {p['full']['flops']:.3g} FLOPs, "
               f"~{p['full']['hours']:.3g} {p['unit']}",
               f"DaMoC: {p['damoc']['flops']:.3g} FLOPs, ~{p['damoc']['hours']:.3g} {p['unit']} ("

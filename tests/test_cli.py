@@ -100,6 +100,21 @@ def test_failed_stage_keeps_its_evidence_and_traceback(job_dir):
     assert "Traceback" in (run / "logs" / "damoc.log").read_text() and not (run / "data").exists()
 
 
+def test_a_candidate_that_fails_while_the_others_go_on_exits_3(job_dir, tokenizer_dir):
+    """A pipeline must tell a full result from a partial one by the exit code alone: a BLOOM candidate the
+    model stage cannot compress fails, the other is compressed, and the job exits 3 naming it."""
+    from test_model_stage import unsupported_model
+
+    unsupported_model(job_dir / "zoo" / "bloom-x", tokenizer_dir)
+    write_spec(job_dir / "job.yaml", spec_dict(**{
+        "data.filter": {"method": "none"}, "data.compress": {"enabled": False}, "data.eval": {"split_ratio": 0.1},
+        "candidates": [{"name": "llama-s", "path": "zoo/llama-s"}, {"name": "bloom-x", "path": "zoo/bloom-x"}],
+        "model": {"calibration": {"rows": 8, "batch_size": 4}}}))
+    r = damoc("select", "job.yaml", "--stages", "data,models", "--cpus", "2", cwd=job_dir)
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "1 of 2 candidate(s) failed (bloom-x); the output covers the others (exit 3)" in r.stderr
+
+
 def test_running_again_keeps_what_is_current_and_fresh_recomputes(job_dir):
     write_spec(job_dir / "job.yaml", spec_dict(**{"data.filter": {"method": "none"},
                                                   "data.compress": {"enabled": False}}))

@@ -177,6 +177,7 @@ def test_twins_are_never_told_apart_by_a_rung(tmp_path, tiny_model):
     assert results["rungs"] == [2]
     by_name = {e["name"]: e for e in results["candidates"]}
     assert [by_name[n]["status"] for n in ("twin-a", "twin-b")] == ["finished", "finished"]
+    assert all(e["warmup_steps"] == 1 and 0 < e["warmup_seconds"] < e["timeline"]["training"] for e in by_name.values())
     why = [e.get("kept_because", {}) for e in by_name.values()]
     assert sorted(map(len, why)) == [0, 1]  # the one below the cut went on, and says why
     assert "behind the best 1 in 0% of paired resamples" in next(w["2"] for w in why if w)

@@ -398,3 +398,44 @@ def test_the_report_says_who_went_on_past_asha_s_cut_and_the_saving_reached():
     assert note == ("The ranking came before the saving: b went on from step 8 (y); b went on from step 16 (x). "
                     "ASHA's cut alone would have stopped it there; the saving this run reached is 3.2x (Cost).")
     assert steadiness_note({"candidates": [{"name": "a"}]}, {}) == ""
+
+
+def test_the_full_projection_uses_steady_steps_and_rows_as_long_as_the_readable_ones(tmp_path):
+    """Two trials whose first steps took 2 s each: the throughput is taken from the steps after them
+    (3.5e9 FLOPs in 4 s), and a full run pays start-up and one first step (3 s). The kept rows are 100
+    chars long, the dropped 50: full runs train on rows 0.75x as long (20 tokens a row uncompressed -> 15)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from damoc.report.savings import savings
+
+    run = tmp_path
+    (run / "finetune").mkdir()
+    (run / "data").mkdir()
+    (run / "models" / "a").mkdir(parents=True)
+    entry = {"workers": 1, "warmup_seconds": 2.0, "warmup_steps": 1}
+    results = {"candidates": [
+        {**entry, "name": "a", "steps": 4, "train_flops": 4e9, "train_tokens": 320, "timeline": {"training": 5.0, "fixed": 1.0}},
+        {**entry, "name": "b", "steps": 2, "train_flops": 1e9, "train_tokens": 160, "forward_params": 2e6,
+         "timeline": {"training": 3.0, "fixed": 1.0}}]}
+    (run / "finetune" / "results.json").write_text(json.dumps(results))
+    (run / "models" / "a" / "compression.json").write_text(json.dumps({"params_before": 1e6}))
+    (run / "data" / "manifest.json").write_text(json.dumps({"kept": 2, "readable": 4, "tokens_before": 30,
+                                                            "tokens_after": 10}))
+    pq.write_table(pa.table({"chars": [100, 100]}), run / "data" / "train.parquet")
+    pq.write_table(pa.table({"chars": [50, 50]}), run / "data" / "dropped.parquet")
+    (run / "spec.yaml").write_text(yaml.safe_dump({"finetune": {"batch_size": 8, "max_steps": 10, "epochs": 1}}))
+    out = savings(run, {"cost": {"worker_seconds": 10.0, "train_flops": 5e9}})
+    rate = 3.5e9 / 4
+    want = {"a": 6 * 1e6 * 8 * 15, "b": 6 * 2e6 * 8 * 15}
+    for name, flops in want.items():
+        assert out["per_candidate"][name] == {"flops": pytest.approx(flops), "worker_seconds": pytest.approx(flops / rate + 3)}
+    assert out["ratio"] == pytest.approx(sum(f / rate + 3 for f in want.values()) / 10)
+    assert "after each trial's first step" in out["assumptions"][0] and "0.75x as long" in out["assumptions"][2]
+    for e in results["candidates"]:  # a run from before the first step was timed: every step counts
+        del e["warmup_seconds"], e["warmup_steps"]
+    (run / "finetune" / "results.json").write_text(json.dumps(results))
+    (run / "data" / "dropped.parquet").unlink()
+    out = savings(run, {"cost": {"worker_seconds": 10.0, "train_flops": 5e9}})
+    assert out["per_candidate"]["a"]["worker_seconds"] == pytest.approx(6 * 1e6 * 8 * 20 / (5e9 / 8) + 1)

@@ -1,9 +1,12 @@
 """What this run cost against fine-tuning every candidate in full, in the job's units.
 
 The full fine-tuning is projected from this run's own measurements: the training throughput its
-trials reached (training FLOPs per worker-second of training), the fixed start-up a trial paid, and
-the data the full runs would train on (every readable row, the prompts uncompressed, the original
-models unpruned, the same epochs and steps). Units: GPU-hours on GPU jobs, CPU-hours otherwise.
+trials reached after their first step (training FLOPs per worker-second of training; a first step is
+slow, and short trials are mostly first steps: on real LLMs on CPU they ran at ~60% of the steady rate),
+the fixed start-up and first step a trial paid, and the data the full runs would train on (every
+readable row, as long as the readable rows are on average: the selected ones are often longer; the
+prompts uncompressed, the original models unpruned, the same epochs and steps). Units: GPU-hours on GPU
+jobs, CPU-hours otherwise.
 """
 
 from __future__ import annotations
@@ -31,14 +34,15 @@ def savings(run_dir: Path, ranking: dict[str, Any]) -> dict[str, Any] | None:
     ft = spec.get("finetune", {})
     per_worker = ft.get("resources_per_worker") or {}
     unit, per = ("GPU", per_worker.get("GPU", 1)) if ft.get("use_gpu") else ("CPU", per_worker.get("CPU", 1))
-    train_ws = sum(e["timeline"]["training"] * e.get("workers", 1) for e in entries)
-    flops_per_ws = sum(e["train_flops"] for e in entries) / max(1e-9, train_ws)
-    fixed = sum(e["timeline"]["fixed"] for e in entries) / len(entries)
+    flops_per_ws, steady = throughput(entries)
+    fixed = sum(e["timeline"]["fixed"] + warmup(e) for e in entries) / len(entries)
     rows_per_step = ft.get("batch_size", 8) * ft.get("num_workers", 1) * ft.get("grad_accum", 1)
     kept = manifest["kept"]
-    # Tokens per trained row, then per row as the full runs would train it (prompts uncompressed).
+    # Tokens per trained row, then per row as the full runs would train it (prompts uncompressed, rows
+    # as long as the readable ones are on average).
     per_row = sum(e.get("train_tokens", 0) for e in entries) / max(1, sum(e["steps"] * rows_per_step for e in entries))
-    per_row_full = per_row + (manifest.get("tokens_before", 0) - manifest.get("tokens_after", 0)) / max(1, kept)
+    length = length_ratio(run_dir / "data")
+    per_row_full = (per_row + (manifest.get("tokens_before", 0) - manifest.get("tokens_after", 0)) / max(1, kept)) * length
     full_rows = manifest.get("readable", kept)
     full_steps = planned_steps(SimpleNamespace(**{**{"epochs": None, "max_steps": 200, "batch_size": 8,
                                                      "num_workers": 1, "grad_accum": 1}, **ft}), full_rows)
@@ -58,7 +62,44 @@ def savings(run_dir: Path, ranking: dict[str, Any]) -> dict[str, Any] | None:
             "ratio": projected / this if this else None,
             "full_flops": sum(v["flops"] for v in per_candidate.values()),
             "this_run_flops": ranking["cost"]["train_flops"], "per_candidate": per_candidate,
-            "assumptions": [f"throughput {flops_per_ws / 1e9:.3g} GFLOP/s per worker, measured in this run's training",
-                            f"{fixed:.1f} s of fixed start-up per trial (this run's mean)",
+            "assumptions": [f"throughput {flops_per_ws / 1e9:.3g} GFLOP/s per worker, measured in this run's training"
+                            + (" after each trial's first step" if steady else ""),
+                            f"{fixed:.1f} s of fixed start-up and first step per trial (this run's mean)",
                             f"{full_rows:,d} rows x {full_steps} steps of {rows_per_step} rows, "
-                            f"{per_row_full:.0f} tokens per row (prompts uncompressed), original models"]}
+                            f"{per_row_full:.0f} tokens per row (prompts uncompressed"
+                            + (f"; the readable rows are {length:.2f}x as long as the kept ones" if length != 1 else "")
+                            + "), original models"]}
+
+
+def warmup(e: dict[str, Any]) -> float:
+    """Seconds of a trial's first step (an attempt's first step; a full run pays one)."""
+    return e.get("warmup_seconds", 0.0) / max(1, e.get("warmup_steps", 0))
+
+
+def throughput(entries: list[dict[str, Any]]) -> tuple[float, bool]:
+    """Training FLOPs per worker-second, after each attempt's first step where some trial trained past it
+    (FLOPs per step taken as even), else over all steps; and whether it is the former."""
+    flops = sum(e["train_flops"] * max(0, e["steps"] - e.get("warmup_steps", 0)) / max(1, e["steps"]) for e in entries)
+    ws = sum((e["timeline"]["training"] - e.get("warmup_seconds", 0.0)) * e.get("workers", 1) for e in entries)
+    if all(e.get("warmup_steps") for e in entries) and flops > 0 and ws > 0:
+        return flops / ws, True
+    ws = sum(e["timeline"]["training"] * e.get("workers", 1) for e in entries)
+    return sum(e["train_flops"] for e in entries) / max(1e-9, ws), False
+
+
+def length_ratio(data_dir: Path) -> float:
+    """Mean length (the data stage's `chars` stat) of every training-side row over that of the kept ones:
+    the full runs train on all of them. 1 where the stat is not there."""
+    import pyarrow.parquet as pq
+
+    try:
+        kept = pq.read_table(data_dir / "train.parquet", columns=["chars"]).column("chars").to_pylist()
+        dropped = pq.read_table(data_dir / "dropped.parquet", columns=["chars"]).column("chars").to_pylist() \
+            if (data_dir / "dropped.parquet").exists() else []
+    except (OSError, KeyError, ValueError):  # no such file or column
+        return 1.0
+    every = [c for c in kept + dropped if c is not None]
+    kept = [c for c in kept if c is not None]
+    if not every or not kept or not sum(kept):
+        return 1.0
+    return (sum(every) / len(every)) / (sum(kept) / len(kept))

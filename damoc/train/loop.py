@@ -302,6 +302,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.train()
     t_train = time.perf_counter()
     for step in range(start_step + 1, args.max_steps + 1):
+        t_step = time.perf_counter()
         for _ in range(args.grad_accum):
             batch = {k: v.to(device) for k, v in collate(batches.next(), pad).items()}
             loss = engine.loss(batch)
@@ -313,6 +314,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.step()
             loss_sum, loss_n = loss_sum + value, loss_n + 1
             tokens += int(batch["attention_mask"].sum())
+        if step == start_step + 1:  # an attempt's first step is slow (allocations, lazy state): the report
+            state["warmup_seconds"] = state.get("warmup_seconds", 0.0) + time.perf_counter() - t_step  # projects
+            state["warmup_steps"] = state.get("warmup_steps", 0) + 1  # full runs from the steps after it
         if step not in reports:
             continue
         timeline.add("training", time.perf_counter() - t_train)
@@ -329,6 +333,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "lr": engine.lr, "train_tokens": state["tokens"], "forward_params": forward_params,
                    "trainable_params": trainable_params, "train_flops": 6.0 * forward_params * state["tokens"],
                    "train_seconds": round(state["seconds"], 3), "restarts": state["restarts"],
+                   "warmup_seconds": round(state.get("warmup_seconds", 0.0), 3), "warmup_steps": state.get("warmup_steps", 0),
                    "start_step": start_step, "workers": world, "trial_started_at": args.trial_started_at,
                    "chat_template": chat, "micro_batch": args.batch_size, "peak_rss_bytes": peak_memory(),
                    "node": node, RUNG_SCORE: rung_score(result[args.metric], state["previous"], step, args.max_steps, args.mode)}

@@ -116,7 +116,7 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book
                            "timeline": timeline.summarise(phases), "attempts": max(1, rec.attempts),
                            "earlier_seconds": round(rec.earlier_seconds, 3)}
     for k in ("train_tokens", "train_flops", "forward_params", "trainable_params", "restarts", "start_step",
-              "micro_batch"):
+              "micro_batch", "warmup_seconds", "warmup_steps"):
         if k in last:
             out[k] = last[k]
     if memory:
