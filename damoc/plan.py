@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,8 @@ def candidate_figures(spec: JobSpec, base_dir: str) -> list[CandidateFigures]:
             out.append(CandidateFigures(c.name, float(total), "config", layers or None, float(in_layers) or None,
                                         shape=shape))
         except Exception as exc:  # noqa: BLE001 - offline hub, missing or odd config: project from what we have
-            reason = f"config not readable ({type(exc).__name__}: {str(exc).splitlines()[0][:90]})"
+            first = (str(exc).splitlines() or [""])[0]
+            reason = f"config not readable ({type(exc).__name__}: {textwrap.shorten(first, 90, placeholder=' ...')})"
             if c.params:
                 out.append(CandidateFigures(c.name, float(c.params), "spec", note=reason))
             else:
@@ -482,6 +484,15 @@ def trial_memory_gib(c: CandidateFigures, ft, data: DataFigures) -> float | None
     return round(finetune_memory(c.shape, ft, length).host / GIB, 2)
 
 
+def cost_words(ratio: float | None) -> str:
+    """A full / DaMoC ratio in words: below 1 it is a cost, never a saving."""
+    if ratio is None:
+        return "-"
+    if ratio == math.inf:
+        return "no cost"
+    return f"{ratio:.1f}x less" if ratio >= 1 else f"{1 / ratio:.1f}x MORE"
+
+
 def format_plan(p: dict[str, Any]) -> str:
     def num(v, fmt="{:,.0f}"):
         return "-" if v is None else fmt.format(v)
@@ -500,7 +511,7 @@ def format_plan(p: dict[str, Any]) -> str:
               f"~{p['full']['hours']:.3g} {p['unit']}",
               f"DaMoC: {p['damoc']['flops']:.3g} FLOPs, ~{p['damoc']['hours']:.3g} {p['unit']} ("
               + ", ".join(f"{k} ~{v:,.0f} s" for k, v in p['damoc']['stages'].items()) + " of workers)",
-              f"saving: {num(p['ratio_flops'], '{:.1f}x')} in training FLOPs, {num(p['ratio_hours'], '{:.1f}x')} in "
-              f"{p['unit']}", "", "assumptions:"]
+              f"DaMoC against fine-tuning every candidate in full: {cost_words(p['ratio_hours'])} in {p['unit']}, "
+              f"{cost_words(p['ratio_flops'])} in training FLOPs", "", "assumptions:"]
     lines += [f"  - {a}" for a in p["assumptions"]]
     return "\n".join(lines)

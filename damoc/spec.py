@@ -8,8 +8,10 @@ ignored knob. Defaults suit the local demo on the embedded cluster.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -534,10 +536,34 @@ def _message(err: dict[str, Any]) -> str:
     return err["msg"]
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (through Optional, Union, list and dict)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    """For an unknown key: the closest key its section knows, as ` (did you mean 'x'?)`, or nothing."""
+    models: list[type[BaseModel]] = [JobSpec]
+    for part in loc[:-1]:
+        if not isinstance(part, str):
+            continue  # a list index: the same models
+        models = [m for model in models if part in model.model_fields
+                  for m in _models_in(model.model_fields[part].annotation)]
+    keys = sorted({k for m in models for k in m.model_fields})
+    typo = str(loc[-1])
+    close = difflib.get_close_matches(typo, keys, n=1, cutoff=0.6) or [k for k in keys if k.startswith(typo)][:1]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def format_validation_error(exc: ValidationError) -> list[str]:
     lines: list[str] = []
     for err in exc.errors(include_url=False):
         line = f"{_loc_to_path(err['loc'])}: {_message(err)}"
+        if err["type"] == "extra_forbidden":
+            line += _did_you_mean(tuple(p for p in err["loc"] if not str(p).startswith(
+                ("function-", "literal[", "list[", "dict[", "union["))))
         if line not in lines:  # a union reports one problem once per branch
             lines.append(line)
     return lines

@@ -187,8 +187,10 @@ def test_twins_are_never_told_apart_by_a_rung(tmp_path, tiny_model):
 @pytest.mark.slow
 def test_nan_candidate_fails_and_a_short_window_is_cut(tmp_path, tiny_model, tokenizer_dir):
     """One candidate's loss is NaN: it ends `failed` with that reason after finetune.max_failures retries, the
-    others are ranked. A GPT-2 with a 64-position window and the default max_length 512 meets rows longer
-    than its window: its sequences are cut to 64 tokens (said in its note) instead of failing every step."""
+    others are ranked. With max_length 4096, a GPT-2 with a 64-position window meets rows longer than its
+    window: its sequences are cut to 64 tokens (its note says how many rows) instead of failing every step;
+    the Llama's 512-token window cuts no row, and nothing is said of it."""
+    import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
     from damoc.zoo.tiny import build_tiny_model
@@ -204,7 +206,7 @@ def test_nan_candidate_fails_and_a_short_window_is_cut(tmp_path, tiny_model, tok
                        {"name": "llama-nan", "path": str(nan_copy(good, tmp_path / "nan"))}],
         "model": {"enabled": False},
         "finetune": {"num_workers": 1, "max_steps": 4, "eval_every": 2, "batch_size": 4, "lr": 5e-3,
-                     "max_failures": 1},
+                     "max_failures": 1, "max_length": 4096},
         "tune": {"grace_period": 2, "reduction_factor": 2, "finish_winner": True}}),
         base_dir=str(tmp_path))
     pipeline = Pipeline(spec, base_dir=tmp_path, runtime_factory=lambda: connect(None, num_cpus=4))
@@ -214,6 +216,11 @@ def test_nan_candidate_fails_and_a_short_window_is_cut(tmp_path, tiny_model, tok
     nan = by["llama-nan"]
     assert nan["status"] == "failed" and nan["rank"] is None and "training loss is nan" in nan["reason"]
     assert {by["llama-a"]["rank"], by["gpt2-64"]["rank"]} == {1, 2}
-    assert "64-token context window" in by["gpt2-64"]["note"]
+    train_rows = pq.ParquetFile(pipeline.run_dir / "data" / "train.parquet").metadata.num_rows
+    long_kept = sum(r.startswith("Summarise") for r in pq.read_table(
+        pipeline.run_dir / "data" / "train.parquet", columns=["instruction"]).column("instruction").to_pylist())
+    assert by["gpt2-64"]["note"] == (f"{long_kept} of {train_rows} training rows cut to its 64-token context window "
+                                     "(finetune.max_length 4096)") and long_kept > 0
+    assert "context window" not in (by["llama-a"].get("note") or "")  # a 512-token window no row reaches
     results = json.loads((pipeline.run_dir / "finetune" / "results.json").read_text())
     assert {e["name"]: e["attempts"] for e in results["candidates"]}["llama-nan"] <= 2  # not retried forever

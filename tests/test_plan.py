@@ -129,7 +129,7 @@ def test_plan_of_a_cluster_job_runs_offline(capsys, monkeypatch):
     assert main(["plan", "jobs/medical_qa.yaml"]) == 0
     out = capsys.readouterr().out
     assert "fine-tuning every candidate in full" in out and "GPU-hours" in out
-    assert "qwen2.5-7b" in out and "spec" in out and "saving:" in out and "memory/worker" in out
+    assert "qwen2.5-7b" in out and "spec" in out and "against fine-tuning every candidate in full:" in out and "memory/worker" in out
 
 
 def test_the_plans_row_budget_is_the_data_stages(tmp_path, tiny_model):
@@ -180,3 +180,9 @@ def test_the_plans_damoc_cost_adds_its_stages_from_their_passes(tmp_path, tiny_m
     evaluate = c["evaluations"] * 2 * after * evals * d["tokens_per_row"] / P.rate(after, False, False)
     assert c["evaluations"] >= 2 and stages["finetune"] == pytest.approx(P.TRIAL_FIXED_S["local"] + train + evaluate, abs=0.1)
     assert p["damoc"]["seconds"] == pytest.approx(sum(stages.values()), abs=0.2)  # the stages are rounded
+
+
+def test_a_ratio_below_one_is_worded_as_a_cost():
+    from damoc.plan import cost_words
+
+    assert cost_words(21.04) == "21.0x less" and cost_words(1 / 1.7) == "1.7x MORE" and cost_words(None) == "-"

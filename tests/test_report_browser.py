@@ -20,8 +20,11 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 CHECK = """<script>window.addEventListener('load', () => {
   const imgs = [...document.images].map(i => ({alt: i.alt, width: i.naturalWidth}));
   const heads = [...document.querySelectorAll('table th')].map(th => th.textContent);
+  // the first screen: what is in view before any scrolling (the window is 1280 x 1000)
+  const first = [...document.body.children].filter(el => el.getBoundingClientRect().bottom <= window.innerHeight)
+    .map(el => ({tag: el.tagName, text: el.textContent}));
   const pre = document.createElement('pre'); pre.id = 'damoc-check';
-  pre.textContent = JSON.stringify({imgs, heads});
+  pre.textContent = JSON.stringify({imgs, heads, first});
   document.body.appendChild(pre);
 });</script>"""
 
@@ -55,7 +58,8 @@ def fake_run(root: Path) -> Path:
         entries.append({"name": name, "status": "finished" if i == 0 else "stopped_early", "steps": 8 if i == 0 else 4,
                         "curve": curve if i == 0 else curve[:2], "score": curve[-1 if i == 0 else 1]["eval_loss"],
                         "worker_seconds": 3.8, "workers": 1, "train_tokens": 320, "train_flops": 1.9e6,
-                        "timeline": timeline, "source": {"path": f"zoo/{name}"}})
+                        "timeline": timeline, "source": {"path": f"zoo/{name}"},
+                        **({"adapter": {"path": "adapters/a", "step": 8}} if i == 0 else {})})
         for s in (0, 4, 8):
             rows = {str(r): {"nll": 2.0 + i + 0.1 * r, "bytes": 3} for r in range(4)}
             (run / "finetune" / "eval_rows" / name / f"step-{s}.json").write_text(json.dumps({"step": s, "rows": rows}))
@@ -74,9 +78,15 @@ def test_report_opens_in_chromium_with_every_plot_and_the_ranking(tmp_path):
     moved.write_text((run / "report" / "report.html").read_text().replace("</body>", CHECK + "</body>"))
     with tempfile.TemporaryDirectory() as profile:
         out = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-                              "--dump-dom", moved.as_uri()], capture_output=True, text=True, timeout=120)
+                              "--window-size=1280,1000", "--dump-dom", moved.as_uri()],
+                             capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     start = out.stdout.index('<pre id="damoc-check">') + len('<pre id="damoc-check">')
     check = json.loads(out.stdout[start:out.stdout.index("</pre>", start)].replace("&quot;", '"'))
     assert len(check["imgs"]) >= 5 and all(i["width"] > 0 for i in check["imgs"]), check["imgs"]
     assert {"rank", "candidate", "eval_loss", "95% interval"} <= set(check["heads"])
+    first = " ".join(el["text"] for el in check["first"])
+    assert "Pick: a, of 2 ranked candidate(s)" in first and "How sure: a's eval_loss is lower" in first
+    assert "This run cost" in first or "Cost: this run cost" in first
+    code = [el["text"] for el in check["first"] if el["tag"] == "PRE"]
+    assert any("PeftModel.from_pretrained" in c for c in code) and any("scheduler: none" in c for c in code)

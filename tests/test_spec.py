@@ -195,3 +195,16 @@ def test_hub_data_set_options(job_dir):
     assert problems(spec_dict(**{"data.train": {"path": "data/train.jsonl", "config": "en"}}), job_dir) == [
         "data.train: config only apply to a hub data set ('hf')"]
     spec_from_data(spec_dict(**{"select.metric": "accuracy", "data.task": "multiple_choice"}), base_dir=str(job_dir))
+
+
+def test_a_mistyped_key_gets_the_closest_one_its_section_knows(job_dir):
+    lines = problems(spec_dict(**{"data.filtr": {}, "data.filter": {"keep_ration": 0.2},
+                                  "tune": {"grace": 3}, "finetun": {}, "candidates": [
+                                      {"name": "a", "path": "zoo/llama-s", "trust_remote": True}],
+                                  "model": {"zzz": 1}}), job_dir)
+    assert set(lines) == {"data.filtr: unknown key (did you mean 'filter'?)",
+                          "data.filter.keep_ration: unknown key (did you mean 'keep_ratio'?)",
+                          "tune.grace: unknown key (did you mean 'grace_period'?)",
+                          "finetun: unknown key (did you mean 'finetune'?)",
+                          "candidates[0].trust_remote: unknown key (did you mean 'trust_remote_code'?)",
+                          "model.zzz: unknown key"}

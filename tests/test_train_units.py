@@ -439,3 +439,33 @@ def test_the_full_projection_uses_steady_steps_and_rows_as_long_as_the_readable_
     (run / "data" / "dropped.parquet").unlink()
     out = savings(run, {"cost": {"worker_seconds": 10.0, "train_flops": 5e9}})
     assert out["per_candidate"]["a"]["worker_seconds"] == pytest.approx(6 * 1e6 * 8 * 20 / (5e9 / 8) + 1)
+
+
+def test_the_terminal_cuts_a_reason_at_a_word_never_inside_one():
+    from damoc.report.build import note
+
+    reason = ("OSError: We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find "
+              "them in the cached files")
+    short = note({"reason": reason})
+    assert len(short) <= 70 and short.endswith(" ... (whole in the report)")
+    assert reason.startswith(short.removesuffix(" ... (whole in the report)") + " ")  # whole words only
+    assert note({"note": "decided at step 4"}) == "decided at step 4" and note({}) == ""
+
+
+def test_how_sure_says_which_way_the_paired_difference_points():
+    from damoc.report.build import sureness
+
+    def ranking(lo, hi, tied, mode="min"):
+        return {"metric": "eval_loss", "mode": mode, "confidence": {
+            "pick": "a", "p_best": 0.97, "replicates": 1000, "rows": 80,
+            "vs": {"b": {"step": 8, "p_pick_better": 0.97, "difference": [lo, hi], "tied": tied},
+                   "c": {"step": 4, "p_pick_better": 1.0, "difference": [0.5, 0.9], "tied": False}}}}
+
+    ahead = sureness(ranking(0.02, 0.08, False))
+    assert ahead.startswith("How sure: a's eval_loss is lower than that of the closest rival, b at step 8 "
+                            "(where it was last evaluated), by 0.02 to 0.08") and "beats every other candidate in 97%" in ahead
+    assert sureness(ranking(-0.01, 0.03, True)).startswith("How sure: too close to call between a and b")
+    behind = sureness(ranking(-0.12, -0.07, False))
+    assert behind.startswith("How sure: not on these figures. b's eval_loss at step 8") and "learning curve" in behind
+    assert sureness(ranking(-0.12, -0.07, False, mode="max")).startswith("How sure: a's eval_loss is higher")
+    assert sureness({"mode": "min", "metric": "eval_loss"}) == ""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
+from damoc.plan import cost_words
 from damoc.report import plots
 from damoc.report.ranking import build_ranking
 from damoc.report.reasons import describe
@@ -21,6 +23,7 @@ def write_report(run_dir: Path, out: Path) -> dict[str, Any]:
     atomic_write_json(out / "ranking.json", ranking)
     finetune = read_json(run_dir / "finetune" / "results.json") or {}
     blocks: list[Block] = [("h1", f"DaMoC report: {run_dir.name}")]
+    blocks += _summary_section(run_dir, ranking)
     blocks += _ranking_section(ranking, finetune, out)
     blocks += _zero_shot_section(ranking)
     blocks += _handoff_section(run_dir, ranking)
@@ -38,14 +41,92 @@ def _interval(c: dict[str, Any]) -> str:
     return "-" if not iv else f"{fmt(iv[0])}-{fmt(iv[1])}"
 
 
+def _summary_section(run_dir: Path, ranking: dict[str, Any]) -> list[Block]:
+    """The first screen: the pick, how sure in words, what the run cost against fine-tuning everything, and
+    the next step as code to copy."""
+    pick = next((c for c in ranking["candidates"] if c["rank"] == 1), None)
+    if pick is None:
+        return [("p", "No candidate produced a score: see the ranking's reasons below.")]
+    ranked = [c for c in ranking["candidates"] if c["rank"] is not None]
+    lines = [f"Pick: {pick['name']}, of {len(ranked)} ranked candidate(s) ({ranking['metric']} "
+             f"{fmt(pick['score'])}, {'lower' if ranking['mode'] == 'min' else 'higher'} is better).",
+             sureness(ranking)]
+    sv = ranking.get("savings") or {}
+    if sv.get("ratio"):
+        cost = (f"Cost: this run cost {cost_words(sv['ratio'])} than fine-tuning all {len(ranking['candidates'])} "
+                f"candidates in full would ({fmt(sv['this_run'])} against ~{fmt(sv['full_projected'])} "
+                f"{sv['unit']}, projected: see Cost).")
+        if sv["ratio"] < 1:
+            cost += (" On this little data fine-tuning everything is cheap, and DaMoC's fixed costs (the data and "
+                     "model stages, each trial's start-up) outweigh the training it saves.")
+        lines.append(cost)
+    return [("h2", "Summary"), *[("p", ln) for ln in lines if ln],
+            ("p", f"Next: load {pick['name']}'s trained adapter, or fine-tune the original {pick['name']} in full "
+                  "(the same job with data selection, compression, the model stage and early stopping off)."),
+            *next_step_code(run_dir, pick)]
+
+
+def sureness(ranking: dict[str, Any]) -> str:
+    """How sure the pick is, in words a reader can follow: the paired comparison with the runner-up."""
+    conf = ranking.get("confidence") or {}
+    vs = conf.get("vs") or {}
+    if not vs:
+        return ""
+    better = "lower" if ranking["mode"] == "min" else "higher"
+    name, v = min(vs.items(), key=lambda kv: kv[1]["p_pick_better"])  # the closest rival
+    lo, hi = v["difference"]
+    where = f" at step {v['step']} (where it was last evaluated)" if v.get("step") else ""
+    paired = (f"On {conf['replicates']} resamples of the {conf['rows']} eval rows, each scoring every candidate on "
+              f"the same rows (so a row's own difficulty cancels out), {conf['pick']} beats every other candidate "
+              f"in {conf['p_best']:.0%}.")
+    if v["tied"]:
+        return (f"How sure: too close to call between {conf['pick']} and {name}{where}: {name}'s {ranking['metric']} "
+                f"minus {conf['pick']}'s is between {lo:+.3g} and {hi:+.3g} (95% interval), which holds 0. " + paired)
+    by = f"by {min(abs(lo), abs(hi)):.3g} to {max(abs(lo), abs(hi)):.3g} (95% interval of the paired difference"
+    if (lo > 0) == (ranking["mode"] == "min"):  # other - pick: above 0 is the pick ahead where lower is better
+        return (f"How sure: {conf['pick']}'s {ranking['metric']} is {better} than that of the closest rival, {name}"
+                f"{where}, {by}; the candidates' own intervals may overlap, the difference's does not hold 0). "
+                + paired)
+    return (f"How sure: not on these figures. {name}'s {ranking['metric']}{where} is {better} than {conf['pick']}'s "
+            f"{by}): {conf['pick']} was ranked first for where its learning curve pointed (the trend ASHA judges "
+            "by), not for its figure there. " + paired)
+
+
+def next_step_code(run_dir: Path, pick: dict[str, Any]) -> list[Block]:
+    """Code to load the pick's adapter (when it has one), and the spec lines that fine-tune the original in full."""
+    blocks: list[Block] = []
+    adapter = (pick.get("adapter") or {}).get("path")
+    if adapter:
+        blocks.append(("code", "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                               f"base = \"{run_dir / 'models' / pick['name']}\"  # the compressed {pick['name']}\n"
+                               "model = AutoModelForCausalLM.from_pretrained(base)\n"
+                               "tokenizer = AutoTokenizer.from_pretrained(base)\n"
+                               f"model = PeftModel.from_pretrained(model, \"{run_dir / 'finetune' / adapter}\")\n",
+                       "python"))
+    src = pick.get("source") or {}
+    where = f"hf: {src['hf']}" + (f", revision: {src['revision']}" if src.get("revision") else "") if src.get("hf") \
+        else f"path: {src.get('path', '...')}"
+    blocks.append(("code", "# the job's spec, changed to fine-tune the original winner in full on every row\n"
+                           f"candidates:\n  - {{name: {pick['name']}, {where}}}\n"
+                           "data:\n  filter: {method: none}\n  compress: {enabled: false}\n"
+                           "model: {enabled: false}\ntune: {scheduler: none}\n", "yaml"))
+    return blocks
+
+
 def ranking_table(ranking: dict[str, Any]) -> str:
     """The ranking as a plain-text table for the terminal, with the pick's confidence under it."""
     head = ["rank", "candidate", "status", ranking["metric"], "95% interval", "steps", "worker-s", "note"]
     rows = [[fmt(c["rank"]), c["name"], c["status"], fmt(c["score"]), _interval(c), fmt(c["steps"]),
-             fmt(c["worker_seconds"]), (c.get("reason") or c.get("note") or "")[:60]] for c in ranking["candidates"]]
+             fmt(c["worker_seconds"]), note(c)] for c in ranking["candidates"]]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in [head, *rows]]
     return "\n".join([*lines, *([confidence_line(ranking)] if ranking.get("confidence") else [])])
+
+
+def note(c: dict[str, Any], width: int = 70) -> str:
+    """A candidate's reason or note for the terminal: cut at a word, never inside one (the report has it whole)."""
+    text = c.get("reason") or c.get("note") or ""
+    return textwrap.shorten(text, width, placeholder=" ... (whole in the report)") if len(text) > width else text
 
 
 def confidence_line(ranking: dict[str, Any]) -> str:
@@ -191,11 +272,11 @@ def _cost_section(ranking: dict[str, Any], out: Path) -> list[Block]:
     blocks: list[Block] = [("h2", "Cost")]
     sv = ranking.get("savings")
     if sv:
-        ratio = f"{sv['ratio']:.1f}x" if sv.get("ratio") else "-"
-        flops = f"{sv['full_flops'] / sv['this_run_flops']:.1f}x" if sv.get("this_run_flops") else "-"
-        blocks += [("p", f"Fine-tuning every candidate in full: ~{fmt(sv['full_projected'])} {sv['unit']} (projected); "
-                         f"this run: {fmt(sv['this_run'])} {sv['unit']}. Full / this run: {ratio} in {sv['unit']}, "
-                         f"{flops} in training FLOPs. Projected from " + "; ".join(sv["assumptions"]) + ".")]
+        flops = sv["full_flops"] / sv["this_run_flops"] if sv.get("this_run_flops") else None
+        blocks += [("p", f"This run cost {cost_words(sv.get('ratio'))} than fine-tuning every candidate in full "
+                         f"would, in {sv['unit']} ({fmt(sv['this_run'])} against ~{fmt(sv['full_projected'])} "
+                         f"projected), and {cost_words(flops)} in training FLOPs. Projected from "
+                         + "; ".join(sv["assumptions"]) + ".")]
     return blocks + [
         ("p", "Worker-seconds are what the cluster was held for (fixed framework overheads included); "
               "training FLOPs = 6 x forward parameters x tokens processed."),

@@ -1,6 +1,6 @@
 """report.md and report.html from one list of blocks, so both say the same thing.
 
-Blocks: ("h1"|"h2"|"p", text), ("table", headers, rows), ("img", file, caption).
+Blocks: ("h1"|"h2"|"p", text), ("table", headers, rows), ("img", file, caption), ("code", text, language).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ Block = tuple[Any, ...]
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1040px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%;margin:.5em 0}
-figcaption{font-size:.85em;color:#555}.failed{color:#b00}"""
+figcaption{font-size:.85em;color:#555}.failed{color:#b00}
+pre{background:#f6f6f6;border:1px solid #ddd;padding:.6em .8em;overflow-x:auto;font-size:.9em}"""
 
 
 def _numeric(v: Any) -> bool:
@@ -54,6 +55,8 @@ def to_markdown(blocks: list[Block]) -> str:
             out.append("")
         elif kind == "img":
             out.append(f"![{b[2]}]({b[1]})\n")
+        elif kind == "code":
+            out.append(f"```{b[2]}\n{b[1].rstrip()}\n```\n")
     return "\n".join(out)
 
 
@@ -78,5 +81,7 @@ def to_html(blocks: list[Block], title: str, folder: Path | None = None) -> str:
             if folder is not None and (folder / b[1]).is_file():
                 src = "data:image/png;base64," + base64.b64encode((folder / b[1]).read_bytes()).decode()
             body.append(f'<figure><img src="{e(src)}" alt="{e(b[2])}"><figcaption>{e(b[2])}</figcaption></figure>')
+        elif kind == "code":
+            body.append(f'<pre><code class="language-{e(b[2])}">{e(b[1].rstrip())}</code></pre>')
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
             f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")

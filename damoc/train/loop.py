@@ -267,6 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with timeline.phase("engine_init"):
         engine = build_engine(model, args, dtype, device)
     synced = engine.zero_stage == 3 and world > 1
+    rows_cut = int(all_sum([sum(e.cut > 0 for e in examples)], device)[0])  # training rows longer than max_length
     state = {"step": 0, "tokens": 0, "position": 0, "seconds": 0.0, "restarts": 0, "timeline": {},
              "micro_batch": args.batch_size, "previous": None,  # previous: (step, metric) of the last report
              # What the last report after training began was judged by (RUNG_SCORE): a rung's ranking must
@@ -334,6 +335,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "trainable_params": trainable_params, "train_flops": 6.0 * forward_params * state["tokens"],
                    "train_seconds": round(state["seconds"], 3), "restarts": state["restarts"],
                    "warmup_seconds": round(state.get("warmup_seconds", 0.0), 3), "warmup_steps": state.get("warmup_steps", 0),
+                   "rows_cut": rows_cut,
                    "start_step": start_step, "workers": world, "trial_started_at": args.trial_started_at,
                    "chat_template": chat, "micro_batch": args.batch_size, "peak_rss_bytes": peak_memory(),
                    "node": node, RUNG_SCORE: rung_score(result[args.metric], state["previous"], step, args.max_steps, args.mode)}

@@ -116,7 +116,7 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book
                            "timeline": timeline.summarise(phases), "attempts": max(1, rec.attempts),
                            "earlier_seconds": round(rec.earlier_seconds, 3)}
     for k in ("train_tokens", "train_flops", "forward_params", "trainable_params", "restarts", "start_step",
-              "micro_batch", "warmup_seconds", "warmup_steps"):
+              "micro_batch", "warmup_seconds", "warmup_steps", "rows_cut"):
         if k in last:
             out[k] = last[k]
     if memory:
@@ -256,15 +256,11 @@ class FinetuneStage(Stage):
         return here, False
 
     @staticmethod
-    def window(max_length: int, name: str, path: str) -> int:
+    def window(max_length: int, path: str) -> int:
         """finetune.max_length, cut to the candidate's context window where its config says it is shorter
         (a GPT-2 with 256 positions fails every step with an index error otherwise)."""
         window = context_window(path)
-        if window is not None and window < max_length:
-            log.warning("finetune: %s: sequences cut to its %d-token context window (finetune.max_length %d)",
-                        name, window, max_length)
-            return window
-        return max_length
+        return window if window is not None and window < max_length else max_length
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         spec, ft, tn = ctx.spec, ctx.spec.finetune, ctx.spec.tune
@@ -282,14 +278,15 @@ class FinetuneStage(Stage):
         storage, restore = self.state_dir(ctx)
         tracking = trackers(tn.callbacks, spec.name, storage, tn.mlflow_uri)
         data_dir = ctx.input("data").resolve()
-        steps = planned_steps(ft, pq.ParquetFile(data_dir / "train.parquet").metadata.num_rows)
+        train_rows = pq.ParquetFile(data_dir / "train.parquet").metadata.num_rows
+        steps = planned_steps(ft, train_rows)
         grace, auto = grace_period(ctx, usable, steps) if tn.scheduler == "asha" else (tn.grace_period, None)
         rungs = asha_rungs(grace, tn.reduction_factor, steps) if tn.scheduler == "asha" else []
         train_path, eval_path = str(data_dir / "train.parquet"), str(data_dir / "eval.parquet")
         plans = {c.name: TrialPlan(c.name, replace(train_args(
             spec, c.name, str(Path(usable[c.name]["path"]).resolve()), train_path, eval_path, rungs, None,
             c.trust_remote_code, steps), rows_dir=f"{storage}/eval_rows", export_dir=f"{storage}/adapters",
-            max_length=self.window(ft.max_length, c.name, usable[c.name]["path"])),
+            max_length=self.window(ft.max_length, usable[c.name]["path"])),
             storage_path=storage.rstrip("/") + "/train")
             for c in spec.candidates if c.name in usable}
         scaling = {"num_workers": ft.num_workers, "use_gpu": ft.use_gpu,
@@ -345,7 +342,10 @@ class FinetuneStage(Stage):
             e.update(source_of(spec, e["name"]))
             if e["name"] in plans and plans[e["name"]].args.max_length < ft.max_length:
                 e["max_length"] = plans[e["name"]].args.max_length
-                e["note"] = f"sequences cut to its {e['max_length']}-token context window"
+                if e.get("rows_cut"):  # said only where a row was longer than the window
+                    e["note"] = (f"{e['rows_cut']} of {train_rows} training rows cut to its {e['max_length']}-token "
+                                 f"context window (finetune.max_length {ft.max_length})")
+                    log.warning("finetune: %s: %s", e["name"], e["note"])
         keep_outputs(storage, ctx.out, entries)
         seconds = time.monotonic() - t0
         atomic_write_json(ctx.out / "results.json", {
