@@ -62,7 +62,7 @@ def test_three_candidates_ranked_weak_one_stopped_early(tmp_path, tiny_model, to
     html = (run / "report" / "report.html").read_text()
     images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', html)  # embedded: the page travels alone
     assert len(images) >= 4 and all(base64.b64decode(i).startswith(PNG_MAGIC) for i in images)
-    for name in ("learning_curves.png", "cost.png", "data_funnel.png", "layers_llama-a.png"):  # and kept beside it
+    for name in ("learning_curves.png", "cost.png", "data_funnel.png", "layers.png"):  # and kept beside it
         assert (run / "report" / name).read_bytes().startswith(PNG_MAGIC), name
     assert "llama-bad" in html and "stopped_early" in html and "bloom-x" in html
 

@@ -288,7 +288,7 @@ def _models_section(run_dir: Path, out: Path) -> list[Block]:
     index = read_json(run_dir / "models" / "models.json") or {}
     if not index.get("enabled", True):
         return [("h2", "Model compression"), ("p", "Off: the candidates were fine-tuned as they are.")]
-    rows, blocks = [], [("h2", "Model compression")]
+    rows, strips, blocks = [], [], [("h2", "Model compression")]
     for e in index.get("candidates", []):
         c = read_json(run_dir / "models" / e["name"] / "compression.json") or {}
         if e["status"] != "compressed":
@@ -302,15 +302,15 @@ def _models_section(run_dir: Path, out: Path) -> list[Block]:
                      dmg.get("pruned"), None if dmg.get("relative") is None else f"{dmg['relative']:+.1%}",
                      f"{rule}; removed {c.get('removed')}"])
         if c.get("scores"):
-            score = str(c.get("score", "score")).replace("_", " ")
-            plots.layer_scores_png(out / f"layers_{e['name']}.png", c["scores"], c.get("removed", []),
-                                   f"{e['name']}: {score} per layer", score, c.get("protected", []))
+            strips.append((e["name"], str(c.get("score", "score")).replace("_", " "), c["scores"],
+                           c.get("removed", []), c.get("protected", [])))
     blocks.append(("p", "Damage: the calibration rows' answer loss in bits per byte, unpruned and as saved; "
                         "`prune_ratio: auto` removes the most layers that keep it within `model.max_damage`."))
     blocks.append(("table", ["candidate", "status", "layers", "params kept", "answer loss original",
                              "pruned", "damage", "rule"], rows))
-    blocks += [("img", f"layers_{e['name']}.png", f"{e['name']}: layer scores (red: removed; hatched: protected)")
-               for e in index.get("candidates", []) if (out / f"layers_{e['name']}.png").is_file()]
+    if strips:
+        plots.layer_scores_png(out / "layers.png", strips)
+        blocks.append(("img", "layers.png", "each candidate's layer scores (red: removed; hatched: protected)"))
     return blocks
 
 

@@ -10,22 +10,36 @@ matplotlib.use("Agg")  # no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def layer_scores_png(path: Path, scores: list[float], removed: list[int], title: str, ylabel: str,
-                     protected: list[int] = ()) -> Path:
-    """Bars of per-layer scores, removed layers in red, protected ones hatched."""
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(scores) + 2), 3.2), dpi=110)
-    gone, kept_safe = set(removed), set(protected)
-    colors = ["#d62728" if i in gone else "#1f77b4" for i in range(len(scores))]
-    bars = ax.bar(range(len(scores)), scores, color=colors)
-    for i in kept_safe:
-        if i < len(bars):
-            bars[i].set_hatch("//")
-            bars[i].set_edgecolor("#444")
-    ax.set_xlabel("layer (red: removed; hatched: protected)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.set_xticks(range(len(scores)))
-    fig.tight_layout()
+def layer_scores_png(path: Path, rows: list[tuple[str, str, list[float], list[int], list[int]]]) -> Path:
+    """Every candidate's per-layer scores in one compact figure, a strip each (rows: name, score name,
+    scores, removed, protected): removed layers in red, protected ones hatched."""
+    width = max(5.0, 0.22 * max(len(r[2]) for r in rows) + 2.2)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(width, 1.05 * len(rows) + 0.6), dpi=110, squeeze=False)
+    for ax, (name, score, scores, removed, protected) in zip(axes[:, 0], rows):
+        gone, kept_safe = set(removed), set(protected)
+        bars = ax.bar(range(len(scores)), scores, color=["#d62728" if i in gone else "#1f77b4"
+                                                         for i in range(len(scores))], width=0.8)
+        for i in kept_safe:
+            if i < len(bars):
+                bars[i].set_hatch("//")
+                bars[i].set_edgecolor("#444")
+        positive = [v for v in scores if v > 0]
+        if positive and len(positive) == len(scores) and max(positive) > 30 * min(positive):
+            ax.set_yscale("log")  # one layer (often the first) dwarfs the rest: the rest would be invisible
+        for i in gone:  # a mark under each removed layer, however small its bar
+            ax.annotate("", xy=(i, 0), xycoords=("data", "axes fraction"), xytext=(i, -0.28),
+                        textcoords=("data", "axes fraction"), arrowprops={"arrowstyle": "-|>", "color": "#d62728"})
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_yticks([])
+        ax.minorticks_off()
+        ax.set_xlim(-0.6, len(scores) - 0.4)
+        ax.set_xticks(range(0, len(scores), max(1, len(scores) // 16)))
+        ax.tick_params(axis="x", labelsize=7, length=2)
+        ax.text(1.0, 1.0, score + (", log scale" if ax.get_yscale() == "log" else ""), transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="#555")
+        for side in ("top", "right", "left"):
+            ax.spines[side].set_visible(False)
+    axes[-1, 0].set_xlabel("layer (red: removed; hatched: protected)", fontsize=8)
+    fig.tight_layout(h_pad=0.3)
     fig.savefig(path, format="png")
     plt.close(fig)
     return path
