@@ -369,6 +369,35 @@ def test_compare_two_runs(tmp_path):
         compare_runs(a, other)
 
 
+def test_compare_says_when_the_runs_are_not_like_for_like(tmp_path):
+    """Same eval rows as JSONL-born or CSV-born Parquet hash alike; other rows, candidates, models or training
+    data are each named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from damoc.report.compare import format_comparison
+
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(5)]
+    runs = {}
+    for name, ranks, eval_rows, train in (("a", {"x": (1, 0.9), "y": (2, 0.8)}, rows, "data/t.jsonl"),
+                                          ("b", {"x": (1, 1.0), "y": (2, 1.1)}, rows[::-1], "data/t.jsonl"),
+                                          ("c", {"x": (1, 1.0), "y": (2, 1.1), "w": (3, 2.0)}, rows[:3] + [
+                                              {"instruction": "q9", "input": "", "output": "a9"}], "data/t.csv")):
+        run = write_ranking(tmp_path / name, ranks, 1.0, 1.0)
+        (run / "data").mkdir()
+        pq.write_table(pa.Table.from_pylist(eval_rows), run / "data" / "eval.parquet")
+        (run / "spec.yaml").write_text(yaml.safe_dump({"data": {"train": {"path": train}}}))
+        runs[name] = run
+    assert compare_runs(runs["a"], runs["b"])["warnings"] == []  # the same rows, in another order
+    warnings = compare_runs(runs["a"], runs["c"])["warnings"]
+    assert warnings == ["the runs were evaluated on different rows (3 in common of A's 5 and B's 4): their "
+                        "scores are not comparable, only their orders",
+                        "the runs have different candidates: w only in B",
+                        "the runs trained on different data: data/t.jsonl vs data/t.csv"]
+    assert format_comparison(compare_runs(runs["a"], runs["c"]), "a", "c").startswith("WARNING: the runs were")
+
+
 def test_render_escapes_and_references_images():
     blocks = [("h1", "R <1>"), ("table", ["a", "b"], [["x|y", 1.5], [None, 12345678.0]]), ("img", "p.png", "cap")]
     md, page = to_markdown(blocks), to_html(blocks, "t")

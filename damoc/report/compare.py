@@ -3,6 +3,8 @@ fine-tuning reference), and what A cost relative to B."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,55 @@ def compare_runs(run_a: Path, run_b: Path) -> dict[str, Any]:
         "cost_ratio_train_flops": cb["train_flops"] / ca["train_flops"] if ca.get("train_flops") else None,
         "worker_seconds": {"a": ca["worker_seconds"], "b": cb["worker_seconds"]},
         "train_flops": {"a": ca.get("train_flops"), "b": cb.get("train_flops")},
+        "warnings": comparability(Path(run_a), Path(run_b), a, b),
     }
+
+
+def row_hashes(path: Path) -> set[str] | None:
+    """A content hash per row of a run's Parquet file (its fields only: the same rows from any file format)."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path, columns=["instruction", "input", "output"]).to_pylist()
+    except (OSError, KeyError, ValueError):
+        return None
+    return {hashlib.sha1(json.dumps([r["instruction"], r["input"], r["output"]]).encode()).hexdigest() for r in rows}
+
+
+def comparability(run_a: Path, run_b: Path, a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """What makes the two runs' figures not like for like: different eval rows, candidates or training data."""
+    out = []
+    ea, eb = row_hashes(run_a / "data" / "eval.parquet"), row_hashes(run_b / "data" / "eval.parquet")
+    if ea is None or eb is None:
+        out.append("the eval rows of " + " and ".join(str(r) for r, e in ((run_a, ea), (run_b, eb)) if e is None)
+                   + " cannot be read: whether both runs scored the same rows is unknown")
+    elif ea != eb:
+        out.append(f"the runs were evaluated on different rows ({len(ea & eb)} in common of A's {len(ea)} and "
+                   f"B's {len(eb)}): their scores are not comparable, only their orders")
+    names_a, names_b = ({c["name"]: c.get("source") for c in r["candidates"]} for r in (a, b))
+    only = [f"{n} only in {w}" for w, mine, theirs in (("A", names_a, names_b), ("B", names_b, names_a))
+            for n in sorted(set(mine) - set(theirs))]
+    if only:
+        out.append("the runs have different candidates: " + ", ".join(only))
+    moved = sorted(n for n in set(names_a) & set(names_b) if names_a[n] and names_b[n] and names_a[n] != names_b[n])
+    if moved:
+        out.append("same name, different model: " + ", ".join(f"{n} ({names_a[n]} vs {names_b[n]})" for n in moved))
+    ta, tb = (train_source(r) for r in (run_a, run_b))
+    if ta and tb and ta != tb:
+        out.append(f"the runs trained on different data: {ta} vs {tb}")
+    return out
+
+
+def train_source(run_dir: Path) -> str | None:
+    """The training data a run read, as its spec names it (data.train), for a like-for-like check."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load((run_dir / "spec.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    train = (spec.get("data") or {}).get("train") or {}
+    return train.get("hf") or train.get("path")
 
 
 def format_comparison(c: dict[str, Any], name_a: str, name_b: str) -> str:
@@ -53,6 +103,7 @@ def format_comparison(c: dict[str, Any], name_a: str, name_b: str) -> str:
         return "-" if v is None else f"{v:.1f}x"
 
     return "\n".join([
+        *[f"WARNING: {w}" for w in c.get("warnings", [])],
         f"A = {name_a}\nB = {name_b}\nmetric {c['metric']}, {len(c['candidates'])} candidates in both",
         f"Kendall tau   {c['kendall_tau']:+.3f}",
         f"Spearman rho  {c['spearman']:+.3f}",
