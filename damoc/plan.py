@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from damoc.lm.memory import length_bound
+from damoc.preflight import hub_reachable
 from damoc.spec import DataSource, JobSpec, is_uri, resolve_path
 
 # Stated throughputs (FLOP/s per worker) and fixed costs; the report replaces them with the run's own
@@ -97,22 +98,6 @@ def _config_params(path_or_id: str, trust_remote_code: bool, revision: str | Non
         return total, 0, 0, shape
     layers = adapter.layer_list(model)
     return total, len(layers), sum(p.numel() for p in layers.parameters()), shape
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick connection to the hub (HF_ENDPOINT): offline, configs are not asked for at all rather
-    than retried for half a minute each."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def candidate_figures(spec: JobSpec, base_dir: str) -> list[CandidateFigures]:

@@ -5,10 +5,79 @@ lets the model stage mark those candidates failed while the others run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 from damoc.spec import JobSpec, is_uri, resolve_path
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection to the hub (HF_ENDPOINT): offline, configs are not asked for at all rather
+    than retried for half a minute each."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Whether a .safetensors file is whole, from its header alone: the header parses and the file is as
+    long as the tensors it lists (a truncated download is not)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return f"{path.name} is not a safetensors file or is truncated (header of {n:,d} bytes, file {size:,d})"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as exc:
+        return f"{path.name} cannot be read as safetensors: {exc}"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        return f"{path.name} is truncated: its header lists {8 + n + end:,d} bytes, the file has {size:,d}"
+    return None
+
+
+def header_params(folder: Path) -> int | None:
+    """Parameters of a local folder's model from its safetensors headers (no weight read), or None."""
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with open(path, "rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        except (OSError, ValueError):
+            return None
+        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return total or None
+
+
+def folder_problems(folder: Path) -> list[str]:
+    """What stops a local model folder from loading, read cheaply: its config and its weights' headers."""
+    try:
+        json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [f"cannot read {Path(folder) / 'config.json'}: {exc}"]
+    return [p for p in map(safetensors_problem, sorted(Path(folder).glob("*.safetensors"))) if p]
+
+
+def hub_problem(c, i: int, online: bool) -> str | None:
+    """A hub candidate that is neither in the local cache nor reachable: said at once, with the fix."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(c.hf, "config.json", revision=c.revision)
+    if isinstance(cached, str) or online:
+        return None
+    why = "HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") == "1" else "the hub cannot be reached from here"
+    return (f"candidates[{i}].hf: {c.hf} is not in the local Hugging Face cache and {why}: download it where "
+            f"there is network (huggingface-cli download {c.hf}) into HF_HOME, or give a local path instead")
 
 
 def candidate_problems(spec: JobSpec, base_dir: str | None = None) -> list[str]:
@@ -17,9 +86,15 @@ def candidate_problems(spec: JobSpec, base_dir: str | None = None) -> list[str]:
 
     base = base_dir or os.getcwd()
     out = []
+    online = None
     for i, c in enumerate(spec.candidates):
+        if c.hf:
+            online = hub_reachable() if online is None else online
+            problem = hub_problem(c, i, online)
+            out += [problem] if problem else []
+            continue
         if not c.path or is_uri(c.path):
-            continue  # hub ids and URIs are never fetched offline
+            continue  # URIs are read where they are used
         folder = Path(resolve_path(c.path, base))
         try:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -33,9 +108,11 @@ def candidate_problems(spec: JobSpec, base_dir: str | None = None) -> list[str]:
         if config.get("auto_map") and not c.trust_remote_code:
             out.append(f"candidates[{i}].trust_remote_code: {folder.name} ships its own modeling code "
                        "(auto_map); it is only run with trust_remote_code: true")
-        if not list(folder.glob("*.safetensors")) and not c.allow_pickle_weights:
+        weights = sorted(folder.glob("*.safetensors"))
+        if not weights and not c.allow_pickle_weights:
             out.append(f"candidates[{i}].path: no .safetensors weights in {folder} (pickle weights are "
                        "only read with allow_pickle_weights: true)")
+        out += [f"candidates[{i}].path: {problem}" for problem in map(safetensors_problem, weights) if problem]
     return out
 
 

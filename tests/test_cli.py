@@ -41,6 +41,31 @@ def test_validate_three_errors_three_lines(job_dir):
     assert any(line.startswith("job.yaml: model.merge.method: must be one of:") for line in lines)
 
 
+def test_validate_names_a_truncated_candidate_and_an_unreachable_hub_one_at_once(job_dir, tiny_model):
+    """A candidate whose model.safetensors was cut short, and a hub candidate offline and not cached: both
+    named by their key path, in one pass, without loading a weight or waiting on retries."""
+    import shutil
+
+    broken = job_dir / "zoo" / "broken"
+    shutil.copytree(tiny_model("llama"), broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    write_spec(job_dir / "job.yaml", spec_dict(candidates=[
+        {"name": "ok", "path": "zoo/llama-s"}, {"name": "broken", "path": "zoo/broken"},
+        {"name": "far", "hf": "some-org/not-cached-model"}]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(job_dir / "hf-home")}
+    t0 = time.monotonic()
+    r = subprocess.run([DAMOC, "validate", "job.yaml"], cwd=job_dir, capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in env.items() if k != "RAY_ADDRESS"})
+    assert r.returncode == 2 and time.monotonic() - t0 < 60
+    lines = r.stderr.splitlines()
+    assert any(ln.startswith("job.yaml: candidates[1].path: model.safetensors is truncated: its header lists")
+               for ln in lines), r.stderr
+    assert any(ln.startswith("job.yaml: candidates[2].hf: some-org/not-cached-model is not in the local Hugging "
+                             "Face cache and HF_HUB_OFFLINE=1") for ln in lines), r.stderr
+    assert not any("candidates[0]" in ln for ln in lines)
+
+
 def test_validate_yaml_syntax_error(tmp_path):
     (tmp_path / "job.yaml").write_text("name: demo\ncandidates: [\n")
     r = damoc("validate", "job.yaml", cwd=tmp_path)

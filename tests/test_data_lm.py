@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pandas as pd
 import torch
 from conftest import LOOKUP
@@ -35,3 +36,21 @@ def test_judge_reads_the_digit_distribution(lookup_model, tmp_path):
     ids = [judge.tok(d, add_special_tokens=False)["input_ids"][0] for d in DIGITS]
     p = torch.softmax(logits[ids].double(), 0).numpy()
     assert abs(got - float((p * np.arange(1, 6)).sum())) < 1e-6 and 1.0 <= got <= 5.0
+
+
+def test_the_reference_lm_is_the_smallest_loadable_candidate(tmp_path, tiny_model):
+    """By parameter count from the weights' headers; a smaller candidate whose weights were cut short is
+    passed over (it would take the data stage down, naming no candidate); none loadable: each one named."""
+    import shutil
+
+    from damoc.data.lm import smallest_model
+
+    small, large = str(tiny_model("llama", layers=2)), str(tiny_model("llama", layers=4))
+    assert smallest_model([large, small]) == small
+    broken = tmp_path / "broken"
+    shutil.copytree(small, broken)
+    w = broken / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    assert smallest_model([str(broken), large]) == large
+    with pytest.raises(ValueError, match="no candidate can serve .* broken: model.safetensors is not a safetensors file or is truncated"):
+        smallest_model([str(broken)])

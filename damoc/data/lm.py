@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -139,5 +140,15 @@ class LMScorer:
 
 
 def smallest_model(paths: list[str]) -> str:
-    """The candidate with the fewest weight bytes: the cheapest reference LM."""
-    return min(paths, key=weight_bytes)
+    """The loadable candidate with the fewest parameters (from its safetensors headers): the cheapest
+    reference LM. One whose config or weights are broken is never chosen (it fails in its own stage,
+    named); when none loads, the error names each one's problem."""
+    from damoc.preflight import folder_problems, header_params
+
+    problems = {p: folder_problems(Path(p)) for p in paths}
+    loadable = [p for p in paths if not problems[p]]
+    if not loadable:
+        raise ValueError("no candidate can serve as the data stage's reference LM: "
+                         + "; ".join(f"{Path(p).name}: {v[0]}" for p, v in problems.items())
+                         + " (set data.reference_model)")
+    return min(loadable, key=lambda p: header_params(Path(p)) or weight_bytes(p))
