@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from selection import costs, damoc_spec, final_scores, recipe_args, reference_spec, run  # noqa: E402
+from selection import (costs, damoc_spec, final_scores, plan_vs_report, recipe_args, reference_spec,  # noqa: E402
+                       run)
 
 from damoc.report.agreement import best, kendall_tau, top1_hit  # noqa: E402
 from damoc.rundir import read_json  # noqa: E402
@@ -167,7 +168,17 @@ def bench_domain(domain: str, zoo: Path, names: list[str], work: Path, a, plain:
         r["ratio_flops"] = plain["flops"] / r["flops"] if r["flops"] else None
     return {"truth_order": sorted(truth, key=truth.get), "plain": plain, "rows": rows,
             "damoc_breakdown": breakdown(damoc_run), "reference_breakdown": breakdown(ref_run),
+            "plan": plan_vs_report(spec, damoc_run),
             "train_rows": info["data"][domain]["train"]}
+
+
+def plan_line(p: dict[str, Any] | None) -> list[str]:
+    """`damoc plan`'s projected saving before the run beside the one the run's report measured."""
+    if not p or not p.get("projected_saving") or not p.get("report_saving"):
+        return []
+    apart = max(p["projected_saving"], p["report_saving"]) / min(p["projected_saving"], p["report_saving"])
+    return [f"`damoc plan` projected a {p['projected_saving']:.2f}x saving in CPU-hours, the report measured "
+            f"{p['report_saving']:.2f}x ({apart:.2f}x apart).", ""]
 
 
 def domain_table(domain: str, res: dict[str, Any], cluster_start: float) -> str:
@@ -192,6 +203,7 @@ def domain_table(domain: str, res: dict[str, Any], cluster_start: float) -> str:
                   + (f"; decided at step {b['decided_at']}" if b["decided_at"] else "")
                   + "".join(f"; {n} went on past ASHA's cut at step {s} ({why})"
                             for n, k in (b.get("kept") or {}).items() for s, why in k.items()), "",
+              *plan_line(res.get("plan")),
               "| trial | status | steps | fixed s | training s | evaluation s | checkpointing s | idle at rungs s | total s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name, t in b["trials"].items():

@@ -28,7 +28,7 @@ import re
 import time
 from pathlib import Path
 
-from selection import REPO, agreement, costs, final_scores, reference_spec, run, zero_shot
+from selection import REPO, agreement, costs, final_scores, plan_vs_report, reference_spec, run, zero_shot
 
 from damoc.report.compare import compare_runs, load_ranking
 
@@ -106,20 +106,6 @@ def damoc_spec(a: argparse.Namespace, models: dict[str, Path], train: Path, eval
             "finetune": {"num_workers": 1, "epochs": a.epochs, "max_steps": 100_000, "batch_size": 8,
                          "max_length": a.max_length, "eval_max_rows": a.eval_rows, "eval_every": 100_000},
             "select": {"metric": "eval_loss"}}
-
-
-def plan_vs_report(spec: dict, run_dir: Path) -> dict:
-    """`damoc plan`'s projection for the spec (before the run) beside what the run's report measured: the
-    saving in CPU-hours and DaMoC's worker-seconds per stage."""
-    from damoc.plan import project
-    from damoc.spec import spec_from_data
-
-    p = project(spec_from_data(spec, check_files=False), str(REPO))
-    ranking = load_ranking(run_dir)
-    return {"projected_saving": p["ratio_hours"], "report_saving": (ranking.get("savings") or {}).get("ratio"),
-            "projected_stages": p["damoc"]["stages"], "projected_full_seconds": p["full"]["seconds"],
-            "measured_stages": {k: v["worker_seconds"] for k, v in ranking["cost"]["stages"].items()},
-            "report_full_seconds": ((ranking.get("savings") or {}).get("full_projected") or 0) * 3600}
 
 
 def trial_memory(run_dir: Path) -> dict[str, dict]:

@@ -151,6 +151,20 @@ def costs(run_dir: Path) -> dict[str, float]:
             "flops": c.get("train_flops") or 0.0}
 
 
+def plan_vs_report(spec: dict, run_dir: Path) -> dict:
+    """`damoc plan`'s projection for the spec (before the run) beside what the run's report measured: the
+    saving in CPU-hours and DaMoC's worker-seconds per stage."""
+    from damoc.plan import project
+    from damoc.spec import spec_from_data
+
+    p = project(spec_from_data(spec, check_files=False), str(REPO))
+    ranking = load_ranking(run_dir)
+    return {"projected_saving": p["ratio_hours"], "report_saving": (ranking.get("savings") or {}).get("ratio"),
+            "projected_stages": p["damoc"]["stages"], "projected_full_seconds": p["full"]["seconds"],
+            "measured_stages": {k: v["worker_seconds"] for k, v in ranking["cost"]["stages"].items()},
+            "report_full_seconds": ((ranking.get("savings") or {}).get("full_projected") or 0) * 3600}
+
+
 # ---------------------------------------------------------------- baselines
 
 
