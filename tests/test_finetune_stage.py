@@ -195,7 +195,7 @@ def test_nan_candidate_fails_and_a_short_window_is_cut(tmp_path, tiny_model, tok
 
     from damoc.zoo.tiny import build_tiny_model
 
-    long_rows = [{"instruction": "Summarise: " + " ".join(f"w{i}" for i in range(150)), "input": "", "output": "ok"}]
+    long_rows = [{"instruction": "Summarise: " + " ".join(f"w{i}" for i in range(60)), "input": "", "output": "ok"}]
     write_jsonl(tmp_path / "data" / "train.jsonl", QA_ROWS * 2 + long_rows * 6)
     good = tiny_model("llama", hidden=32, layers=2)
     short = build_tiny_model("gpt2", tmp_path / "gpt2-64", AutoTokenizer.from_pretrained(tokenizer_dir),

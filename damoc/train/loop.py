@@ -267,7 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with timeline.phase("engine_init"):
         engine = build_engine(model, args, dtype, device)
     synced = engine.zero_stage == 3 and world > 1
-    rows_cut = int(all_sum([sum(e.cut > 0 for e in examples)], device)[0])  # training rows longer than max_length
+    rows_cut = int(all_sum([sum(e.prompt_cut > 0 for e in examples)], device)[0])  # training rows longer than max_length
     state = {"step": 0, "tokens": 0, "position": 0, "seconds": 0.0, "restarts": 0, "timeline": {},
              "micro_batch": args.batch_size, "previous": None,  # previous: (step, metric) of the last report
              # What the last report after training began was judged by (RUNG_SCORE): a rung's ranking must

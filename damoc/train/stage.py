@@ -343,7 +343,7 @@ class FinetuneStage(Stage):
             if e["name"] in plans and plans[e["name"]].args.max_length < ft.max_length:
                 e["max_length"] = plans[e["name"]].args.max_length
                 if e.get("rows_cut"):  # said only where a row was longer than the window
-                    e["note"] = (f"{e['rows_cut']} of {train_rows} training rows cut to its {e['max_length']}-token "
+                    e["note"] = (f"{int(e['rows_cut'])} of {train_rows} training rows cut to its {e['max_length']}-token "
                                  f"context window (finetune.max_length {ft.max_length})")
                     log.warning("finetune: %s: %s", e["name"], e["note"])
         keep_outputs(storage, ctx.out, entries)
