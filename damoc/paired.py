@@ -5,6 +5,7 @@ confidence in its pick and the rung barrier's confidence before it stops a trial
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,16 +31,49 @@ def common_rows(rows: dict[str, Rows], metric: str) -> list[int]:
     return sorted(set.intersection(*sets)) if sets else []
 
 
+def projected(value, before, before_step: int, step: int, planned: int, mode: str):
+    """A metric moved along its trend since the evaluation `before` (at `before_step`) to the end of the
+    `planned` steps, where that trend is an improvement (a worsening one is not extrapolated: noise must
+    not cut a trial). Floats, or arrays of resampled figures."""
+    if before is None or step <= before_step or planned <= step:
+        return value
+    rate = (np.asarray(value) - np.asarray(before)) / (step - before_step)
+    better = rate < 0 if mode == "min" else rate > 0
+    out = np.where(better, np.asarray(value) + rate * (planned - step), value)
+    return float(out) if np.ndim(out) == 0 else out
+
+
+@dataclass
+class Trend:
+    """A candidate's figures at its previous evaluation, to resample where its trend points."""
+
+    rows: Rows
+    step: int  # of that evaluation
+    now: int  # the step of the figures it is compared with
+    planned: int
+
+
 def beaten_shares(rows: dict[str, Rows], keep: int, metric: str, mode: str, seed: int,
-                  replicates: int = 1000) -> dict[str, float]:
+                  replicates: int = 1000, trends: dict[str, Trend | None] | None = None) -> dict[str, float]:
     """For each candidate: the share of paired resamples of the eval rows in which at least `keep` others
-    do better than it (so it is outside the best `keep`). Empty when they share no rows."""
-    index = common_rows(rows, metric)
+    do better than it (so it is outside the best `keep`). With `trends`, a candidate is judged on each
+    resample by where its trend points (`projected`, its previous figures resampled on the same rows), as
+    the rungs judge it. Empty when they share no rows."""
+    trends = {n: t for n, t in (trends or {}).items() if t is not None and n in rows}
+    index = common_rows({**rows, **{f"{n} before": t.rows for n, t in trends.items()}}, metric)
     if not index or len(rows) <= keep:
         return {}
     draws = np.random.default_rng(seed).integers(0, len(index), size=(replicates, len(index)))
     sign = -1.0 if mode == "min" else 1.0  # higher is better below
     names = sorted(rows)
-    values = np.stack([sign * aggregate(metric, arrays(rows[n], index, metric), draws) for n in names])
+
+    def judged(n: str) -> np.ndarray:
+        now = aggregate(metric, arrays(rows[n], index, metric), draws)
+        t = trends.get(n)
+        if t is None:
+            return now
+        return projected(now, aggregate(metric, arrays(t.rows, index, metric), draws), t.step, t.now, t.planned, mode)
+
+    values = np.stack([sign * judged(n) for n in names])
     better = (values[None, :, :] > values[:, None, :]).sum(1)  # [j, replicate]: how many beat j there
     return {n: float((better[j] >= keep).mean()) for j, n in enumerate(names)}

@@ -208,36 +208,63 @@ def per_row(nll: list[float]) -> dict[int, dict[str, float]]:
     return {i: {"nll": v, "bytes": 1} for i, v in enumerate(nll)}
 
 
+def evidence(previous, rows, trend=None):
+    from damoc.train.rungs import Evidence
+
+    return Evidence(previous, rows, trend)
+
+
 def test_a_rung_stops_a_trial_only_when_the_ranking_is_steady():
     """Three trials, ASHA keeps 2 (values: higher is better, as the barrier ranks). c is behind on every
     eval row and was behind before: stopped. c within noise of b (its rows cross b's): kept, with the
-    share of resamples that put it out. c ahead of b at the previous evaluation: kept. Without evidence
-    the previous ranking alone decides; confidence 0 is ASHA's cut."""
+    share of resamples that put it out. c ahead of b at the previous evaluation: kept. Without rows the
+    previous ranking alone decides; confidence 0 is ASHA's cut."""
     values = {"a": -1.0, "b": -1.5, "c": -1.6}
     before = {"a": -1.1, "b": -1.6, "c": -1.7}
     a, b = per_row([1, 1, 1, 1, 1, 1]), per_row([1.5, 1.4, 1.6, 1.5, 1.5, 1.5])
     clear = {"a": a, "b": b, "c": per_row([1.6, 1.5, 1.7, 1.6, 1.6, 1.6])}
-    assert stable_keep(values, before, clear, 2, 0.9, "eval_loss", "min", 0) == (2, {})
+
+    def keep(prev, rows, confidence=0.9, base=2, vals=values):
+        return stable_keep(vals, {n: evidence(prev.get(n), rows.get(n)) for n in vals}, base, confidence,
+                           "eval_loss", "min", 0)
+
+    assert keep(before, clear) == (2, {})
     close = {**clear, "c": per_row([1.9, 1.0, 1.9, 1.0, 1.9, 1.0])}
-    keep, why = stable_keep(values, before, close, 2, 0.9, "eval_loss", "min", 0)
-    assert keep == 3 and "paired resamples" in why["c"] and set(why) == {"c"}
+    k, why = keep(before, close)
+    assert k == 3 and "paired resamples" in why["c"] and set(why) == {"c"}
     swapped = {**before, "b": -1.8}
-    keep, why = stable_keep(values, swapped, clear, 2, 0.9, "eval_loss", "min", 0)
-    assert keep == 3 and why == {"c": "it was ahead of the cut at its previous evaluation"}
-    assert stable_keep(values, before, {n: None for n in values}, 2, 0.9, "eval_loss", "min", 0) == (2, {})
-    assert stable_keep(values, swapped, close, 2, 0.0, "eval_loss", "min", 0) == (2, {})
+    assert keep(swapped, clear) == (3, {"c": "it was ahead of the cut at its previous evaluation"})
+    assert keep(before, {}) == (2, {})
+    assert keep(swapped, close, confidence=0.0) == (2, {})
     four = {**values, "d": -2.0}
-    keep, why = stable_keep(four, {**before, "c": -1.0, "d": -2.1}, {n: None for n in four}, 1, 0.9, "eval_loss",
-                            "min", 0)
-    assert keep == 3 and set(why) == {"b", "c"} and "above" in why["b"]  # c led before; b ranks above it
+    k, why = keep({**before, "c": -1.0, "d": -2.1}, {}, base=1, vals=four)
+    assert k == 3 and set(why) == {"b", "c"} and "above" in why["b"]  # c led before; b ranks above it
+
+
+def test_a_trial_is_judged_where_its_trend_points_on_every_resample():
+    """a leads now (1.0 bits) but is flat; b trails (1.1) falling 0.1 a step on every row, so by step 8
+    it points to 0.5: on every resample b's projection beats a's, and a is stopped although it leads
+    now. When b's fall is noise (half its rows rose), a is kept."""
+    from damoc.paired import Trend
+
+    values = {"a": -1.0, "b": -(1.1 - 0.1 * 6)}  # the rung scores: b's projected to step 8 from step 2
+    a_now, a_before = per_row([1.0] * 6), per_row([1.0] * 6)
+    b_now, b_before = per_row([1.1] * 6), per_row([1.2] * 6)
+    ev = {"a": evidence(None, a_now, Trend(a_before, 1, 2, 8)), "b": evidence(None, b_now, Trend(b_before, 1, 2, 8))}
+    assert stable_keep(values, ev, 1, 0.9, "eval_loss", "min", 0) == (1, {})
+    noisy = per_row([1.4, 0.8, 1.4, 0.8, 1.4, 1.4])  # mean 1.2 before, but rows went both ways
+    b_now_noisy = per_row([1.0, 1.2, 1.0, 1.2, 1.1, 1.1])
+    ev["b"] = evidence(None, b_now_noisy, Trend(noisy, 1, 2, 8))
+    k, why = stable_keep(values, ev, 1, 0.9, "eval_loss", "min", 0)
+    assert k == 2 and "paired resamples" in why["a"]
 
 
 def test_a_barrier_keeps_the_unsteady_one_says_why_and_does_not_hold_for_a_decision():
     r = Rungs(2, timeout_s=600, expected=2, decide=True, confidence=0.9)
     for n in ("a", "b"):
         r.join(n)
-    r.arrive("a", 4, -1.0, -1.2, per_row([1, 1, 1, 1]))
-    r.arrive("b", 4, -1.1, -1.1, per_row([1.1, 1.1, 1.1, 1.1]))  # b led at the previous evaluation
+    r.arrive("a", 4, -1.0, evidence(-1.2, per_row([1, 1, 1, 1])))
+    r.arrive("b", 4, -1.1, evidence(-1.1, per_row([1.1, 1.1, 1.1, 1.1])))  # b led at the previous evaluation
     assert r.turn("b", 4) and r.order[4] == ["b", "a"] and r.kept[4] == 2  # both kept: worst first
     assert r.why_kept("b", 4) == "it was ahead of the cut at its previous evaluation" and r.why_kept("a", 4) is None
     assert not r.turn("a", 4)

@@ -239,7 +239,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         from damoc.train.engine import build_engine, resolve_precision
         from damoc.train.evaluate import EvalSet, all_sum, evaluate, gather_rows
-        from damoc.train.rungs import RUNG_SCORE, hold_if_decided, rung_score, wait_turn
+        from damoc.paired import Trend
+        from damoc.train.rungs import RUNG_SCORE, Evidence, hold_if_decided, rung_score, wait_turn
 
     report, get_checkpoint = result_channel(args)
     if args.local:  # the Tune trial's own process is the one worker
@@ -287,6 +288,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         timeline.add("worker_group_start", entered - args.trial_started_at)
     batches = Batches(examples, args.batch_size, args.seed + rank, state["position"])
     reports = report_steps(args.max_steps, args.eval_every, args.rungs)
+    prev_rows = None  # the per-row figures of the last report (in memory: a restart has none until its next)
     if not checkpoint:  # step 0: the zero-shot point of the learning curve (the free baseline)
         with timeline.phase("evaluation"):
             rows: dict[int, dict[str, float]] = {}
@@ -294,7 +296,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rows = gather_rows(rows, world)
         if rank == 0:
             save_rows(args, 0, rows)
-        state["previous"] = (0, result[args.metric])
+        state["previous"], prev_rows = (0, result[args.metric]), rows
         report({**result, RUNG_SCORE: result[args.metric], "step": 0, "train_tokens": 0, "train_flops": 0.0, "forward_params": forward_params,
                 "trainable_params": trainable_params, "start_step": 0, "workers": world, "restarts": 0,
                 "chat_template": chat, "micro_batch": args.batch_size, "peak_rss_bytes": peak_memory(),
@@ -339,16 +341,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "start_step": start_step, "workers": world, "trial_started_at": args.trial_started_at,
                    "chat_template": chat, "micro_batch": args.batch_size, "peak_rss_bytes": peak_memory(),
                    "node": node, RUNG_SCORE: rung_score(result[args.metric], state["previous"], step, args.max_steps, args.mode)}
-        state["previous"] = (step, result[args.metric])
         if rank == 0 and step in args.rungs and args.barrier:
             sign = -1.0 if args.mode == "min" else 1.0  # the barrier ranks higher-is-better
             before = state["previous_score"]
+            trend = Trend(prev_rows, state["previous"][0], step, args.max_steps) if prev_rows else None
             with timeline.phase("rung_wait"):
                 why = wait_turn(args.barrier, args.candidate, step, sign * metrics[RUNG_SCORE],
-                                None if before is None else sign * before, rows)
+                                Evidence(None if before is None else sign * before, rows, trend))
             if why:
                 metrics["kept_because"] = why
-        state["previous_score"] = metrics[RUNG_SCORE]
+        state["previous"], state["previous_score"], prev_rows = (step, result[args.metric]), metrics[RUNG_SCORE], rows
         if rank == 0:
             record_report(args.job, args.candidate, args.metric, metrics)
             save_rows(args, step, rows)

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 
-from damoc.paired import Rows, beaten_shares
+from damoc.paired import Rows, Trend, beaten_shares, projected
 
 
 def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
@@ -48,17 +49,15 @@ RUNG_SCORE = "rung_score"  # the figure ASHA and the barrier judge trials by (se
 
 def rung_score(value: float, previous: tuple[int, float] | None, step: int, planned: int, mode: str) -> float:
     """What ASHA judges a trial by: its metric, moved along its current trend to the end of its planned
-    steps when that trend is an improvement. Early curves cross: a pruned model healing fast, or a
-    candidate learning the domain fast, can trail at the first rung and lead by the end (seen on real
-    LLMs: Gemma 3 270M trailed SmolLM2-135M by 0.11 bits/byte after 2 steps and led after 14). Judged on
-    where its trend points, such a trial is kept until its curve flattens; with flat curves the score
-    is the metric itself and ASHA behaves as it always did. The trend is the change per step since the
-    previous evaluation; a worsening one is not extrapolated (noise must not cut a trial)."""
-    if previous is None or step <= previous[0] or planned <= step:
+    steps when that trend is an improvement (damoc/paired.py::projected). Early curves cross: a pruned
+    model healing fast, or a candidate learning the domain fast, can trail at the first rung and lead by
+    the end (seen on real LLMs: Gemma 3 270M trailed SmolLM2-135M by 0.11 bits/byte after 2 steps and led
+    after 14). Judged on where its trend points, such a trial is kept until its curve flattens; with flat
+    curves the score is the metric itself and ASHA behaves as it always did. The trend is the change per
+    step since the previous evaluation."""
+    if previous is None:
         return value
-    rate = (value - previous[1]) / (step - previous[0])
-    better = rate < 0 if mode == "min" else rate > 0
-    return value + rate * (planned - step) if better else value
+    return projected(value, previous[1], previous[0], step, planned, mode)
 
 
 def ranked(values: dict[str, float]) -> list[str]:
@@ -78,20 +77,32 @@ def release_order(values: dict[str, float], reduction_factor: float, keep: int |
     return list(reversed(order[:keep])) + order[keep:]
 
 
-def stable_keep(values: dict[str, float], previous: dict[str, float | None], rows: dict[str, Rows | None],
-                base: int, confidence: float, metric: str, mode: str, seed: int) -> tuple[int, dict[str, str]]:
+@dataclass
+class Evidence:
+    """What a trial brings to a rung besides its value: what it was judged by at its previous evaluation
+    after training began (`previous`, higher is better), its per-row figures now, and its trend's."""
+
+    previous: float | None = None
+    rows: Rows | None = None
+    trend: Trend | None = None
+
+
+def stable_keep(values: dict[str, float], evidence: dict[str, Evidence], base: int, confidence: float,
+                metric: str, mode: str, seed: int) -> tuple[int, dict[str, str]]:
     """How many of a rung's group to keep (the best by value), and why each one kept beyond ASHA's `base`
     was kept. A trial below the cut is stopped only when the ranking says so steadily: it was below the
-    cut at its previous evaluation too (`previous`: the value it reported then), and it is outside the
-    best `base` in at least `confidence` of paired resamples of the eval rows (`rows`: its per-row
-    figures now). Otherwise it is kept, and so is every trial ranked above it (ASHA keeps a best prefix)."""
+    cut at its previous evaluation too, and it is outside the best `base` in at least `confidence` of
+    paired resamples of the eval rows, each trial judged there as the rung judges it (where its trend
+    points). Otherwise it is kept, and so is every trial ranked above it (ASHA keeps a best prefix)."""
     order = ranked(values)
     if confidence <= 0 or len(order) <= base:
         return base, {}
-    before = {n: v for n, v in previous.items() if v is not None}
+    seen = {n: evidence.get(n) or Evidence() for n in order}
+    before = {n: e.previous for n, e in seen.items() if e.previous is not None}
     was_out = set(ranked(before)[base:]) if set(before) == set(order) else set(order)  # unknown: agrees
-    evidence = {n: r for n, r in rows.items() if r}
-    shares = beaten_shares(evidence, base, metric, mode, seed) if set(evidence) == set(order) else {}
+    rows = {n: e.rows for n, e in seen.items() if e.rows}
+    shares = beaten_shares(rows, base, metric, mode, seed, trends={n: e.trend for n, e in seen.items()}) \
+        if set(rows) == set(order) else {}
     keep, why = base, {}
     for i, name in enumerate(order[base:], base):
         share = shares.get(name)
@@ -113,7 +124,7 @@ class Rungs:
                  confidence: float = 0.0, metric: str = "eval_loss", mode: str = "min", seed: int = 0):
         self.rf, self.timeout_s = reduction_factor, timeout_s
         self.confidence, self.metric, self.mode, self.seed = confidence, metric, mode, seed  # see stable_keep
-        self.evidence: dict[int, dict[str, tuple[float | None, Rows | None]]] = {}  # rung -> {trial: (previous, rows)}
+        self.evidence: dict[int, dict[str, Evidence]] = {}  # rung -> {trial: what it brought}
         self.kept: dict[int, int] = {}  # rung -> how many of its group go on
         self.kept_why: dict[int, dict[str, str]] = {}  # rung -> {trial kept beyond ASHA's cut: why}
         self.expected, self.decide = expected, decide  # trials in the sweep; hold the winner once decided
@@ -138,14 +149,12 @@ class Rungs:
         self.live.pop(name, None)
         self.shrunk = self.shrunk or lost
 
-    def arrive(self, name: str, rung: int, value: float, previous: float | None = None,
-               rows: Rows | None = None) -> None:
-        """`value`: what the trial is judged by here (higher is better); `previous`: the same at its
-        previous evaluation; `rows`: its per-row figures here (the paired resamples' evidence)."""
+    def arrive(self, name: str, rung: int, value: float, evidence: Evidence | None = None) -> None:
+        """`value`: what the trial is judged by here (higher is better); `evidence`: see stable_keep."""
         self.live.setdefault(name, 0)
         self.seen.add(name)
         self.arrived.setdefault(rung, {})[name] = value
-        self.evidence.setdefault(rung, {})[name] = (previous, rows)
+        self.evidence.setdefault(rung, {})[name] = evidence or Evidence()
         self.arrived_at.setdefault((name, rung), time.monotonic())
 
     def processed(self, name: str, rung: int) -> None:
@@ -170,10 +179,10 @@ class Rungs:
 
     def cut(self, rung: int) -> int:
         """How many of the group at `rung` go on (ASHA's ceil(n / rf), more while the ranking is unsteady)."""
-        here, seen = self.arrived[rung], self.evidence.get(rung, {})
+        here = self.arrived[rung]
         self.kept[rung], self.kept_why[rung] = stable_keep(
-            here, {n: seen.get(n, (None, None))[0] for n in here}, {n: seen.get(n, (None, None))[1] for n in here},
-            asha_keep(len(here), self.rf), self.confidence, self.metric, self.mode, self.seed + rung)
+            here, self.evidence.get(rung, {}), asha_keep(len(here), self.rf), self.confidence, self.metric,
+            self.mode, self.seed + rung)
         return self.kept[rung]
 
     def why_kept(self, name: str, rung: int) -> str | None:
@@ -228,12 +237,11 @@ def poll_until(ready, first_s: float = 0.01, most_s: float = 0.2) -> None:
         pause = min(most_s, pause * 1.5)
 
 
-def wait_turn(barrier_name: str, name: str, rung: int, value: float, previous: float | None = None,
-              rows: Rows | None = None) -> str | None:
+def wait_turn(barrier_name: str, name: str, rung: int, value: float, evidence: Evidence | None = None) -> str | None:
     """Called by a trial's rank-0 worker before it reports at a rung (the arguments: Rungs.arrive's). Returns
     why it goes on although ASHA's cut alone would have stopped it, if so."""
     barrier = ray.get_actor(barrier_name)
-    ray.get(barrier.arrive.remote(name, rung, value, previous, rows))
+    ray.get(barrier.arrive.remote(name, rung, value, evidence))
     poll_until(lambda: ray.get(barrier.turn.remote(name, rung)))
     return ray.get(barrier.why_kept.remote(name, rung))
 
