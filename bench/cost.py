@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from selection import (costs, damoc_spec, final_scores, plan_vs_report, recipe_args, reference_spec,  # noqa: E402
-                       run)
+from selection import (costs, damoc_spec, final_scores, measured_saving, plan_vs_report, recipe_args,  # noqa: E402
+                       reference_spec, run)
 
 from damoc.report.agreement import best, kendall_tau, top1_hit  # noqa: E402
 from damoc.rundir import read_json  # noqa: E402
@@ -170,16 +170,6 @@ def bench_domain(domain: str, zoo: Path, names: list[str], work: Path, a, plain:
             "damoc_breakdown": breakdown(damoc_run), "reference_breakdown": breakdown(ref_run),
             "plan": {**plan_vs_report(spec, damoc_run), "measured_saving": measured_saving(ref_run, damoc_run)},
             "train_rows": info["data"][domain]["train"]}
-
-
-def measured_saving(ref_run: Path, damoc_run: Path) -> float | None:
-    """What the plan and the report project, measured: the reference's training and start-up worker-seconds
-    (its evaluations left out, as both projections leave them out) over DaMoC's worker-seconds."""
-    ref = read_json(ref_run / "finetune" / "results.json") or {}
-    full = sum((e["timeline"]["training"] + e["timeline"]["fixed"]) * e.get("workers", 1)
-               for e in ref.get("candidates", []) if e.get("timeline"))
-    ours = costs(damoc_run)["total_ws"]
-    return full / ours if full and ours else None
 
 
 def plan_line(p: dict[str, Any] | None) -> list[str]:

@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from damoc.report.agreement import best, kendall_tau, rel_acc, top1_hit  # noqa: E402
 from damoc.report.compare import compare_runs, load_ranking  # noqa: E402
+from damoc.rundir import read_json  # noqa: E402
 
 log = logging.getLogger("bench.selection")
 
@@ -163,6 +164,16 @@ def plan_vs_report(spec: dict, run_dir: Path) -> dict:
             "projected_stages": p["damoc"]["stages"], "projected_full_seconds": p["full"]["seconds"],
             "measured_stages": {k: v["worker_seconds"] for k, v in ranking["cost"]["stages"].items()},
             "report_full_seconds": ((ranking.get("savings") or {}).get("full_projected") or 0) * 3600}
+
+
+def measured_saving(ref_run: Path, damoc_run: Path) -> float | None:
+    """What the plan and the report project, measured: the reference's training and start-up worker-seconds
+    (its evaluations left out, as both projections leave them out) over DaMoC's worker-seconds."""
+    ref = read_json(ref_run / "finetune" / "results.json") or {}
+    full = sum((e["timeline"]["training"] + e["timeline"]["fixed"]) * e.get("workers", 1)
+               for e in ref.get("candidates", []) if e.get("timeline"))
+    ours = costs(damoc_run)["total_ws"]
+    return full / ours if full and ours else None
 
 
 # ---------------------------------------------------------------- baselines
