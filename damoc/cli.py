@@ -27,14 +27,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except SpecError as err:
         _print_spec_error(err)
         return EXIT_BAD_INPUT
-    from damoc.preflight import candidate_problems, data_problems
+    from damoc.preflight import candidate_problems, data_problems, hub_warnings
 
-    problems = data_problems(spec) + candidate_problems(spec)
+    problems, warnings = data_problems(spec) + candidate_problems(spec), hub_warnings(spec)
     for line in problems:
         print(f"{args.job}: {line}", file=sys.stderr)
+    for line in warnings.values():
+        print(f"{args.job}: warning: {line}", file=sys.stderr)
     if problems:
         return EXIT_BAD_INPUT
-    print(f"{args.job}: ok (job '{spec.name}', {len(spec.candidates)} candidate(s), output {spec.output_dir})")
+    print(f"{args.job}: ok (job '{spec.name}', {len(spec.candidates)} candidate(s), output {spec.output_dir})"
+          + (f"; {len(warnings)} warning(s) above" if warnings else ""))
     return EXIT_OK
 
 

@@ -80,21 +80,25 @@ def hub_problem(c, i: int, online: bool) -> str | None:
             f"there is network (huggingface-cli download {c.hf}) into HF_HOME, or give a local path instead")
 
 
+def hub_warnings(spec: JobSpec) -> dict[str, str]:
+    """{candidate: why} for hub candidates neither cached here nor reachable from here. A warning, not an
+    error: the job may run where the hub is reachable (a cluster); where it runs, the model stage fails
+    them at once with this."""
+    hub = [(i, c) for i, c in enumerate(spec.candidates) if c.hf]
+    online = hub_reachable() if hub else True
+    found = {c.name: hub_problem(c, i, online) for i, c in hub}
+    return {name: line for name, line in found.items() if line}
+
+
 def candidate_problems(spec: JobSpec, base_dir: str | None = None) -> list[str]:
     """One line per problem, each naming its key path."""
     from damoc.lm.arch import ADAPTERS
 
     base = base_dir or os.getcwd()
     out = []
-    online = None
     for i, c in enumerate(spec.candidates):
-        if c.hf:
-            online = hub_reachable() if online is None else online
-            problem = hub_problem(c, i, online)
-            out += [problem] if problem else []
-            continue
         if not c.path or is_uri(c.path):
-            continue  # URIs are read where they are used
+            continue  # hub ids (see hub_warnings) and URIs are read where the job runs
         folder = Path(resolve_path(c.path, base))
         try:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))

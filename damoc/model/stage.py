@@ -256,6 +256,13 @@ class ModelStage(Stage):
         log.error("models: %s failed: %s", name, reason)
         return {"name": name, "status": "failed", "reason": reason, "seconds": seconds}
 
+    def unreachable(self, ctx: StageContext) -> dict[str, dict[str, Any]]:
+        """Hub candidates neither in the local cache nor reachable, each failed with the fix."""
+        from damoc.preflight import hub_warnings
+
+        return {name: self.failed(ctx, name, RuntimeError(line), time.monotonic())
+                for name, line in hub_warnings(ctx.spec).items()}
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         spec, m = ctx.spec, ctx.spec.model
         entries: list[dict[str, Any]] = []
@@ -276,8 +283,8 @@ class ModelStage(Stage):
                  len(spec.candidates), size, min(size, len(ctx.prepared)), len(rows))
         release(ctx.prepared[size:])
         pool = Compressors(m, self.start_up_imports(spec, ctx.base_dir), size, ctx.prepared[:size])
-        results: dict[str, dict[str, Any]] = {}
-        queue = list(spec.candidates)
+        results = self.unreachable(ctx)  # failed at once, not after the hub client's retries
+        queue = [c for c in spec.candidates if c.name not in results]
         try:
             while pool.pending:
                 event = pool.next(len(queue))
