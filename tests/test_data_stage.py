@@ -52,6 +52,8 @@ def test_quality_chain_then_none_with_resume(job_dir, tiny_model):
     m = manifest(data)
     assert outcome.status == "ran" and conserves(m)
     assert m["dropped"]["held_out_eval"] == len(ids(data / "eval.parquet")) > 0
+    c = outcome.counts  # the summary line: kept, quarantined, dropped and eval add up to the input
+    assert c["kept"] + c["quarantined"] + c["dropped"] + c["eval"] == c["input"] == m["input"]
     assert m["kept"] == m["budget"] == round(0.3 * m["readable"]) == len(ids(data / "train.parquet"))
     assert set(m["dropped"]) <= {"held_out_eval", "ifd>1", "top_k:below_budget(ifd)", "rules:too_short",
                                  "rules:repetitive", "rules:special_chars", "rules:too_long"}

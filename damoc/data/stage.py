@@ -499,7 +499,9 @@ class DataStage(Stage):
         if manifest["kept"] == 0:  # the quarantine and the manifest stay beside the error (RUN/data.failed)
             raise NoRowsLeft(no_rows_reason(manifest, ctx.out / "quarantine.jsonl"))
         return {"input": manifest["input"], "kept": manifest["kept"], "quarantined": manifest["quarantined"],
-                "dropped": sum(manifest["dropped"].values()), "eval": manifest["eval"]["rows"],
+                # the held-out eval rows are counted apart (the manifest lists them among its drops)
+                "dropped": sum(v for k, v in manifest["dropped"].items() if k != "held_out_eval"),
+                "eval": manifest["eval"]["rows"],
                 "tokens_before": manifest["tokens_before"], "tokens_after": manifest["tokens_after"]}
 
     # ------------------------------------------------------------ 1. plan
