@@ -28,17 +28,26 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def read_header(path: Path) -> tuple[int, dict]:
+    """A .safetensors file's header: its length in bytes and its JSON (tensor name -> dtype, shape, offsets)."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if n <= 0 or 8 + n > path.stat().st_size:
+            raise ValueError(f"header of {n:,d} bytes")
+        return n, json.loads(fh.read(n))
+
+
 def safetensors_problem(path: Path) -> str | None:
     """Whether a .safetensors file is whole, from its header alone: the header parses and the file is as
     long as the tensors it lists (a truncated download is not)."""
     try:
         size = path.stat().st_size
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                return f"{path.name} is not a safetensors file or is truncated (header of {n:,d} bytes, file {size:,d})"
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError) as exc:
+        n, header = read_header(path)
+    except ValueError as exc:
+        if str(exc).startswith("header of"):
+            return f"{path.name} is not a safetensors file or is truncated ({exc}, file {size:,d})"
+        return f"{path.name} cannot be read as safetensors: {exc}"
+    except OSError as exc:
         return f"{path.name} cannot be read as safetensors: {exc}"
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
@@ -51,8 +60,7 @@ def header_params(folder: Path) -> int | None:
     total = 0
     for path in sorted(Path(folder).glob("*.safetensors")):
         try:
-            with open(path, "rb") as fh:
-                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+            header = read_header(path)[1]
         except (OSError, ValueError):
             return None
         total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")

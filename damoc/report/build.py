@@ -168,8 +168,9 @@ def _ranking_section(ranking: dict[str, Any], finetune: dict[str, Any], out: Pat
                         f"{finetune.get('max_concurrent_trials')} trial(s) at once, "
                         f"{finetune.get('num_workers')} worker(s) each, {finetune.get('method')} fine-tuning, "
                         f"max {finetune.get('max_steps')} steps." + grace_note(finetune.get("grace_auto"))))
-    if steadiness_note(finetune, ranking):
-        blocks.append(("p", steadiness_note(finetune, ranking)))
+    steady = steadiness_note(finetune, ranking)
+    if steady:
+        blocks.append(("p", steady))
     vs = (ranking.get("confidence") or {}).get("vs", {})
     blocks.append(("table", ["rank", "candidate", "status", metric, "95% interval", "at step", "p(pick better)",
                              "worker-s", "train FLOPs", "note"],
