@@ -124,6 +124,20 @@ def compression(run_dir: Path) -> dict[str, dict]:
     return out
 
 
+def reference_rule(run_dir: Path) -> str:
+    """Who scored the rows in the data stage, from its manifest."""
+    ref = json.loads((run_dir / "data" / "manifest.json").read_text()).get("reference_lm") or {}
+    models = ", ".join(f"{n} {v['rows']} rows" for n, v in (ref.get("models") or {}).items())
+    return f"{ref.get('rule', 'smallest')}: {models}" if models else "smallest candidate"
+
+
+def curves(run_dir: Path) -> dict[str, list[list[float]]]:
+    """Each candidate's DaMoC eval curve: (step, eval_loss)."""
+    results = json.loads((run_dir / "finetune" / "results.json").read_text())
+    return {e["name"]: [[p["step"], round(p["eval_loss"], 4)] for p in e.get("curve") or []]
+            for e in results["candidates"]}
+
+
 def stage_seconds(run_dir: Path) -> dict[str, float]:
     return {s: round(json.loads((run_dir / s / "_stage.json").read_text()).get("seconds", 0.0), 1)
             for s in ("data", "models", "finetune", "report") if (run_dir / s / "_stage.json").exists()}
@@ -145,7 +159,11 @@ def main() -> None:
                     help="keep a finished reference run in --work as it is (it is the slow part) and rerun DaMoC only")
     ap.add_argument("--report-only", action="store_true", help="write the tables from the runs in --work")
     ap.add_argument("--reference-model", choices=list(MODELS), default=None,
-                    help="the data stage's reference LM (default: the spec's, the smallest candidate)")
+                    help="the data stage's reference LM (default: as --reference-lm says)")
+    ap.add_argument("--reference-lm", choices=["shared", "smallest"], default=None,
+                    help="data.reference_lm without a reference model (default: the spec's, shared)")
+    ap.add_argument("--no-scheduler", action="store_true",
+                    help="DaMoC trains every candidate to the end (tune.scheduler none): to compare data choices")
     ap.add_argument("--tag", default="", help="suffix of the result files and DaMoC's run folder")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -155,6 +173,10 @@ def main() -> None:
     spec = damoc_spec(a, models, train, eval_)
     if a.reference_model:
         spec["data"]["reference_model"] = str(models[a.reference_model])
+    if a.reference_lm:
+        spec["data"]["reference_lm"] = a.reference_lm
+    if a.no_scheduler:
+        spec["tune"] = {"scheduler": "none"}
     spec["output_dir"] += a.tag
     ref = reference_spec(spec, work / "runs" / "full", a.rows)
 
@@ -184,7 +206,8 @@ def main() -> None:
               "ratio": {k: (f_cost[k] / d_cost[k] if d_cost[k] else None) for k in d_cost},
               "memory": {"damoc": trial_memory(d_run), "full": trial_memory(f_run)},
               "decided_at": load_ranking(d_run).get("decided_at"), "plan": {**plan_vs_report(spec, d_run), "measured_saving": measured_saving(f_run, d_run)},
-              "reference_model": a.reference_model or "smallest candidate"}
+              "reference_model": a.reference_model or reference_rule(d_run),
+              "damoc_curves": curves(d_run)}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"real_selection{a.tag}.json").write_text(json.dumps(record, indent=1, default=str))

@@ -108,6 +108,10 @@ class Stage:
         """Files or folders outside the run directory that the stage reads."""
         return []
 
+    def fingerprint_spec(self, spec: JobSpec) -> dict[str, Any]:
+        """The spec sections the fingerprint covers (a stage may leave out a setting it does not use)."""
+        return spec.section(*self.spec_keys)
+
     def fingerprint_extra(self, spec: JobSpec) -> dict[str, Any]:
         """Single settings outside the stage's spec sections that change its output."""
         return {}
@@ -232,7 +236,7 @@ def stage_fingerprint(stage: Stage, spec: JobSpec, run_dir: Path, base_dir: Path
         "stage": stage.name,
         "version": stage.version,
         "seed": spec.seed,
-        "spec": spec.section(*stage.spec_keys),
+        "spec": stage.fingerprint_spec(spec),
         "upstream": upstream,
         "inputs": [path_signature(p, base_dir) for p in stage.external_inputs(spec)],
     }

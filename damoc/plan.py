@@ -288,15 +288,16 @@ def expected_probes(m, layers: int | None, pruned: float) -> int:
     return len(trace) - 1
 
 
-def data_stage_seconds(spec: JobSpec, chain: list, data: DataFigures, rows: int, kept_rows: int,
-                       ref_params: float | None, gpu: bool) -> float:
-    """The data stage (`chain`: its operators): start-up, per-row work, and the reference LM's forward
+def data_stage_seconds(spec: JobSpec, chain: list, refs: list[tuple[float, DataFigures]], rows: int,
+                       kept_rows: int, gpu: bool) -> float:
+    """The data stage (`chain`: its operators): start-up, per-row work, and the reference LMs' forward
     passes (each row's prompt and answer, and the answer alone for IFD) over every row where the filter
-    reads its scores, else over the kept rows where only compression does."""
+    reads its scores, else over the kept rows where only compression does. `refs`: each reference LM's
+    parameters and the rows in its tokens; they score equal shares of the rows."""
     scored = rows if any(op.needs_lm or op.needs_embedding for op in chain) else \
         kept_rows if spec.data.compress.enabled else 0
-    tokens = scored * data.tokens_per_row * (2 - data.prompt_share)
-    lm = 2 * ref_params * tokens / rate(ref_params, False, gpu) if ref_params and scored else 0.0
+    lm = sum(2 * p * scored * f.tokens_per_row * (2 - f.prompt_share) / rate(p, False, gpu)
+             for p, f in refs) / len(refs) if refs and scored else 0.0
     return DATA_FIXED_S + DATA_ROW_S * rows + lm
 
 
@@ -364,12 +365,8 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     gpu, mode = ft.use_gpu, ("local" if ft.local else "workers")
     unit, per_worker = ("GPU", (ft.resources_per_worker or {}).get("GPU", 1)) if ft.use_gpu else \
         ("CPU", (ft.resources_per_worker or {}).get("CPU", 1))
-    ref = reference_params(spec, base, known)
-    ref_data = data  # the reference LM reads the rows in its own tokens (the sample's: reference_model's)
-    if not d.reference_model and known:  # the smallest candidate's
-        per_row, share = data.tokens(min(known, key=lambda c: c.params).name)
-        ref_data = replace(data, tokens_per_row=per_row, prompt_share=share)
-    stage_s = {"data": data_stage_seconds(spec, chain, ref_data, train_rows or 0, kept_rows or 0, ref, gpu),
+    refs = reference_lms(spec, base, known, data)
+    stage_s = {"data": data_stage_seconds(spec, chain, refs, train_rows or 0, kept_rows or 0, gpu),
                "models": 0.0, "finetune": 0.0}
     rows_out, full_flops, damoc_flops, full_s = [], 0.0, 0.0, 0.0
     # Candidates are projected best-first by nothing we know yet: the schedule is shared out by size,
@@ -419,7 +416,7 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
             + (f"; later trials reuse the first {LOCAL_SLOTS} trials' processes: {LOCAL_REUSED_S:g} s" if mode == "local" else "")
             + f"); data stage {DATA_FIXED_S:g} s + "
             f"{DATA_ROW_S * 1e3:g} ms a row + the reference LM's passes "
-            f"({ref / 1e6 if ref else 0:,.0f}M parameters); model stage {MODEL_FIXED_S:g} s + the weights' load "
+            f"({reference_words(refs)}); model stage {MODEL_FIXED_S:g} s + the weights' load "
             f"+ its passes over {m.calibration.rows} calibration rows and the eval rows, per candidate",
             "training FLOPs = 6 x forward parameters x tokens (the report's count); DaMoC's evaluations at "
             "2 x parameters x eval tokens; full fine-tuning's evaluations not counted (as the report)",
@@ -448,14 +445,35 @@ def eval_row_count(spec: JobSpec, base: str, rows: int | None) -> int:
     return ev.rows or spec.finetune.eval_max_rows or 0
 
 
-def reference_params(spec: JobSpec, base: str, known: list[CandidateFigures]) -> float | None:
-    """Parameters of the data stage's reference LM: the spec's reference_model, else the smallest candidate."""
-    if spec.data.reference_model:
+def reference_lms(spec: JobSpec, base: str, known: list[CandidateFigures],
+                  data: DataFigures) -> list[tuple[float, DataFigures]]:
+    """The data stage's reference LMs as the stage picks them (data.reference_model, else the local
+    candidates sharing the rows, or the smallest of them): each one's parameters and the rows in its
+    tokens (the sample's where its tokenizer is not known)."""
+    d = spec.data
+
+    def own(c: CandidateFigures) -> tuple[float, DataFigures]:
+        per_row, share = data.tokens(c.name)
+        return c.params, replace(data, tokens_per_row=per_row, prompt_share=share)
+
+    smallest = min(known, key=lambda c: c.params, default=None)
+    if d.reference_model:
         try:
-            return float(_config_params(resolve_path(spec.data.reference_model, base), False, None)[0])
+            return [(float(_config_params(resolve_path(d.reference_model, base), False, None)[0]), data)]
         except Exception:  # noqa: BLE001 - unreadable here: the smallest candidate's figure stands in
-            pass
-    return min((c.params for c in known), default=None)
+            return [(smallest.params, data)] if smallest else []
+    local = {c.name for c in spec.candidates if c.path}
+    scorers = [c for c in known if c.name in local] or known
+    if d.reference_lm == "smallest" or not scorers:
+        return [own(smallest)] if smallest else []
+    return [own(c) for c in scorers]
+
+
+def reference_words(refs: list[tuple[float, DataFigures]]) -> str:
+    if len(refs) > 1:
+        return (f"{len(refs)} candidates share the rows, "
+                f"{sum(p for p, _ in refs) / len(refs) / 1e6:,.0f}M parameters on average")
+    return f"{refs[0][0] / 1e6:,.0f}M parameters" if refs else "none known"
 
 
 def trial_memory_gib(c: CandidateFigures, ft, data: DataFigures) -> float | None:

@@ -179,8 +179,14 @@ class DataSpec(Strict):
     compress: CompressSpec = Field(default_factory=CompressSpec)
     rewrite: RewriteSpec = Field(default_factory=RewriteSpec)
     # The causal LM behind perplexity, IFD, embeddings and token compression
-    # (a local folder or hub id); default: the smallest candidate.
+    # (a local folder or hub id); default: the candidates themselves, as reference_lm says.
     reference_model: str | None = None
+    # Without a reference_model: "shared" (default): every loadable local candidate scores an equal,
+    # seeded share of the rows (drawn from each row's content), and budgeted selection picks from each
+    # share by its own scorer's stats, so the data cannot favour one candidate; each row costs one
+    # forward pass of one candidate. "smallest": the smallest candidate scores every row (cheapest;
+    # its own judgement decides what every candidate trains on).
+    reference_lm: Literal["shared", "smallest"] = "shared"
     # Embeddings for k-center, cluster balance and DEITA: a local sentence-transformers folder,
     # or (default) mean-pooled hidden states of the reference LM.
     embedding_model: str | None = None

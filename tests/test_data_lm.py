@@ -54,3 +54,19 @@ def test_the_reference_lm_is_the_smallest_loadable_candidate(tmp_path, tiny_mode
     assert smallest_model([str(broken), large]) == large
     with pytest.raises(ValueError, match="no candidate can serve .* broken: model.safetensors is not a safetensors file or is truncated"):
         smallest_model([str(broken)])
+
+
+def test_row_shares_are_even_stable_and_independent_of_the_names_order():
+    import numpy as np
+
+    from damoc.data.lm import row_key, shares
+    from damoc.data.stage import split_budget
+
+    keys = [row_key(f"q{i}", "", f"a{i}") for i in range(3000)]
+    three = shares(keys, ["a", "b", "c"], seed=0)
+    assert (np.bincount(three) > 900).all()
+    assert (np.array(["c", "a", "b"])[shares(keys, ["c", "a", "b"], 0)] == np.array(["a", "b", "c"])[three]).all()
+    two = np.array(["a", "c"])[shares(keys, ["a", "c"], 0)]  # "b" gone: only its rows move
+    assert (two[three != 1] == np.array(["a", "b", "c"])[three][three != 1]).all()
+    assert (shares(keys, ["solo"], 0) == 0).all()
+    assert split_budget(10, [5, 5, 5]) == [4, 3, 3] and split_budget(7, [0, 10]) == [0, 7] and split_budget(0, [0]) == [0]

@@ -9,7 +9,7 @@ import pytest
 from conftest import spec_dict
 from datagen import write_corpus
 
-from damoc.data.stage import actor_cpus
+from damoc.data.stage import actor_cpus, split_budget
 from damoc.pipeline import Pipeline, read_marker
 from damoc.runtime import connect
 from damoc.spec import spec_from_data
@@ -148,3 +148,52 @@ def test_drop_table_looks_up_reasons_by_row_order():
     df = pd.DataFrame({"order": [7, 8, 9], "drop": ["rules:too_long", None, None]}, index=[5, 6, 7])
     assert table.apply(df)["drop"].tolist() == ["rules:too_long", None, None]  # an earlier reason stays
     assert DropTable({}).lookup(np.array([1])) == [None]
+
+
+def test_shared_reference_lms_score_equal_shares_and_cannot_favour_a_candidate(job_dir, tiny_model):
+    """Two candidates of different widths score the rows between them (no reference_model): each row by
+    one, drawn from its content; the budget is split by share and each share is selected on its own
+    scorer's stats and embeddings. Listing the candidates the other way round changes nothing."""
+    import numpy as np
+
+    write_corpus(job_dir / "data" / "corpus.jsonl", 160, malformed=0.0, dups=0.0, seed=7)
+    (job_dir / "zoo" / "qwen-w").symlink_to(tiny_model("qwen2", hidden=48))
+    cands = [{"name": "llama-s", "path": "zoo/llama-s"}, {"name": "qwen-w", "path": "zoo/qwen-w"}]
+    common = {"data.train.path": "data/corpus.jsonl", "data.eval": {"split_ratio": 0.1}, "data.batch_size": 32,
+              "data.filter": {"method": "hybrid", "keep_ratio": 0.4}, "data.compress": {"ratio": 0.6}}
+    _, data = run_data(job_dir, **common, candidates=cands)
+    _, swapped = run_data(job_dir, **common, candidates=cands[::-1], output_dir="runs/swapped")
+    m = manifest(data)
+    assert conserves(m) and m["reference_model"] is None and m["reference_lm"]["rule"] == "shared"
+    rows = {n: v["rows"] for n, v in m["reference_lm"]["models"].items()}
+    assert set(rows) == {"llama-s", "qwen-w"} and min(rows.values()) > 0.3 * sum(rows.values())
+    assert sum(rows.values()) == m["readable"]  # each alive row scored once
+    train = pq.read_table(data / "train.parquet").to_pandas()
+    dropped = pq.read_table(data / "dropped.parquet").to_pandas()
+    at_deita = np.bincount(train["scorer"], minlength=2) + np.bincount(
+        dropped.loc[dropped["drop"].str.startswith("deita"), "scorer"].astype(int), minlength=2)
+    assert m["kept"] == m["budget"] == round(0.4 * m["readable"])
+    assert np.bincount(train["scorer"], minlength=2).tolist() == split_budget(m["budget"], at_deita.tolist())
+    again = pq.read_table(swapped / "train.parquet").to_pandas()
+    assert train[["id", "instruction", "input", "output"]].equals(again[["id", "instruction", "input", "output"]])
+    assert manifest(swapped)["reference_lm"]["models"]["qwen-w"]["rows"] == rows["qwen-w"]
+
+
+def test_the_eval_split_follows_the_rows_not_the_file(job_dir):
+    """The same rows as JSONL and as CSV hold out the same eval rows (the draw hashes the fields)."""
+    import csv
+
+    rows = [{"q": f"What is item {i}?", "a": f"Item {i} is thing {i * 7 % 13}."} for i in range(200)]
+    (job_dir / "data" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(job_dir / "data" / "rows.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["q", "a"])
+        w.writeheader()
+        w.writerows(rows)
+    held = []
+    for name in ("rows.jsonl", "rows.csv"):
+        _, data = run_data(job_dir, **{"data.train.path": f"data/{name}", "data.eval": {"split_ratio": 0.15},
+                                       "data.fields": {"instruction": "q", "output": "a"},
+                                       "data.filter": {"method": "none"}, "data.compress": {"enabled": False},
+                                       "output_dir": f"runs/{name}"})
+        held.append(set(pq.read_table(data / "eval.parquet", columns=["instruction"])["instruction"].to_pylist()))
+    assert held[0] == held[1] and 10 < len(held[0]) < 60

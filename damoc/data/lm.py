@@ -9,6 +9,7 @@ self-information (c_instruction, c_input, c_output) with the token count after.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -139,16 +140,45 @@ class LMScorer:
         return fields["text"]
 
 
-def smallest_model(paths: list[str]) -> str:
-    """The loadable candidate with the fewest parameters (from its safetensors headers): the cheapest
-    reference LM. One whose config or weights are broken is never chosen (it fails in its own stage,
-    named); when none loads, the error names each one's problem."""
-    from damoc.preflight import folder_problems, header_params
+def loadable(paths: list[str]) -> list[str]:
+    """The folders that can serve as a reference LM: one whose config or weights are broken is never
+    chosen (it fails in its own stage, named); when none loads, the error names each one's problem."""
+    from damoc.preflight import folder_problems
 
     problems = {p: folder_problems(Path(p)) for p in paths}
-    loadable = [p for p in paths if not problems[p]]
-    if not loadable:
+    ok = [p for p in paths if not problems[p]]
+    if not ok:
         raise ValueError("no candidate can serve as the data stage's reference LM: "
                          + "; ".join(f"{Path(p).name}: {v[0]}" for p, v in problems.items())
                          + " (set data.reference_model)")
-    return min(loadable, key=lambda p: header_params(Path(p)) or weight_bytes(p))
+    return ok
+
+
+def smallest_model(paths: list[str]) -> str:
+    """The loadable candidate with the fewest parameters (from its safetensors headers): the cheapest
+    reference LM."""
+    from damoc.preflight import header_params
+
+    return min(loadable(paths), key=lambda p: header_params(Path(p)) or weight_bytes(p))
+
+
+def row_key(instruction, inp, output) -> bytes:
+    """A row's identity for hashing: its normalised fields, not where it was read from, so the same
+    rows as JSONL or as CSV are split and shared the same way."""
+    return "\x1f".join("" if v is None else str(v) for v in (instruction, inp, output)).encode()
+
+
+def unit_hash(seed: int, salt: str, key: bytes) -> float:
+    """A stable draw in [0, 1) from a seed, a salt and a row key."""
+    h = hashlib.blake2b(key, digest_size=8, key=f"{seed}:{salt}".encode()[:64])
+    return int.from_bytes(h.digest(), "big") / 2**64
+
+
+def shares(keys: list[bytes], names: list[str], seed: int) -> np.ndarray:
+    """Which reference LM scores each row: the name with the highest seeded hash of (name, row)
+    (rendezvous hashing). Every name gets an equal share in expectation; the draw does not depend on
+    the names' order, and dropping a name moves only its own rows."""
+    if len(names) == 1:
+        return np.zeros(len(keys), dtype=np.int64)
+    draws = np.array([[unit_hash(seed, n, k) for n in names] for k in keys]).reshape(len(keys), len(names))
+    return draws.argmax(axis=1).astype(np.int64)

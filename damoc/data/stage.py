@@ -37,7 +37,17 @@ import pyarrow.parquet as pq
 import ray
 
 from damoc import metrics
-from damoc.data.lm import CompressArgs, LMScorer, count_tokens, field_text, smallest_model
+from damoc.data.lm import (
+    CompressArgs,
+    LMScorer,
+    count_tokens,
+    field_text,
+    loadable,
+    row_key,
+    shares,
+    smallest_model,
+    unit_hash,
+)
 from damoc.data.ops import (
     BATCH_ROWS,
     Operator,
@@ -61,7 +71,7 @@ from damoc.spec import DataSpec, JobSpec
 log = logging.getLogger("damoc.data")
 
 TEXT_COLUMNS = ["id", "source", "instruction", "input", "output"]
-STATS_COLUMNS = ("chars", "repetition", "special_ratio", "ce_cond", "ce_alone", "ifd", "ppl", "judge")
+STATS_COLUMNS = ("chars", "repetition", "special_ratio", "scorer", "ce_cond", "ce_alone", "ifd", "ppl", "judge")
 TOKEN_COLUMNS = ("prompt_tokens_before", "prompt_tokens_after", "rewrite_rounds")
 EVAL_ORDER = 1 << 62  # eval-source rows are ordered after every training row
 EXAMPLES = 5  # before/after rows kept for the report
@@ -101,20 +111,23 @@ class Tally:
 
 
 class SplitRows:
-    """Adds `split` (train | eval: every eval-source row, and a seeded hash of the id when eval is a
-    split of the training rows) and `drop`."""
+    """Adds `split` (train | eval: every eval-source row, and a seeded hash of the row's content when
+    eval is a split of the training rows), `scorer` (which reference LM scores the row: data.lm.shares)
+    and `drop`. Both draws hash the row's fields, never its file or offset: converting a file changes
+    neither, and duplicate rows land on the same side of the split."""
 
-    def __init__(self, eval_ratio: float | None, seed: int):
-        self.ratio, self.seed = eval_ratio, seed
+    def __init__(self, eval_ratio: float | None, seed: int, scorers: list[str]):
+        self.ratio, self.seed, self.scorers = eval_ratio, seed, scorers
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
         df["drop"] = pd.Series([None] * len(df), dtype=object, index=df.index)
+        keys = [row_key(*r) for r in zip(df["instruction"], df["input"], df["output"])]
         split = np.where(df["origin"].to_numpy() == "eval", "eval", "train").astype(object)
         if self.ratio is not None:
-            u = np.array([int.from_bytes(hashlib.blake2b(f"{self.seed}:{i}".encode(), digest_size=8).digest(),
-                                         "big") / 2**64 for i in df["id"]])
+            u = np.array([unit_hash(self.seed, "eval", k) for k in keys])
             split[u < self.ratio] = "eval"
         df["split"] = split
+        df["scorer"] = shares(keys, self.scorers, self.seed)
         return df
 
 
@@ -129,25 +142,35 @@ def tag_origin(origin: str):
     return tag
 
 
-class AliveScorer(LMScorer):
-    """The reference-LM scorer applied to alive rows only; other rows get empty stats."""
+def my_rows(df: pd.DataFrame, share: int | None) -> np.ndarray:
+    """The alive rows of a batch that this reference LM scores (all of them when one LM scores all)."""
+    alive = alive_mask(df)
+    return alive if share is None else alive & (df["scorer"].to_numpy() == share)
 
-    def __init__(self, tally, **kwargs):
+
+class AliveScorer(LMScorer):
+    """The reference-LM scorer applied to the alive rows of its share only; other rows keep what an
+    earlier scorer wrote, or get empty stats."""
+
+    def __init__(self, tally, share: int | None = None, name: str = "", **kwargs):
         super().__init__(**kwargs)
-        self.tally = tally
+        self.tally, self.share, self.name = tally, share, name
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
         t0 = time.perf_counter()
-        alive = alive_mask(df)
+        alive = my_rows(df, self.share)
         for c in ("ce_cond", "ce_alone", "ifd", "ppl"):
-            df[c] = np.float32("nan")
+            if c not in df:
+                df[c] = np.float32("nan")
         for c in ("prompt_tokens_before", "prompt_tokens_after"):
-            df[c] = np.int64(0)
+            if c not in df:
+                df[c] = np.int64(0)
         wide = ([("embedding", None)] if self.embeddings else []) + (
             [(c, None) for c in ("c_instruction", "c_input")] if self.compress else []) + (
             [("c_output", None)] if self.compress and self.compress.compress_answer else [])
         for c, v in wide:
-            df[c] = pd.Series([v] * len(df), dtype=object, index=df.index)
+            if c not in df:
+                df[c] = pd.Series([v] * len(df), dtype=object, index=df.index)
         self.compress_seconds = 0.0
         if alive.any():
             sub = {c: df.loc[alive, c].to_numpy() for c in ("instruction", "input", "output")}
@@ -159,6 +182,7 @@ class AliveScorer(LMScorer):
                 df.loc[alive, c] = pd.Series(values, index=df.index[alive], dtype=object)
         n = int(alive.sum())
         report(self.tally, "lm_stats", time.perf_counter() - t0 - self.compress_seconds, n, n)
+        report(self.tally, f"scored_by:{self.name}", 0.0, n, n)
         if self.compress:
             report(self.tally, "compress", self.compress_seconds, n, n)
         return df
@@ -297,13 +321,42 @@ def destination(table: pa.Table) -> np.ndarray:
     return out
 
 
-def on_kept(fn):
-    """A callable class applied to the kept (alive) rows of a batch only; the other rows pass through
-    untouched, so pass 2 is one stream that carries every destination."""
+def reference_lm(d: DataSpec, plan: Plan, ops: dict) -> dict[str, Any]:
+    """The manifest's account of who scored the rows: the rule, and each reference LM's path and rows."""
+    return {"rule": "reference_model" if d.reference_model else d.reference_lm,  # `scorer` indexes models
+            "models": {n: {"path": p, "rows": int(ops.get(f"scored_by:{n}", [0, 0, 0])[1])}
+                       for n, p in plan.references}}
+
+
+def split_budget(budget: int, sizes: list[int]) -> list[int]:
+    """A row budget over groups in proportion to their sizes (largest remainders; they add up)."""
+    total = sum(sizes)
+    if total == 0:
+        return [0] * len(sizes)
+    exact = [budget * n / total for n in sizes]
+    parts = [int(e) for e in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: (parts[i] - exact[i], i))[: budget - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def by_share(sel: Selector, alive: pd.DataFrame, budget: int | None, sctx: SelectContext) -> pd.Series:
+    """A selector that reads a model's stats, run within each reference LM's share on that LM's stats
+    and embeddings (never compared across models), with the budget split by the shares' sizes."""
+    groups = [alive[alive["scorer"].to_numpy() == k] for k in sorted(set(alive["scorer"].tolist()))]
+    budgets = split_budget(budget, [len(g) for g in groups]) if budget is not None else [None] * len(groups)
+    parts = [sel.select(g.reset_index(drop=True), b, sctx) for g, b in zip(groups, budgets)]
+    return pd.concat(parts) if parts else pd.Series([], dtype=object)
+
+
+def on_kept(fn, share: int | None = None):
+    """A callable class applied to the kept (alive) rows of a batch only (of one reference LM's share,
+    when given); the other rows pass through untouched, so pass 2 is one stream that carries every
+    destination."""
 
     class KeptOnly(fn):
         def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-            kept = alive_mask(df)
+            kept = my_rows(df, share)
             if kept.all():
                 return super().__call__(df)
             if not kept.any():
@@ -388,13 +441,22 @@ class Plan:
     """What the passes compute, decided once from the spec."""
 
     chain: list[Operator]
-    reference: str
+    references: list[tuple[str, str]]  # (name, path) of each reference LM; shares index this list
     needs_lm: bool
     needs_emb: bool
     compress_in_pass1: bool  # the scorer compresses from its own forward pass
     pass2_models: bool  # a rewrite or a compression still to run on the kept rows
     pools: int  # actor pools in pass 1 (for sharing the CPUs)
     columns: list[str] = field(default_factory=list)  # narrow columns the selectors read
+
+    @property
+    def reference(self) -> str:
+        """The tokenizer that counts prompt tokens where no model ran (counting favours no one)."""
+        return self.references[0][1]
+
+    @property
+    def shared(self) -> bool:
+        return len(self.references) > 1
 
     @property
     def rowops(self) -> list[RowOp]:
@@ -441,11 +503,21 @@ class Routed:
 class DataStage(Stage):
     name = "data"
     output = "data"
-    spec_keys = ("data", "candidates")  # the default reference LM is the smallest candidate
+    spec_keys = ("data", "candidates")  # by default the candidates are the reference LMs
     version = "2"
 
     def fingerprint_extra(self, spec: JobSpec) -> dict[str, Any]:
         return {"template": spec.finetune.template}  # rows are scored as training renders them
+
+    def fingerprint_spec(self, spec: JobSpec) -> dict[str, Any]:
+        """Without a model over the rows (no scores, no compression, no rewrite), who would have scored
+        them changes nothing: a full fine-tuning reference run stays current when that rule changes."""
+        section = super().fingerprint_spec(spec)
+        d = spec.data
+        if not (d.compress.enabled or d.rewrite.enabled or any(op.needs_lm or op.needs_embedding
+                                                               for op in build_chain(d))):
+            section["data"].pop("reference_lm", None)
+        return section
 
     def external_inputs(self, spec: JobSpec) -> list[str]:
         d = spec.data
@@ -461,14 +533,18 @@ class DataStage(Stage):
         local = ctx.resolve(name)
         return local if Path(local).exists() else name
 
-    def reference_model(self, ctx: StageContext) -> str:
+    def references(self, ctx: StageContext) -> list[tuple[str, str]]:
+        """(name, path) of the reference LMs: the spec's reference_model, else the loadable local
+        candidates (data.reference_lm: shared) or the smallest of them."""
         d = ctx.spec.data
         if d.reference_model:
-            return self.local_or_hub(ctx, d.reference_model)
-        local = [ctx.resolve(c.path) for c in ctx.spec.candidates if c.path]
+            path = self.local_or_hub(ctx, d.reference_model)
+            return [(Path(path).name, path)]
+        local = {c.name: ctx.resolve(c.path) for c in ctx.spec.candidates if c.path}
         if not local:
             raise ValueError("data.reference_model: needed when no candidate is a local folder")
-        return smallest_model(local)
+        ok = [smallest_model(list(local.values()))] if d.reference_lm == "smallest" else loadable(list(local.values()))
+        return [(n, p) for n, p in local.items() if p in ok][: 1 if d.reference_lm == "smallest" else None]
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         ctx.runtime  # noqa: B018 - start (or join) Ray
@@ -512,9 +588,10 @@ class DataStage(Stage):
         needs_emb = any(op.needs_embedding for op in chain)
         needs_lm = needs_emb or any(op.needs_lm for op in chain)
         compress1 = d.compress.enabled and needs_lm and not d.rewrite.enabled
-        pools = int(needs_lm) + sum(1 for op in chain if isinstance(op, RowOp) and op.actor_class is not None)
-        columns = sorted({c for op in chain if isinstance(op, Selector) for c in op.columns})
-        return Plan(chain, self.reference_model(ctx), needs_lm, needs_emb, compress1,
+        refs = self.references(ctx)
+        pools = int(needs_lm) * len(refs) + sum(1 for op in chain if isinstance(op, RowOp) and op.actor_class)
+        columns = sorted({c for op in chain if isinstance(op, Selector) for c in op.columns} | {"scorer"})
+        return Plan(chain, refs, needs_lm, needs_emb, compress1,
                     d.rewrite.enabled or (d.compress.enabled and not compress1), pools, columns)
 
     # ------------------------------------------------------------ 2. pass 1
@@ -525,7 +602,8 @@ class DataStage(Stage):
         pool = actor_pool(d, plan.pools)
         # The CPU steps before the first model ride inside the read tasks (readers.read_rows); the ones
         # after a model run as one map_batches call each.
-        steps: list[tuple[str | None, Any]] = [(None, SplitRows(d.eval.split_ratio, ctx.spec.seed))]
+        steps: list[tuple[str | None, Any]] = [
+            (None, SplitRows(d.eval.split_ratio, ctx.spec.seed, [n for n, _ in plan.references]))]
         streamed: list[str] = []
         ds = None
 
@@ -570,12 +648,16 @@ class DataStage(Stage):
         return work, streamed
 
     def _add_lm(self, ctx: StageContext, ds, plan: Plan, tally, pool: dict):
+        """One scorer per reference LM, each on its own share of the rows (one pool each, at once)."""
         d = ctx.spec.data
         compress = CompressArgs.of(d.compress) if plan.compress_in_pass1 else None
-        return ds.map_batches(AliveScorer, fn_constructor_kwargs=dict(
-            tally=tally, model_path=plan.reference, task=d.task, template=ctx.spec.finetune.template,
-            max_length=d.max_length, embeddings=plan.needs_emb, compress=compress,
-            embedding_model=ctx.resolve(d.embedding_model) if d.embedding_model else None), **pool)
+        for k, (name, path) in enumerate(plan.references):
+            ds = ds.map_batches(AliveScorer, fn_constructor_kwargs=dict(
+                tally=tally, share=k if plan.shared else None, name=name, model_path=path, task=d.task,
+                template=ctx.spec.finetune.template, max_length=d.max_length, embeddings=plan.needs_emb,
+                compress=compress, embedding_model=ctx.resolve(d.embedding_model) if d.embedding_model else None),
+                **pool)
+        return ds
 
     # ------------------------------------------------------------ 3. select
 
@@ -592,7 +674,10 @@ class DataStage(Stage):
             ts = time.monotonic()
             if parts:
                 alive = alive[~alive["order"].isin(parts[-1].index)]
-            new = sel.select(alive.reset_index(drop=True), budget, sctx)
+            if plan.shared and (sel.needs_lm or sel.needs_embedding):
+                new = by_share(sel, alive, budget, sctx)
+            else:
+                new = sel.select(alive.reset_index(drop=True), budget, sctx)
             parts.append(new)
             timings.append({"name": sel.name, "seconds": round(time.monotonic() - ts, 3),
                             "in": len(alive), "out": len(alive) - len(new)})
@@ -634,18 +719,22 @@ class DataStage(Stage):
                 for b in pq.ParquetFile(f).iter_batches(batch_size=8192):
                     yield table.apply_arrow(pa.Table.from_batches([b]))
             return
-        pool = actor_pool(d, 1)
+        pool = actor_pool(d, len(plan.references) * (1 + int(d.rewrite.enabled)))  # all at once
         ds = ray.data.read_parquet([str(f) for f in work.files]).map_batches(
             ApplyDrops(ray.put(table)), batch_format="pandas", batch_size=BATCH_ROWS)
-        if d.rewrite.enabled:  # before compression: the writer sees whole sentences
-            ds = ds.map_batches(on_kept(Rewriter), fn_constructor_kwargs=dict(
-                reference=plan.reference, model=d.rewrite.model and self.local_or_hub(ctx, d.rewrite.model),
-                endpoint=d.rewrite.endpoint, rounds=d.rewrite.rounds, max_length=d.max_length, task=d.task,
-                template=ctx.spec.finetune.template), **pool)
         compress = CompressArgs.of(d.compress, d.compress.enabled)
-        ds = ds.map_batches(on_kept(KeptCompressor), fn_constructor_kwargs=dict(
-            model_path=plan.reference, task=d.task, template=ctx.spec.finetune.template, max_length=d.max_length,
-            embeddings=False, compress=compress), **pool)
+        # Each reference LM judges the rewrites of its own share, then compresses it.
+        for k, (_, path) in enumerate(plan.references):
+            share = k if plan.shared else None
+            if d.rewrite.enabled:  # before compression: the writer sees whole sentences
+                ds = ds.map_batches(on_kept(Rewriter, share), fn_constructor_kwargs=dict(
+                    reference=path, model=d.rewrite.model and self.local_or_hub(ctx, d.rewrite.model),
+                    endpoint=d.rewrite.endpoint, rounds=d.rewrite.rounds, max_length=d.max_length, task=d.task,
+                    template=ctx.spec.finetune.template), **pool)
+        for k, (_, path) in enumerate(plan.references):
+            ds = ds.map_batches(on_kept(KeptCompressor, k if plan.shared else None), fn_constructor_kwargs=dict(
+                model_path=path, task=d.task, template=ctx.spec.finetune.template, max_length=d.max_length,
+                embeddings=False, compress=compress), **pool)
         for b in ds.iter_batches(batch_format="pyarrow", batch_size=8192):
             yield fix_types(b)
 
@@ -732,7 +821,9 @@ class DataStage(Stage):
             "input": n_input, "kept": kept, "quarantined": quarantined, "dropped": dropped, "budget_note": note,
             "readable": readable, "keep_ratio": d.filter.keep_ratio, "budget": budget,
             "tokens_before": routed.tokens_before, "tokens_after": routed.tokens_after,
-            "reference_model": plan.reference, "operators": operators, "eval": eval_info, "rewrite": rewrite,
+            # reference_model: the one LM that scored every row (null when the candidates shared them)
+            "reference_model": None if plan.shared else plan.reference, "reference_lm": reference_lm(d, plan, ops),
+            "operators": operators, "eval": eval_info, "rewrite": rewrite,
             "examples": {"compress": routed.examples["compress"]},
             "seconds": round(time.monotonic() - t0, 3),
         }

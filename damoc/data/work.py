@@ -112,7 +112,8 @@ class WorkRows:
         self._origin_eval: list[np.ndarray] = []
         self._narrow: list[pd.DataFrame] = []
         self.rowop_drops: dict[str, int] = {}
-        self.emb_sum: np.ndarray | None = None
+        # Embedding sums per reference LM's share (`scorer`): each model's space, and width, apart.
+        self.emb_sums: dict[int, np.ndarray] = {}
         self.seconds = 0.0  # the driver's own time on the stream
 
     def add(self, table: pa.Table) -> None:
@@ -134,8 +135,11 @@ class WorkRows:
         for item in pc.value_counts(dropped).to_pylist():
             self.rowop_drops[item["values"]] = self.rowop_drops.get(item["values"], 0) + int(item["counts"])
         if self.embeddings and self._narrow[-1].shape[0]:
-            s = binary_matrix(table.filter(alive)["embedding"]).sum(0)
-            self.emb_sum = s if self.emb_sum is None else self.emb_sum + s
+            rows = table.filter(alive)
+            share = rows["scorer"].to_numpy()
+            for k in np.unique(share):
+                s = binary_matrix(rows.filter(pa.array(share == k))["embedding"]).sum(0)
+                self.emb_sums[int(k)] = s + self.emb_sums[int(k)] if int(k) in self.emb_sums else s
         self.parts.write(table)
 
     def close(self) -> WorkData:
@@ -144,7 +148,7 @@ class WorkRows:
         narrow = (pd.concat(self._narrow, ignore_index=True) if self._narrow
                   else pd.DataFrame({c: [] for c in ["order", *self.columns]}))
         return WorkData(self.folder, cat(self._order, np.int64), cat(self._status, np.int8),
-                        cat(self._origin_eval, bool), narrow, self.rowop_drops, self.emb_sum)
+                        cat(self._origin_eval, bool), narrow, self.rowop_drops, self.emb_sums)
 
 
 class WorkData:
@@ -152,9 +156,9 @@ class WorkData:
     columns of the rows still alive after the row operators."""
 
     def __init__(self, folder: Path, order: np.ndarray, status: np.ndarray, origin_eval: np.ndarray,
-                 alive: pd.DataFrame, rowop_drops: dict[str, int], emb_sum: np.ndarray | None):
+                 alive: pd.DataFrame, rowop_drops: dict[str, int], emb_sums: dict[int, np.ndarray]):
         self.folder, self.order, self.status, self.origin_eval = folder, order, status, origin_eval
-        self.alive, self.rowop_drops, self.emb_sum = alive, rowop_drops, emb_sum
+        self.alive, self.rowop_drops, self.emb_sums = alive, rowop_drops, emb_sums
 
     @property
     def files(self) -> list[Path]:
@@ -228,13 +232,17 @@ class WorkData:
             keep, batch_format="pandas", batch_size=4096)
 
     def mean_embedding(self, orders) -> np.ndarray:
-        """Mean embedding of these rows: the sum pass 1 kept of the rows alive after the row operators,
-        less the rows selectors dropped since (few: read back)."""
+        """Mean embedding of these rows (all of one reference LM's share): the sum pass 1 kept of that
+        share's rows alive after the row operators, less the rows selectors dropped since (few: read back)."""
         orders = np.asarray(orders, dtype=np.int64)
-        if self.emb_sum is None or len(orders) == 0:
+        if not self.emb_sums or len(orders) == 0:
             return np.zeros(1, dtype=np.float32)
-        gone = np.setdiff1d(self.alive["order"].to_numpy(np.int64), orders)
-        total = self.emb_sum.astype(np.float64)
+        alive, share = self.alive["order"].to_numpy(np.int64), self.alive["scorer"].to_numpy()
+        ks = np.unique(share[np.isin(alive, orders)])
+        if len(ks) != 1:
+            raise ValueError(f"mean_embedding: rows of {len(ks)} reference LMs' shares (one space each)")
+        gone = np.setdiff1d(alive[share == ks[0]], orders)
+        total = self.emb_sums[int(ks[0])].astype(np.float64)
         if len(gone):
             for e in self.fetch(gone, ["embedding"])["embedding"]:
                 total = total - np.frombuffer(e, dtype=np.float32)
