@@ -158,3 +158,48 @@ def test_keep_ratio_shortfall_names_the_operator_responsible():
     assert budget_note(0.2, 181, 94, dropped, plan) == (
         "keep_ratio 0.2 asked for 181 rows but 94 were kept: ifd>1 dropped 802 (ifd_filter) before the budget applied")
     assert budget_note(0.2, 181, 181, dropped, plan) is None and budget_note(0.2, None, 5, dropped, plan) is None
+
+
+def _pieces(text: str, size: int = 3) -> list[tuple[int, int]]:
+    """Token spans: each word cut into pieces of `size` characters (long words are many tokens)."""
+    import re
+
+    return [(m.start() + i, min(m.end(), m.start() + i + size)) for m in re.finditer(r"\S+", text)
+            for i in range(0, m.end() - m.start(), size)]
+
+
+def test_identifiers_and_the_answers_key_words_are_never_dropped():
+    text = "What does the Python function os.path.basename do with a trailing slash"
+    spans = _pieces(text)
+    # the identifier's later pieces are predictable: its mean information is the lowest of all words
+    info = [0.1 if text[a - 1] not in " " and a > 0 and text[a:b] != "What" else 5.0 for a, b in spans]
+    fields, before, after = compress_fields(text, {"q": (0, len(text))}, spans, info, 0.5, ("?",),
+                                            answer="Returns the final component; a trailing slash gives ''.")
+    assert "os.path.basename" in fields["q"] and "trailing" in fields["q"] and "slash" in fields["q"]
+    alone, _, _ = compress_fields(text, {"q": (0, len(text))}, spans, info, 0.5, ("?",))
+    assert "os.path.basename" in alone["q"]  # identifiers stay without an answer too
+    assert after <= before / 2 + 1 and "What" not in fields["q"]
+
+
+def test_the_ratio_holds_over_the_rows_when_long_words_do_not_fit_a_rows_share():
+    """Rows whose identifier is too long for what is left of the row's share: row by row it is skipped
+    and the row keeps far less than asked; carried over, the rows settle the ratio between them and
+    every other row keeps its identifier."""
+    rng = np.random.default_rng(0)
+    totals = {"row": [0, 0], "carried": [0, 0]}
+    kept_names, owed = 0, 0.0
+    for i in range(200):
+        words = list(rng.choice(["x", "y", "z", "ab", "cd"], size=int(rng.integers(2, 5))))
+        text = " ".join(words + [f"configuration_parameter_{chr(97 + i % 26)}_value"])
+        spans = _pieces(text)
+        info = rng.random(len(spans)).tolist()
+        _, b, a = compress_fields(text, {"q": (0, len(text))}, spans, info, 0.6, ("?",))
+        totals["row"][0] += b
+        totals["row"][1] += a
+        fields, b, a = compress_fields(text, {"q": (0, len(text))}, spans, info, 0.6, ("?",), carry=-owed)
+        owed += a - 0.6 * b
+        totals["carried"][0] += b
+        totals["carried"][1] += a
+        kept_names += "configuration_parameter" in fields["q"]
+    row, carried = (t[1] / t[0] for t in totals.values())
+    assert row < 0.5 and abs(carried - 0.6) <= 0.02 and kept_names >= 80

@@ -64,7 +64,7 @@ def test_quality_chain_then_none_with_resume(job_dir, tiny_model):
     assert dropped["drop"].notna().all() and {"ifd", "ppl", "chars", "judge"} <= set(dropped.columns)
     judged = pq.read_table(data / "train.parquet", columns=["judge"])["judge"].to_numpy()
     assert ((judged >= 1) & (judged <= 5)).all()
-    assert abs(m["tokens_after"] / m["tokens_before"] - 0.5) <= 0.1
+    assert abs(m["tokens_after"] / m["tokens_before"] - 0.5) <= 0.05  # the ratio holds over the rows
     assert [o["name"] for o in m["operators"]] == [
         "read", "rules", "llm_judge", "lm_stats", "ifd_filter", "top_k", "compress"]
     assert all(o["seconds"] is not None for o in m["operators"][1:])
@@ -132,7 +132,7 @@ def test_20k_rows_with_malformed_lines_and_planted_duplicates(job_dir, tiny_mode
     lines = [int(i.rsplit(":", 1)[1]) for i in pq.read_table(data / "train.parquet", columns=["id"])["id"].to_pylist()]
     assert lines == sorted(lines)
     assert abs(m["kept"] - 0.2 * m["readable"]) <= 0.01 * 0.2 * m["readable"]
-    assert abs(m["tokens_after"] / m["tokens_before"] - 0.6) <= 0.1
+    assert abs(m["tokens_after"] / m["tokens_before"] - 0.6) <= 0.05
     assert read_marker(data.parent, damoc.data.stage.DataStage)["counts"]["kept"] == m["kept"]
 
 
@@ -173,6 +173,7 @@ def test_shared_reference_lms_score_equal_shares_and_cannot_favour_a_candidate(j
     at_deita = np.bincount(train["scorer"], minlength=2) + np.bincount(
         dropped.loc[dropped["drop"].str.startswith("deita"), "scorer"].astype(int), minlength=2)
     assert m["kept"] == m["budget"] == round(0.4 * m["readable"])
+    assert abs(m["tokens_after"] / m["tokens_before"] - 0.6) <= 0.05  # each scorer's rows at the ratio
     assert np.bincount(train["scorer"], minlength=2).tolist() == split_budget(m["budget"], at_deita.tolist())
     again = pq.read_table(swapped / "train.parquet").to_pandas()
     assert train[["id", "instruction", "input", "output"]].equals(again[["id", "instruction", "input", "output"]])

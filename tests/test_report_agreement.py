@@ -93,3 +93,14 @@ def test_the_zero_shot_sentence_claims_only_what_the_run_measured(tmp_path):
     assert "wrong" not in said and "worse than its unpruned original" not in said
     assert "the free guess would have been wrong here" in verdict({"a": 1.5, "b": 1.8}, full)
     assert "Every candidate ended worse than its unpruned original started" in verdict({"a": 3.5, "b": 2.4}, damoc)
+
+
+def test_the_data_section_says_who_scored_the_rows_and_whether_that_can_favour_one():
+    from damoc.report.build import scorers_note
+
+    shared = {"reference_lm": {"rule": "shared", "models": {"a": {"rows": 51}, "b": {"rows": 49}}}}
+    assert "a (51), b (49)" in scorers_note(shared) and "favours no candidate" in scorers_note(shared)
+    one = {"reference_lm": {"rule": "smallest", "models": {"a": {"rows": 100}}}}
+    assert "may favour it" in scorers_note(one)
+    assert "only local candidate" in scorers_note({"reference_lm": {"rule": "shared", "models": {"a": {"rows": 9}}}})
+    assert scorers_note({}) is None  # a manifest from before the rule: nothing claimed

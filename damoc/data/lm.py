@@ -110,12 +110,14 @@ class LMScorer:
     def _compressed(self, batch, prompts: list[Prompt], cond, s_cond) -> dict[str, np.ndarray]:
         c, t0 = self.compress, time.perf_counter()
         out = {"instruction": [], "input": [], "before": [], "after": []}
-        for p, e, s in zip(prompts, cond, s_cond):
+        owed = 0.0  # tokens the rows so far kept beyond (+) or short of (-) the ratio: the next rows settle it
+        for p, e, s, answer in zip(prompts, cond, s_cond, batch["output"]):
             info = list(s.prompt_info)
             if e.prompt_cut and info:  # the first scored token carries the unscored text before it
                 info[0] = float("inf")
             fields, before, after = compress_fields(p.text, p.fields, e.prompt_spans, info, c.ratio, c.forced,
-                                                    c.words)
+                                                    c.words, carry=-owed, answer=str(answer))
+            owed += after - c.ratio * before
             out["instruction"].append(fields.get("instruction", ""))
             out["input"].append(fields.get("input", ""))
             out["before"].append(before)

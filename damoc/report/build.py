@@ -329,12 +329,32 @@ def _data_section(run_dir: Path, out: Path) -> list[Block]:
                   f"prompt tokens {m.get('tokens_before', 0):,d} -> {m.get('tokens_after', 0):,d}"
                   + (f" ({ratio:.2f}x)." if ratio else ".")),
             *([("p", "Warning: " + m["budget_note"])] if m.get("budget_note") else []),
+            *([("p", who)] if (who := scorers_note(m)) else []),
             ("table", ["why rows were dropped", "rows"],
              [[describe(k), v] for k, v in sorted(dropped.items(), key=lambda kv: -kv[1])]),
             ("table", ["operator", "in", "out", "seconds"],
              [[o["name"], o.get("in"), o.get("out"), o.get("seconds")] for o in m.get("operators", [])]),
             ("img", "data_funnel.png", "rows read, quarantined, dropped per reason, kept"),
             *_compress_examples(m), *_rewrite_section(m), *_judge_section(run_dir, out)]
+
+
+def scorers_note(m: dict[str, Any]) -> str | None:
+    """Who scored the rows for selection and compression, and whether that could favour a candidate."""
+    ref = m.get("reference_lm") or {}
+    models = {n: v.get("rows", 0) for n, v in (ref.get("models") or {}).items()}
+    if not models:
+        return None
+    who = ", ".join(f"{n} ({r:,d})" for n, r in models.items())
+    if len(models) > 1:
+        return (f"Rows scored for selection and compression by the candidates in equal shares drawn from each "
+                f"row's content: {who}. Each share was selected by its own scorer, so the data favours no "
+                "candidate.")
+    if ref.get("rule") == "reference_model":
+        return f"Rows scored for selection and compression by the reference LM {who}."
+    if ref.get("rule") == "shared":
+        return f"Rows scored for selection and compression by {who}, the only local candidate that loads."
+    return (f"Rows scored for selection and compression by one candidate, {who}: its own judgement picked "
+            "every candidate's training rows, which may favour it (data.reference_lm: shared avoids that).")
 
 
 def _fields(row: dict[str, str]) -> str:
