@@ -314,7 +314,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
-    return args.func(args)
+    try:
+        return args.func(args)
+    finally:
+        from damoc.compat import no_colour_reset_at_exit
+
+        no_colour_reset_at_exit()
 
 
 if __name__ == "__main__":

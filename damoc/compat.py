@@ -52,3 +52,17 @@ def send_token_if_at_hand() -> bool:
 
         return os.environ.get("RAY_AUTH_MODE") == "token"
     return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def no_colour_reset_at_exit() -> None:
+    """Ray's CLI logger calls `colorama.init(strip=False)` when it is imported, and colorama then writes a
+    colour reset (ESC[0m) to stdout at exit whenever stdout is a terminal: a stray `ESC[0m` after the
+    job's last line in a terminal recording or a pty-backed CI log. DaMoC prints no colour, so there is
+    nothing to reset: the exit hook is taken off (Ray's vendored colorama is imported as `colorama`)."""
+    import atexit
+    import sys
+
+    for name in ("colorama.initialise", "ray.thirdparty_files.colorama.initialise"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "reset_all"):
+            atexit.unregister(module.reset_all)

@@ -163,3 +163,31 @@ def test_running_again_keeps_what_is_current_and_fresh_recomputes(job_dir):
     assert "--fresh recomputes" in again.stderr  # the default is said, with the way out
     fresh = damoc("select", "job.yaml", "--stages", "data", "--cpus", "2", "--fresh", cwd=job_dir)
     assert fresh.returncode == 0 and "stage data: done in" in fresh.stderr and "output is current" not in fresh.stderr
+
+
+def test_no_stray_colour_reset_after_the_last_line_on_a_terminal(job_dir):
+    """Ray's CLI logger (imported by every command that starts Ray) makes colorama write ESC[0m to a
+    terminal at exit; the job's last line must be its own. Run on a pseudo-terminal, as a user's shell is."""
+    import pty
+
+    write_spec(job_dir / "job.yaml", spec_dict())
+    code = ("import sys, ray.autoscaler._private.cli_logger\n"
+            "from damoc.cli import main\n"
+            "sys.exit(main(['validate', 'job.yaml']))")
+    master, slave = pty.openpty()
+    try:
+        r = subprocess.run([sys.executable, "-c", code], cwd=job_dir, stdout=slave, stderr=slave, timeout=120)
+    finally:
+        os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the terminal's other end is closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert r.returncode == 0 and b"job.yaml: ok" in out
+    assert b"\x1b" not in out, out[-80:]
