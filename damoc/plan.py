@@ -472,8 +472,8 @@ def reference_lms(spec: JobSpec, base: str, known: list[CandidateFigures],
 def reference_words(refs: list[tuple[float, DataFigures]]) -> str:
     if len(refs) > 1:
         return (f"{len(refs)} candidates share the rows, "
-                f"{sum(p for p, _ in refs) / len(refs) / 1e6:,.0f}M parameters on average")
-    return f"{refs[0][0] / 1e6:,.0f}M parameters" if refs else "none known"
+                f"{sum(p for p, _ in refs) / len(refs) / 1e6:,.3g}M parameters on average")
+    return f"{refs[0][0] / 1e6:,.3g}M parameters" if refs else "none known"
 
 
 def trial_memory_gib(c: CandidateFigures, ft, data: DataFigures) -> float | None:

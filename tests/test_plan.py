@@ -182,6 +182,26 @@ def test_the_plans_damoc_cost_adds_its_stages_from_their_passes(tmp_path, tiny_m
     assert p["damoc"]["seconds"] == pytest.approx(sum(stages.values()), abs=0.2)  # the stages are rounded
 
 
+def test_the_plans_data_stage_prices_the_reference_lm_rule(tmp_path, tiny_model):
+    """Shared rows cost the candidates' mean forward pass per row; the smallest candidate's, its own."""
+    from damoc import plan as P
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", QA_ROWS * 10)
+    small, large = tiny_model("llama", hidden=32, layers=4), tiny_model("llama", hidden=64, layers=8)
+    cands = [{"name": "small", "path": str(small)}, {"name": "large", "path": str(large)}]
+    stages = {}
+    for rule in ("shared", "smallest"):
+        spec = spec_from_data(spec_dict(candidates=cands, **{"data.reference_lm": rule}), base_dir=str(tmp_path))
+        p = project(spec, str(tmp_path))
+        stages[rule] = p["damoc"]["stages"]["data"] - P.DATA_FIXED_S - P.DATA_ROW_S * p["train_rows"]
+        params = {c["name"]: c["params"] for c in p["candidates"]}
+    d, rows = p["data"], p["train_rows"]
+    per = {n: 2 * v * rows * d["tokens_per_row"] * (2 - d["prompt_share"]) / P.rate(v, False, False)
+           for n, v in params.items()}
+    assert stages["smallest"] == pytest.approx(per["small"], abs=0.1)
+    assert stages["shared"] == pytest.approx((per["small"] + per["large"]) / 2, abs=0.1)
+
+
 def test_a_ratio_below_one_is_worded_as_a_cost():
     from damoc.plan import cost_words
 
