@@ -9,7 +9,7 @@ import pytest
 from conftest import spec_dict
 from datagen import write_corpus
 
-from damoc.data.stage import actor_cpus, split_budget
+from damoc.data.stage import actor_cpus, actor_gpus, split_budget
 from damoc.pipeline import Pipeline, read_marker
 from damoc.runtime import connect
 from damoc.spec import spec_from_data
@@ -85,6 +85,8 @@ def test_model_operators_finish_on_a_one_cpu_cluster(job_dir, tiny_model):
     """Two model actor pools (judge, LM scorer) on one CPU: the actors ask for no CPU, so the read and
     map tasks that feed them still run (with a CPU floor per actor the stream waited forever)."""
     assert actor_cpus(1, 2) == 0.0 and actor_cpus(2, 2) == 0.5 and actor_cpus(16, 4) == 1.0
+    # three candidates sharing the rows on one GPU: a third each, so every pool starts
+    assert actor_gpus(1, 1, 3) == pytest.approx(1 / 3) and actor_gpus(1, 8, 3) == 1 and actor_gpus(0, 1, 3) == 0
     write_corpus(job_dir / "data" / "corpus.jsonl", 40, seed=5)
     chain = [{"name": "llm_judge", "params": {"model": "zoo/llama-s"}}, {"name": "ifd_filter"},
              {"name": "top_k", "params": {"score": "judge"}}]

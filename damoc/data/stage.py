@@ -305,11 +305,20 @@ def cpus_after_a_node_loss() -> float:
     return sum(nodes) - max(nodes) if len(nodes) > 1 else float(sum(nodes) or 1)
 
 
+def actor_gpus(asked: float, gpus: float, actors: int) -> float:
+    """GPUs each of `actors` model actors asks for: what the spec asks, or an equal share of the cluster's
+    GPUs where that is less. The pools of one stream all start at once (the candidates sharing the rows
+    are one pool each): a pool left waiting for a GPU that an earlier pool holds would hang the stream."""
+    return asked if asked <= 0 or gpus <= 0 else min(asked, gpus / max(1, actors))
+
+
 def actor_pool(d: DataSpec, concurrent_pools: int) -> dict[str, Any]:
     """map_batches arguments for a model actor pool (`concurrent_pools` of them run at once)."""
-    per_actor = actor_cpus(cpus_after_a_node_loss(), concurrent_pools * d.num_actors)
+    actors = concurrent_pools * d.num_actors
+    per_actor = actor_cpus(cpus_after_a_node_loss(), actors)
+    gpus = actor_gpus(d.num_gpus_per_actor, float(ray.cluster_resources().get("GPU", 0)), actors)
     return dict(compute=ray.data.ActorPoolStrategy(size=d.num_actors), batch_size=d.batch_size,
-                num_cpus=per_actor, num_gpus=d.num_gpus_per_actor, batch_format="pandas")
+                num_cpus=per_actor, num_gpus=gpus, batch_format="pandas")
 
 
 def destination(table: pa.Table) -> np.ndarray:
