@@ -65,6 +65,19 @@ class Head:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+def add_worker(head: Head, num_cpus: int = 1) -> None:
+    """A worker node joined to `head` with `ray start --address`, as on a second machine: its own ports
+    (this host runs several raylets), the head's token. `head.stop()` stops it too (it names the head's
+    GCS address)."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    cmd = [ray_bin, "start", f"--address={head.address}", f"--num-cpus={num_cpus}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+           "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, RAY_AUTH_MODE="token"))
+    if out.returncode != 0:
+        raise RuntimeError(f"ray start --address failed ({out.returncode}):\n{(out.stdout + out.stderr)[-2000:]}")
+
+
 def start_head(num_cpus: int = 1, metrics_port: int | None = None) -> Head:
     # Short path: Ray's unix sockets live under it and must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")

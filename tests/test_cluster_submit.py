@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import spec_dict, write_spec
-from raycluster import free_port, start_head
+from raycluster import add_worker, free_port, start_head
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,9 @@ def scrape(port: int) -> set[str]:
 
 @pytest.mark.slow
 def test_submit_sh_runs_a_selection_and_exports_damoc_metrics(job_dir, tiny_model, tmp_path):
-    """jobs/submit.sh as the README runs it, against a token-authenticated cluster: its spec's relative paths
-    point into zoo/ (which the runtime env excludes) and reach the cluster; the token is picked up."""
+    """jobs/submit.sh as the README runs it, against a token-authenticated three-node cluster (a head with
+    no CPUs, as KubeRay's usually is, and two 1-CPU worker nodes): its spec's relative paths point into zoo/
+    (which the runtime env excludes) and reach every node; the token is picked up."""
     folder = REPO / "zoo" / f"_submit-{uuid.uuid4().hex[:8]}"  # inside the working dir that is uploaded
     rel = folder.relative_to(REPO)
     shutil.copytree(job_dir / "data", folder / "data")
@@ -53,8 +54,12 @@ def test_submit_sh_runs_a_selection_and_exports_damoc_metrics(job_dir, tiny_mode
     write_spec(folder / "job.yaml", spec)
     metrics_port = free_port()
     try:
-        head = start_head(num_cpus=3, metrics_port=metrics_port)
+        head = start_head(num_cpus=0, metrics_port=metrics_port)
+        for _ in range(2):
+            add_worker(head, num_cpus=1)
     except BaseException:
+        if "head" in locals():
+            head.stop()
         shutil.rmtree(folder, ignore_errors=True)
         raise
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_AUTH_MODE: submit.sh sets it
@@ -88,6 +93,8 @@ def test_submit_sh_runs_a_selection_and_exports_damoc_metrics(job_dir, tiny_mode
         assert "succeeded" in status, logs[-4000:]
         ranking = json.loads((tmp_path / "runs/submitted/report/ranking.json").read_text())
         assert {c["name"] for c in ranking["candidates"]} == {"llama-s", "gpt2-s"}
+        results = json.loads((tmp_path / "runs/submitted/finetune/results.json").read_text())
+        assert len({n for c in results["candidates"] for n in c.get("nodes") or []}) == 2  # one trial per worker
         assert "ray: connected to" in logs and "embedded" not in logs  # it joined this cluster
         assert "report: " in logs and "gpt2-s" in logs  # the ranking table and the report path, in the job log
         for _ in range(10):  # the last values reach the exporter within its report interval
