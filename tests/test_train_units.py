@@ -252,6 +252,13 @@ def test_a_trial_is_judged_where_its_trend_points_on_every_resample():
     b_now, b_before = per_row([1.1] * 6), per_row([1.2] * 6)
     ev = {"a": evidence(None, a_now, Trend(a_before, 1, 2, 8)), "b": evidence(None, b_now, Trend(b_before, 1, 2, 8))}
     assert stable_keep(values, ev, 1, 0.9, "eval_loss", "min", 0) == (1, {})
+    r = Rungs(2, timeout_s=600, expected=2, confidence=0.9)  # the barrier says why a, ahead now, stops
+    for n in ("a", "b"):
+        r.join(n)
+        r.arrive(n, 2, values[n], ev[n])
+    assert r.turn("b", 2) and r.verdict("b", 2) == {}
+    assert r.verdict("a", 2) == {"cut_because": "outside the best 1 in 100% of paired resamples of the eval rows, "
+                                                "each trial judged where its trend points"}
     noisy = per_row([1.4, 0.8, 1.4, 0.8, 1.4, 1.4])  # mean 1.2 before, but rows went both ways
     b_now_noisy = per_row([1.0, 1.2, 1.0, 1.2, 1.1, 1.1])
     ev["b"] = evidence(None, b_now_noisy, Trend(noisy, 1, 2, 8))
@@ -523,5 +530,8 @@ def test_how_sure_says_which_way_the_paired_difference_points():
     assert sureness(ranking(-0.01, 0.03, True)).startswith("How sure: too close to call between a and b")
     behind = sureness(ranking(-0.12, -0.07, False))
     assert behind.startswith("How sure: not on these figures. b's eval_loss at step 8") and "learning curve" in behind
+    trend = ranking(-0.12, -0.07, False)
+    trend["candidates"] = [{"name": "b", "cut_because": {"8": "outside the best 1 in 96% of paired resamples"}}]
+    assert "the rung at step 8 stopped b as outside the best 1 in 96% of paired resamples" in sureness(trend)
     assert sureness(ranking(-0.12, -0.07, False, mode="max")).startswith("How sure: a's eval_loss is higher")
     assert sureness({"mode": "min", "metric": "eval_loss"}) == ""

@@ -89,7 +89,18 @@ def sureness(ranking: dict[str, Any]) -> str:
                 + paired)
     return (f"How sure: not on these figures. {name}'s {ranking['metric']}{where} is {better} than {conf['pick']}'s "
             f"{by}): {conf['pick']} was ranked first for where its learning curve pointed (the trend ASHA judges "
-            "by), not for its figure there. " + paired)
+            "by), not for its figure there" + _cut_words(ranking, name) + ". " + paired)
+
+
+def _cut_words(ranking: dict[str, Any], name: str) -> str:
+    """How sure the rung that stopped `name` was, in its paired terms (the share of resamples of the eval
+    rows in which it fell outside the kept ones, each trial judged by its trend)."""
+    entry = next((c for c in ranking.get("candidates", []) if c["name"] == name), {})
+    cut = entry.get("cut_because") or {}
+    if not cut:
+        return ""
+    step = max(cut, key=int)
+    return f": the rung at step {step} stopped {name} as {cut[step]}"
 
 
 def next_step_code(run_dir: Path, pick: dict[str, Any]) -> list[Block]:

@@ -44,7 +44,8 @@ def rank_candidates(entries: list[dict[str, Any]], mode: str, metric: str = "eva
                "worker_seconds": e.get("worker_seconds", 0.0), "train_tokens": e.get("train_tokens", 0),
                "train_flops": e.get("train_flops", 0.0), "final": e.get("final", {}),
                "source": e.get("source"), "adapter": e.get("adapter"),
-               "zero_shot": zero_shot(e, metric), "note": e.get("note"), "prompt": e.get("prompt")}
+               "zero_shot": zero_shot(e, metric), "note": e.get("note"), "prompt": e.get("prompt"),
+               "cut_because": e.get("cut_because")}  # {step: why} where it fell below a rung's cut
         if e.get("reason") or status == "failed":
             row["reason"] = e.get("reason", "no evaluation was reported")
         out.append(row)

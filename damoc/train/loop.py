@@ -346,10 +346,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             before = state["previous_score"]
             trend = Trend(prev_rows, state["previous"][0], step, args.max_steps) if prev_rows else None
             with timeline.phase("rung_wait"):
-                why = wait_turn(args.barrier, args.candidate, step, sign * metrics[RUNG_SCORE],
-                                Evidence(None if before is None else sign * before, rows, trend))
-            if why:
-                metrics["kept_because"] = why
+                metrics.update(wait_turn(args.barrier, args.candidate, step, sign * metrics[RUNG_SCORE],
+                                         Evidence(None if before is None else sign * before, rows, trend)))
         state["previous"], state["previous_score"], prev_rows = (step, result[args.metric]), metrics[RUNG_SCORE], rows
         if rank == 0:
             record_report(args.job, args.candidate, args.metric, metrics)

@@ -117,6 +117,20 @@ def stable_keep(values: dict[str, float], evidence: dict[str, Evidence], base: i
     return keep, {n: why.get(n, "it ranks above a trial kept for that") for n in order[base:keep]}
 
 
+def cut_reasons(evidence: dict[str, Evidence], order: list[str], keep: int, metric: str, mode: str,
+                seed: int) -> dict[str, str]:
+    """Why each trial past the first `keep` of `order` stops at a rung, in the paired terms stable_keep
+    uses: the share of resamples of the eval rows in which it is outside the kept ones, each judged where
+    its trend points (what the report's "how sure" quotes). Empty when some trial brought no rows."""
+    rows = {n: (evidence.get(n) or Evidence()).rows for n in order}
+    if keep >= len(order) or not all(rows.values()):
+        return {}
+    shares = beaten_shares(rows, keep, metric, mode, seed,
+                           trends={n: (evidence.get(n) or Evidence()).trend for n in order})
+    return {n: f"outside the best {keep} in {shares[n]:.0%} of paired resamples of the eval rows, each trial "
+               "judged where its trend points" for n in order[keep:] if n in shares}
+
+
 class Rungs:
     """The barrier's state and rules (a plain class: RungBarrier is its Ray actor)."""
 
@@ -127,6 +141,7 @@ class Rungs:
         self.evidence: dict[int, dict[str, Evidence]] = {}  # rung -> {trial: what it brought}
         self.kept: dict[int, int] = {}  # rung -> how many of its group go on
         self.kept_why: dict[int, dict[str, str]] = {}  # rung -> {trial kept beyond ASHA's cut: why}
+        self.cut_why: dict[int, dict[str, str]] = {}  # rung -> {trial stopped there: why, in paired terms}
         self.expected, self.decide = expected, decide  # trials in the sweep; hold the winner once decided
         self.seen: set[str] = set()
         self.winner: str | None = None  # the last one standing, set by the driver once its book says decided
@@ -179,15 +194,22 @@ class Rungs:
 
     def cut(self, rung: int) -> int:
         """How many of the group at `rung` go on (ASHA's ceil(n / rf), more while the ranking is unsteady)."""
-        here = self.arrived[rung]
+        here, evidence = self.arrived[rung], self.evidence.get(rung, {})
         self.kept[rung], self.kept_why[rung] = stable_keep(
-            here, self.evidence.get(rung, {}), asha_keep(len(here), self.rf), self.confidence, self.metric,
-            self.mode, self.seed + rung)
+            here, evidence, asha_keep(len(here), self.rf), self.confidence, self.metric, self.mode, self.seed + rung)
+        self.cut_why[rung] = cut_reasons(evidence, ranked(here), self.kept[rung], self.metric, self.mode,
+                                         self.seed + rung)
         return self.kept[rung]
 
     def why_kept(self, name: str, rung: int) -> str | None:
         """Why `name` went on from `rung` although ASHA's cut alone would have stopped it (None: it did not)."""
         return self.kept_why.get(rung, {}).get(name)
+
+    def verdict(self, name: str, rung: int) -> dict[str, str]:
+        """What the trial's report at `rung` says of the cut: why it was kept beyond it, or why it fell below
+        it (in the rung's group only; a late arrival is judged by plain ASHA)."""
+        kept, cut = self.why_kept(name, rung), self.cut_why.get(rung, {}).get(name)
+        return {"kept_because": kept} if kept else {"cut_because": cut} if cut else {}
 
     def kept_late(self, name: str, rung: int) -> bool:
         """ASHA's rule for a trial reporting after its rung's group: kept unless worse than the
@@ -237,13 +259,14 @@ def poll_until(ready, first_s: float = 0.01, most_s: float = 0.2) -> None:
         pause = min(most_s, pause * 1.5)
 
 
-def wait_turn(barrier_name: str, name: str, rung: int, value: float, evidence: Evidence | None = None) -> str | None:
+def wait_turn(barrier_name: str, name: str, rung: int, value: float,
+              evidence: Evidence | None = None) -> dict[str, str]:
     """Called by a trial's rank-0 worker before it reports at a rung (the arguments: Rungs.arrive's). Returns
-    why it goes on although ASHA's cut alone would have stopped it, if so."""
+    Rungs.verdict: why it goes on although ASHA's cut alone would have stopped it, or why it is below the cut."""
     barrier = ray.get_actor(barrier_name)
     ray.get(barrier.arrive.remote(name, rung, value, evidence))
     poll_until(lambda: ray.get(barrier.turn.remote(name, rung)))
-    return ray.get(barrier.why_kept.remote(name, rung))
+    return ray.get(barrier.verdict.remote(name, rung))
 
 
 def hold_if_decided(barrier_name: str, name: str, rung: int, grace_s: float = 15.0) -> bool:

@@ -124,9 +124,11 @@ def candidate_outcome(result, name: str, spec: JobSpec, workers: int, book: Book
                     and r.get("peak_rss_bytes")), default=None)
         out["memory"] = {**memory, "peak_gib": round(peak / GIB, 2) if peak else None,
                          "memory_failures": rec.memory_failures}
-    kept = {str(int(r["step"])): r["kept_because"] for r in rows if isinstance(r.get("kept_because"), str)}
-    if kept:  # rungs where the ranking was not steady enough to stop it
-        out["kept_because"] = kept
+    for key in ("kept_because", "cut_because"):  # rungs where the ranking was not steady enough to stop it,
+        # and the one where it fell below the cut (how sure that was)
+        why = {str(int(r["step"])): r[key] for r in rows if isinstance(r.get(key), str)}
+        if why:
+            out[key] = why
     out["nodes"] = sorted({r["node"] for r in rows if isinstance(r.get("node"), str)} | set(rec.lost_on))  # every attempt's
     if "chat_template" in last:
         out["prompt"] = "chat template" if last["chat_template"] else "plain"
