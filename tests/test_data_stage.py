@@ -200,3 +200,19 @@ def test_the_eval_split_follows_the_rows_not_the_file(job_dir):
                                        "output_dir": f"runs/{name}"})
         held.append(set(pq.read_table(data / "eval.parquet", columns=["instruction"])["instruction"].to_pylist()))
     assert held[0] == held[1] and 10 < len(held[0]) < 60
+
+
+def test_shared_compression_without_a_filter_runs_in_pass_2_per_share(job_dir, tiny_model):
+    """No filter, compression on: the candidates compress their shares of the kept rows in pass 2, one pool
+    each in one stream (the rows one pool skips must still reach the next as text)."""
+    (job_dir / "zoo" / "gpt2-s").symlink_to(tiny_model("gpt2"))
+    write_corpus(job_dir / "data" / "corpus.jsonl", 60, malformed=0.0, dups=0.0, seed=2)
+    _, data = run_data(job_dir, **{"data.train.path": "data/corpus.jsonl", "data.eval": {"split_ratio": 0.2},
+                                   "data.filter": {"method": "none"}, "data.compress": {"ratio": 0.6}},
+                       candidates=[{"name": "llama-s", "path": "zoo/llama-s"}, {"name": "gpt2-s", "path": "zoo/gpt2-s"}])
+    m = manifest(data)
+    rows = {n: v["rows"] for n, v in m["reference_lm"]["models"].items()}
+    assert conserves(m) and sum(rows.values()) == m["kept"] and min(rows.values()) > 0
+    assert abs(m["tokens_after"] / m["tokens_before"] - 0.6) <= 0.05
+    train = pq.read_table(data / "train.parquet")
+    assert str(train.schema.field("instruction").type) == "string" and len(train) == m["kept"]

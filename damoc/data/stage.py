@@ -371,7 +371,13 @@ def on_kept(fn, share: int | None = None):
             if not kept.any():
                 return df
             done = super().__call__(df[kept].copy())
-            return pd.concat([done, df[~kept]]).loc[df.index]
+            out = pd.concat([done, df[~kept]]).loc[df.index]
+            # Columns the class fills are NaN on the rows it skipped: None instead, or a text column holding
+            # strings and floats reaches Arrow as pickled objects (and the next pool's rows could not join it).
+            for c in out.columns:
+                if out[c].dtype == object:
+                    out[c] = out[c].where(out[c].notna(), None)
+            return out
 
     KeptOnly.__name__ = fn.__name__
     return KeptOnly
@@ -380,11 +386,17 @@ def on_kept(fn, share: int | None = None):
 class KeptCompressor(LMScorer):
     """Pass 2's compression of kept rows (when no reference LM ran in pass 1, or after a rewrite)."""
 
+    def __init__(self, tally=None, name: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.tally, self.name = tally, name
+
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
         out = super().__call__({c: df[c].to_numpy() for c in ("instruction", "input", "output")})
         for c in ("c_instruction", "c_input", "c_output", "prompt_tokens_before", "prompt_tokens_after"):
             if c in out:
                 df[c] = out[c]
+        if self.tally is not None:
+            report(self.tally, f"scored_by:{self.name}", 0.0, len(df), len(df))
         return df
 
 
@@ -707,13 +719,13 @@ class DataStage(Stage):
         routed = Routed(written={})
         counter = TokenCounter(plan.reference)
         with open(ctx.out / "quarantine.jsonl", "w", encoding="utf-8") as qfh:
-            for batch in self._final_rows(ctx, plan, work, drops, counter):
+            for batch in self._final_rows(ctx, plan, work, drops, counter, tally):
                 self._route(batch, sinks, qfh, routed, d.rewrite.enabled, counter)
         routed.written = {name: sink.close() for name, sink in sinks.items()}
         return routed, time.monotonic() - t0
 
     def _final_rows(self, ctx: StageContext, plan: Plan, work: WorkData, drops: pd.Series,
-                    counter: TokenCounter) -> Iterator[pa.Table]:
+                    counter: TokenCounter, tally=None) -> Iterator[pa.Table]:
         """The work folder's rows with the selectors' drops applied: read here in the driver, or, when
         models still have to run on the kept rows, streamed through Ray Data actor pools. When no model
         counted the prompt tokens, the kept rows of each part file are counted by a Ray task while the
@@ -740,9 +752,9 @@ class DataStage(Stage):
                     reference=path, model=d.rewrite.model and self.local_or_hub(ctx, d.rewrite.model),
                     endpoint=d.rewrite.endpoint, rounds=d.rewrite.rounds, max_length=d.max_length, task=d.task,
                     template=ctx.spec.finetune.template), **pool)
-        for k, (_, path) in enumerate(plan.references):
+        for k, (name, path) in enumerate(plan.references):
             ds = ds.map_batches(on_kept(KeptCompressor, k if plan.shared else None), fn_constructor_kwargs=dict(
-                model_path=path, task=d.task, template=ctx.spec.finetune.template, max_length=d.max_length,
+                tally=tally if not plan.needs_lm else None, name=name, model_path=path, task=d.task, template=ctx.spec.finetune.template, max_length=d.max_length,
                 embeddings=False, compress=compress), **pool)
         for b in ds.iter_batches(batch_format="pyarrow", batch_size=8192):
             yield fix_types(b)
