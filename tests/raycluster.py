@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -30,6 +30,7 @@ class Head:
     address: str
     dashboard_url: str
     temp_dir: str
+    worker_dirs: list[str] = field(default_factory=list)  # temp dirs of the worker nodes joined to it
 
     def processes(self) -> list[psutil.Process]:
         """Its processes: those naming its temp dir or GCS address, and all their descendants."""
@@ -62,16 +63,20 @@ class Head:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=10)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for d in [self.temp_dir, *self.worker_dirs]:
+            shutil.rmtree(d, ignore_errors=True)
 
 
-def add_worker(head: Head, num_cpus: int = 1) -> None:
-    """A worker node joined to `head` with `ray start --address`, as on a second machine: its own ports
-    (this host runs several raylets), the head's token. `head.stop()` stops it too (it names the head's
-    GCS address)."""
+def add_worker(head: Head, num_cpus: int = 1, metrics_port: int | None = None) -> None:
+    """A worker node joined to `head` with `ray start --address`, as on a second machine: its own ports and
+    its own temp dir (this host runs several raylets; sharing the head's, their runtime-env agents would
+    collect each other's working_dir packages, the job's current directory among them), the head's token.
+    `head.stop()` stops it too (it names the head's GCS address)."""
     ray_bin = str(Path(sys.executable).parent / "ray")
-    cmd = [ray_bin, "start", f"--address={head.address}", f"--num-cpus={num_cpus}",
-           f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+    temp_dir = tempfile.mkdtemp(prefix="rw", dir="/tmp")
+    head.worker_dirs.append(temp_dir)
+    cmd = [ray_bin, "start", f"--address={head.address}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={metrics_port or free_port()}",
            "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, RAY_AUTH_MODE="token"))
     if out.returncode != 0:

@@ -23,6 +23,10 @@ from raycluster import add_worker, free_port, start_head
 REPO = Path(__file__).resolve().parents[1]
 
 
+def scrape_all(ports: list[int]) -> set[str]:
+    return set().union(*(scrape(p) for p in ports))
+
+
 def scrape(port: int) -> set[str]:
     """Names of the damoc series on a Ray metrics endpoint (Ray prefixes them `ray_`)."""
     try:
@@ -52,11 +56,11 @@ def test_submit_sh_runs_a_selection_and_exports_damoc_metrics(job_dir, tiny_mode
                      "deepspeed": {"enabled": False}},
         "tune": {"grace_period": 4}})
     write_spec(folder / "job.yaml", spec)
-    metrics_port = free_port()
+    ports = [free_port() for _ in range(3)]  # each node's metrics endpoint (Prometheus scrapes them all)
     try:
-        head = start_head(num_cpus=0, metrics_port=metrics_port)
-        for _ in range(2):
-            add_worker(head, num_cpus=1)
+        head = start_head(num_cpus=0, metrics_port=ports[0])
+        for port in ports[1:]:
+            add_worker(head, num_cpus=1, metrics_port=port)
     except BaseException:
         if "head" in locals():
             head.stop()
@@ -81,7 +85,7 @@ def test_submit_sh_runs_a_selection_and_exports_damoc_metrics(job_dir, tiny_mode
         seen: set[str] = set()
         status, deadline = "PENDING", time.monotonic() + 900
         while time.monotonic() < deadline:
-            seen |= scrape(metrics_port)
+            seen |= scrape_all(ports)
             st = subprocess.run([ray_bin, "job", "status", "--address", address, job_id], capture_output=True,
                                 text=True, timeout=60, env=env)
             status = (st.stdout + st.stderr).lower()  # the CLI logs "Job '...' succeeded" to stderr
@@ -101,7 +105,7 @@ def test_submit_sh_runs_a_selection_and_exports_damoc_metrics(job_dir, tiny_mode
             if {"ray_damoc_rows_read", "ray_damoc_train_loss", "ray_damoc_stage_seconds"} <= seen:
                 break
             time.sleep(2)
-            seen |= scrape(metrics_port)
+            seen |= scrape_all(ports)
         assert {"ray_damoc_rows_read", "ray_damoc_rows_kept", "ray_damoc_prompt_tokens", "ray_damoc_layers_removed",
                 "ray_damoc_train_loss", "ray_damoc_eval_metric", "ray_damoc_stage_seconds"} <= seen, seen
     finally:
