@@ -18,7 +18,6 @@ Read top to bottom (`DataStage.run`):
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import shutil
