@@ -47,19 +47,26 @@ class Invocation:
         return code, time.monotonic() - self.t0
 
 
-def variant_spec(base: Path, name: str) -> Path:
+def variant_spec(base: Path, name: str, output_dir: str | None = None) -> Path:
     spec = yaml.safe_load(base.read_text())
-    spec["output_dir"] = f"runs/bench-multinode/{name}"
+    spec["output_dir"] = output_dir or f"runs/bench-multinode/{name}"
     out = REPO / "runs" / "bench-multinode" / f"{name}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(spec, sort_keys=False))
     return out
 
 
-def outcome(name: str, codes: list[int], seconds: float, lines: list[str]) -> dict:
-    run = REPO / "runs" / "bench-multinode" / name
-    ranking = json.loads((run / "report" / "ranking.json").read_text())
-    results = json.loads((run / "finetune" / "results.json").read_text())
+def read_run(run: str, rel: str) -> dict:
+    from damoc import store
+
+    if store.is_remote(run):
+        return json.loads(store.get_bytes(f"{run}/{rel}"))
+    return json.loads((REPO / run / rel).read_text())
+
+
+def outcome(name: str, codes: list[int], seconds: float, lines: list[str], run: str | None = None) -> dict:
+    run = run or f"runs/bench-multinode/{name}"
+    ranking, results = read_run(run, "report/ranking.json"), read_run(run, "finetune/results.json")
     return {"run": name, "exit codes": codes, "wall_s": round(seconds, 1),
             "worker_s": round(sum(e.get("worker_seconds", 0.0) for e in results["candidates"]), 1),
             "ranking": [c["name"] for c in ranking["candidates"]],
@@ -67,11 +74,26 @@ def outcome(name: str, codes: list[int], seconds: float, lines: list[str]) -> di
             "events": [ln.split("finetune: ", 1)[-1].strip() for ln in lines if " lost: " in ln or "yields" in ln]}
 
 
+def start_s3():
+    """tests/s3server.py's moto server (a test helper, loaded from its file), bucket `damoc-bench`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("s3server", REPO / "tests" / "s3server.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    server = module.s3_server("damoc-bench")
+    server.__enter__()
+    return server
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default="jobs/demo.yaml")
     ap.add_argument("--out", default="bench/results/multinode.md")
+    ap.add_argument("--s3", action="store_true", help="also run it with the run directory on S3 (a moto server "
+                    "on 127.0.0.1, as tests/test_object_storage.py starts it), no volume shared by the runs' nodes")
     a = ap.parse_args()
+    s3 = start_s3() if a.s3 else None  # before the nodes start: they take its endpoint from the environment
     if not (REPO / "zoo" / "demo" / "zoo.json").is_file():
         subprocess.run([sys.executable, "-m", "damoc", "zoo", "build", "--out", "zoo/demo", "--preset", "demo"],
                        cwd=REPO, check=True)
@@ -106,8 +128,16 @@ def main() -> None:
         again = Invocation(spec, cluster.address)
         code2, s2 = again.finish()
         rows.append(outcome("sigint-then-again", [code1, code2], s1 + s2, first.lines + again.lines))
+
+        if s3 is not None:
+            where = f"s3://damoc-bench/multinode-{int(time.time())}"
+            inv = Invocation(variant_spec(base, "s3", where), cluster.address)
+            code, seconds = inv.finish()
+            rows.append(outcome("undisturbed, run directory on S3", [code], seconds, inv.lines, where))
     finally:
         cluster.shutdown()
+        if s3 is not None:
+            s3.__exit__(None, None, None)
     same = all(r["ranking"] == rows[0]["ranking"] for r in rows)
     text = ["# The demo on three nodes (bench/multinode.py)", "",
             f"`{a.spec}` via `--address` on a Ray cluster of a 0-CPU head and two 1-CPU worker nodes on one "

@@ -23,7 +23,7 @@ def _print_spec_error(err: SpecError) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
-        spec = load_spec(args.job)
+        spec = load_spec(args.job, overrides=args.set)
     except SpecError as err:
         _print_spec_error(err)
         return EXIT_BAD_INPUT
@@ -47,7 +47,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from damoc.plan import format_plan, project
 
     try:
-        spec = load_spec(args.job)
+        spec = load_spec(args.job, overrides=args.set)
     except SpecError as err:
         _print_spec_error(err)
         return EXIT_BAD_INPUT
@@ -63,7 +63,7 @@ def cmd_runtime_env(args: argparse.Namespace) -> int:
     from damoc.cluster_env import load_base, runtime_env_for
 
     try:
-        spec = load_spec(args.job)
+        spec = load_spec(args.job, overrides=args.set)
         base = load_base(args.base)
     except SpecError as err:
         _print_spec_error(err)
@@ -89,7 +89,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     from damoc.pipeline import Pipeline, PipelineError, parse_stage_list
 
     try:
-        spec = load_spec(args.job)
+        spec = load_spec(args.job, overrides=args.set)
         stages = parse_stage_list(args.stages)
     except SpecError as err:  # everything about the spec is known before any cluster work
         _print_spec_error(err)
@@ -137,7 +137,10 @@ def _select(args, spec, stages, pipeline, handler, terminal) -> int:
 
     out = terminal.stdout if terminal is not None else sys.stdout
     resume = not args.fresh
-    log.info("job %s: stages %s -> %s (%s)", spec.name, ",".join(stages), pipeline.run_dir,
+    if pipeline.remote is not None:
+        log.info("job %s: run directory %s, worked on in the local mirror %s", spec.name, pipeline.location,
+                 pipeline.run_dir)
+    log.info("job %s: stages %s -> %s (%s)", spec.name, ",".join(stages), pipeline.location,
              "stages whose inputs are unchanged are kept, an interrupted fine-tuning continues; --fresh recomputes"
              if resume else "--fresh: every stage recomputed")
     from damoc.preflight import candidate_problems
@@ -169,7 +172,7 @@ def _select(args, spec, stages, pipeline, handler, terminal) -> int:
             print(f"report: {pipeline.run_dir / 'report' / 'report.html'}", file=out)
     ran = [o for o in outcomes if o.status == "ran"]
     log.info("job %s: %d stage(s) ran, %d skipped, %.1fs; run directory %s", spec.name, len(ran),
-             len(outcomes) - len(ran), sum(o.seconds for o in outcomes), pipeline.run_dir)
+             len(outcomes) - len(ran), sum(o.seconds for o in outcomes), pipeline.location)
     failed = failed_candidates(pipeline.run_dir, stages)
     if failed:
         log.warning("job %s: %d of %d candidate(s) failed (%s); the %s covers the others (exit %d)", spec.name,
@@ -261,21 +264,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check a job spec; exit 2 listing every problem")
     v.add_argument("job", type=Path)
+    v.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a spec key, e.g. --set output_dir=s3://bucket/runs/x")
     v.set_defaults(func=cmd_validate)
 
     pl = sub.add_parser("plan", help="project the cost of fine-tuning every candidate in full vs DaMoC")
     pl.add_argument("job", type=Path)
+    pl.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override a spec key, e.g. --set output_dir=s3://bucket/runs/x")
     pl.add_argument("--json", action="store_true", help="print the projection as JSON")
     pl.set_defaults(func=cmd_plan)
 
     e = sub.add_parser("runtime-env", help="the runtime env to `ray job submit` a job with: the base one, "
                        "narrowed so that the files its spec names are uploaded (jobs/submit.sh uses it)")
     e.add_argument("job", type=Path)
+    e.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a spec key, e.g. --set output_dir=s3://bucket/runs/x")
     e.add_argument("--base", default="cluster/runtime_env.yaml", help="the runtime env to start from")
     e.set_defaults(func=cmd_runtime_env)
 
     s = sub.add_parser("select", help="run the selection job and write the run directory")
     s.add_argument("job", type=Path)
+    s.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a spec key, e.g. --set output_dir=s3://bucket/runs/x")
     s.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local cluster)")
     s.add_argument("--stages", default=None, help="comma-separated subset of data,models,finetune,report")

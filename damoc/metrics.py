@@ -13,7 +13,7 @@ from typing import Any
 
 log = logging.getLogger("damoc.metrics")
 
-# name -> (kind, description, tag keys); the Grafana dashboard in k8s/monitoring reads these names.
+# name -> (kind, description, tag keys); the Grafana dashboard in k8s/base/monitoring reads these names.
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "damoc_rows_read": ("Gauge", "Rows read by the data stage", ("job",)),
     "damoc_rows_kept": ("Gauge", "Rows kept for training", ("job",)),

@@ -41,6 +41,7 @@ from damoc.rundir import (
     swap_in_dir,
 )
 from damoc.spec import JobSpec, is_uri, resolve_path
+from damoc.store import Lease, RemoteRun, is_remote, join, mirror_dir, upload_folder
 
 log = logging.getLogger("damoc.pipeline")
 
@@ -79,10 +80,27 @@ class StageContext:
     fingerprint: str = ""  # of this stage's inputs: names work a later attempt may pick up
     resume: bool = False  # continue work an interrupted attempt left (a stage that can)
     prepared: list[Any] = field(default_factory=list)  # actors started for it early (Stage.prepare)
+    output: str = ""  # the stage's folder name under the run directory
+    remote: RemoteRun | None = None  # the run's truth when output_dir is a URI (run_dir is then its mirror)
+    uploaded: dict[str, dict[str, Any]] = field(default_factory=dict)  # files workers put on the bucket
 
     def input(self, stage_output: str) -> Path:
         """An upstream stage's finished folder, e.g. ctx.input("data") / "train.parquet"."""
         return self.run_dir / stage_output
+
+    def shared(self, rel: str) -> str:
+        """An earlier stage's file or folder as every node reaches it: the run directory's path, or its
+        URI on object storage (a worker reads it through damoc.store.localize)."""
+        return join(self.remote.uri, rel) if self.remote else str((self.run_dir / rel).resolve())
+
+    def worker_dir(self, sub: str) -> str:
+        """Where a worker on any node writes part of this stage's output: under the temporary folder, or
+        straight to the bucket, where the stage's last output then stops being complete (its marker goes
+        now, and comes back once the stage is done)."""
+        if self.remote is None:
+            return str(self.out / sub)
+        self.remote.begin(self.output)
+        return join(self.remote.uri, self.output, sub)
 
     def resolve(self, path: str) -> str:
         """A path from the spec, resolved the way `damoc validate` checked it."""
@@ -280,7 +298,10 @@ class Pipeline:
     ):
         self.spec = spec
         self.base_dir = Path(base_dir or os.getcwd())
-        self.run_dir = Path(resolve_path(spec.output_dir, self.base_dir))
+        # On object storage the stages work in a local mirror and publish each finished stage to the bucket.
+        self.remote = RemoteRun(spec.output_dir) if is_remote(spec.output_dir) else None
+        self.run_dir = mirror_dir(spec.output_dir) if self.remote else Path(resolve_path(spec.output_dir, self.base_dir))
+        self.location = self.remote.uri if self.remote else str(self.run_dir)
         self._registry = registry
         self.order = tuple(order or (registry.keys() if registry else STAGE_ORDER))
         self._runtime_factory = runtime_factory
@@ -309,7 +330,8 @@ class Pipeline:
             raise PipelineError(f"unknown stage(s): {', '.join(unknown)}")
         names = [n for n in self.order if n in names]
         check_writable(self.run_dir)
-        with run_lock(self.run_dir):
+        with run_lock(self.run_dir), self._lease():
+            self._sync_down()
             self._write_spec()
             outcomes: list[StageOutcome] = []
             try:
@@ -320,11 +342,52 @@ class Pipeline:
                 if self._runtime is not None and hasattr(self._runtime, "shutdown"):
                     self._runtime.shutdown()
                     self._runtime = None
+                self._upload_logs()
             return outcomes
+
+    def _lease(self) -> contextlib.AbstractContextManager:
+        """The run lock on the bucket (the local lock guards only the mirror)."""
+        return Lease(self.remote.uri).held() if self.remote else contextlib.nullcontext()
+
+    def _sync_down(self) -> None:
+        """The mirror made to agree with the bucket: a stage done there is pulled (its weights stay there),
+        a stage not done there is not done here either."""
+        if self.remote is None:
+            return
+        for name in self.order:
+            cls = self.stage_class(name)
+            theirs, ours = self.remote.marker(cls.output), read_marker(self.run_dir, cls)
+            same = theirs and ours and all(theirs.get(k) == ours.get(k) for k in ("fingerprint", "finished_at"))
+            if theirs is None and ours is not None:
+                shutil.rmtree(self.run_dir / cls.output, ignore_errors=True)
+            elif theirs is not None and not same:
+                self.remote.pull(cls.output, self.run_dir / cls.output, theirs)
+                log.info("stage %s: fetched from %s (done there on %s)", name, self.remote.uri,
+                         theirs.get("finished_at", "?"))
+
+    def _upload_failed(self, kept: Path) -> None:
+        """A failed stage's evidence beside its output on the bucket too (RUN/<stage>.failed/)."""
+        if self.remote is None:
+            return
+        try:
+            upload_folder(kept, join(self.remote.uri, kept.name))
+        except OSError as exc:
+            log.warning("could not upload %s to %s: %s", kept.name, self.remote.uri, exc)
+
+    def _upload_logs(self) -> None:
+        if self.remote is None or not (self.run_dir / "logs").is_dir():
+            return
+        for path in (self.run_dir / "logs").glob("*.log"):
+            try:
+                self.remote.put_file(f"logs/{path.name}", path)
+            except OSError as exc:  # the run's outcome stands; its log stays in the mirror
+                log.warning("could not upload %s to %s: %s", path.name, self.remote.uri, exc)
 
     def _write_spec(self) -> None:
         text = yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False)
         atomic_write_text(self.run_dir / "spec.yaml", text)
+        if self.remote is not None:
+            self.remote.put_file("spec.yaml", self.run_dir / "spec.yaml")
 
     def _check_upstream(self, stage: Stage, selected: list[str]) -> None:
         for up, cls in self._upstream(type(stage)).items():
@@ -407,7 +470,8 @@ class Pipeline:
 
         log.info("stage %s: running", name)
         tmp = new_temp_dir(final)
-        ctx = StageContext(self.spec, self.run_dir, tmp, self.base_dir, self._get_runtime, fp, resume, prepared)
+        ctx = StageContext(self.spec, self.run_dir, tmp, self.base_dir, self._get_runtime, fp, resume, prepared,
+                           cls.output, self.remote)
         t0 = time.monotonic()
         stop_watching = self._prepare_next_when_idle(name, selected)
         try:  # the marker and the swap are inside: a full disk there leaves nothing half-done
@@ -423,6 +487,8 @@ class Pipeline:
                 "counts": counts,
                 "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             })
+            if self.remote is not None:  # the bucket first: the mirror never claims what the bucket lacks
+                self.remote.publish(cls.output, tmp, ctx.uploaded)
             swap_in_dir(tmp, final)
         except BaseException as exc:
             seconds = time.monotonic() - t0
@@ -432,6 +498,7 @@ class Pipeline:
                 log.error("stage %s: failed after %.1fs: %s: %s", name, seconds, type(exc).__name__, exc)
                 if kept:
                     log.info("stage %s: what it wrote before failing (quarantine, logs) is kept in %s", name, kept)
+                    self._upload_failed(kept)
                 log.debug("stage %s: the traceback", name, exc_info=exc)  # the run's log; the terminal with -v
                 raise StageFailed(name, seconds, exc) from exc
             shutil.rmtree(tmp, ignore_errors=True)

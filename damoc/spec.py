@@ -601,11 +601,35 @@ def spec_from_data(
         raise SpecError(source, lines + [ln for ln in cross_checks(data) if ln not in lines]) from None
 
 
-def load_spec(path: str | os.PathLike, base_dir: str | None = None, check_files: bool = True) -> JobSpec:
-    """Load and validate a job spec file; raise SpecError listing every problem found."""
+def apply_overrides(data: Any, overrides: list[str], source: str) -> Any:
+    """`--set key.path=value` (value read as YAML: numbers, booleans, lists) applied over the file's data."""
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or not isinstance(data, dict):
+            problems.append(f"(--set {item}): expected KEY.PATH=VALUE")
+            continue
+        node = data
+        *parents, last = key.strip().split(".")
+        for part in parents:
+            if not isinstance(node.get(part, {}), dict):
+                problems.append(f"{'.'.join(parents)}: --set {key} goes into a value that is not a mapping")
+                break
+            node = node.setdefault(part, {})
+        else:
+            node[last] = parse_yaml(raw, f"--set {key}") if raw.strip() else raw
+    if problems:
+        raise SpecError(source, problems)
+    return data
+
+
+def load_spec(path: str | os.PathLike, base_dir: str | None = None, check_files: bool = True,
+              overrides: list[str] | None = None) -> JobSpec:
+    """Load and validate a job spec file, with `--set` overrides; raise SpecError listing every problem."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(source, [f"(file) cannot read: {exc}"]) from None
-    return spec_from_data(parse_yaml(text, source), source, base_dir, check_files)
+    data = apply_overrides(parse_yaml(text, source), overrides or [], source)
+    return spec_from_data(data, source, base_dir, check_files)

@@ -191,3 +191,19 @@ def test_no_stray_colour_reset_after_the_last_line_on_a_terminal(job_dir):
     os.close(master)
     assert r.returncode == 0 and b"job.yaml: ok" in out
     assert b"\x1b" not in out, out[-80:]
+
+
+def test_set_overrides_a_spec_key_and_a_bad_one_is_named(job_dir):
+    """`--set KEY.PATH=VALUE` (a YAML value) over the spec file: how a deployment points a job at its
+    bucket without editing it; what it breaks is named as the file's own keys are."""
+    write_spec(job_dir / "job.yaml", spec_dict())
+    ok = damoc("validate", "job.yaml", "--set", "output_dir=s3://bucket/runs/t", "--set", "finetune.lora.r=4",
+               cwd=job_dir)
+    assert ok.returncode == 0 and "output s3://bucket/runs/t" in ok.stdout, ok.stderr
+    bad = damoc("validate", "job.yaml", "--set", "finetune.lora.r=0", "--set", "nokey", "--set", "name.x=1",
+                cwd=job_dir)
+    assert bad.returncode == 2
+    assert "(--set nokey): expected KEY.PATH=VALUE" in bad.stderr
+    assert "name: --set name.x goes into a value that is not a mapping" in bad.stderr
+    again = damoc("validate", "job.yaml", "--set", "finetune.lora.r=0", cwd=job_dir)
+    assert again.returncode == 2 and "finetune.lora.r: must be > 0" in again.stderr

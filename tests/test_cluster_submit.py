@@ -142,7 +142,7 @@ def containers(pod_spec: dict) -> list[dict]:
 
 def test_kuberay_manifests_carry_what_kuberay_needs():
     docs = {d["kind"]: d for p in (REPO / "k8s").rglob("*.yaml") if p.name != "kustomization.yaml"
-            for d in load_all(p)}
+            and "object-storage" not in p.parts for d in load_all(p)}
     assert set(docs) == {"RayCluster", "RayJob", "Service", "PersistentVolumeClaim", "PodMonitor"}
     rc = docs["RayCluster"]
     assert rc["apiVersion"] == "ray.io/v1" and rc["spec"]["rayVersion"].startswith("2.60")
@@ -181,15 +181,74 @@ def test_kuberay_manifests_carry_what_kuberay_needs():
     assert pm["spec"]["selector"]["matchLabels"] == {"ray.io/cluster": rc["metadata"]["name"]}
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     kust = yaml.safe_load((REPO / "k8s/kustomization.yaml").read_text())
-    for res in kust["resources"]:
-        assert (REPO / "k8s" / res).is_file()
-    assert {d["metadata"].get("namespace") for d in docs.values()} == {kust["namespace"]}
+    base = yaml.safe_load((REPO / "k8s/base/kustomization.yaml").read_text())
+    assert kust["resources"] == ["base", "storage.yaml"]
+    for res in base["resources"]:
+        assert (REPO / "k8s/base" / res).is_file()
+    assert {d["metadata"].get("namespace") for d in docs.values()} == {kust["namespace"]} == {base["namespace"]}
+
+
+CRDS = Path(os.environ.get("DAMOC_KUBERAY_CRDS", REPO.parent / "shared" / "kuberay-crds"))
+
+
+def kustomize(folder: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed here")
+    r = subprocess.run([kubectl, "kustomize", str(REPO / folder)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+def crd_schema(kind: str) -> dict:
+    """The v1 openAPIV3Schema of KubeRay's CRD for `kind` (ray.io_rayclusters.yaml, ...)."""
+    path = CRDS / f"ray.io_{kind.lower()}s.yaml"
+    if not path.is_file():
+        pytest.skip(f"KubeRay's CRD schemas are not here ({path}; set DAMOC_KUBERAY_CRDS)")
+    crd = yaml.safe_load(path.read_text())
+    return next(v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == "v1")
+
+
+@pytest.mark.parametrize("folder", ["k8s", "k8s/object-storage"])
+def test_both_kuberay_deployments_render_and_match_kuberays_crds(folder):
+    """Both deployments, as `kubectl apply -k` renders them, against KubeRay's own CRD schemas; the
+    object-storage one mounts no shared volume and gives every Ray pod the bucket's Secret and a node cache."""
+    import jsonschema
+
+    docs = kustomize(folder) + (load_all(REPO / "k8s/rayjob.yaml") if folder == "k8s" else [])
+    for d in docs:
+        if d["kind"] in ("RayCluster", "RayJob"):
+            errors = sorted(jsonschema.Draft7Validator(crd_schema(d["kind"])).iter_errors(d), key=str)
+            assert not errors, f"{folder} {d['kind']}: " + "; ".join(
+                f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5])
+    kinds = {d["kind"]: d for d in docs}
+    assert {"RayCluster", "RayJob", "Service", "PodMonitor"} <= set(kinds)
+    if folder != "k8s/object-storage":
+        assert "PersistentVolumeClaim" in kinds
+        return
+    assert "PersistentVolumeClaim" not in kinds
+    rc = kinds["RayCluster"]
+    pods = [rc["spec"]["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in rc["spec"]["workerGroupSpecs"]]
+    for pod in pods:
+        assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+        ray_c = pod["containers"][0]
+        assert {"secretRef": {"name": "damoc-object-store"}} in ray_c["envFrom"]
+        assert {"name": "DAMOC_CACHE_DIR", "value": "/mnt/cache"} in ray_c["env"]
+        assert {"name": "cache", "mountPath": "/mnt/cache"} in ray_c["volumeMounts"]
+        assert not any(m["mountPath"] == "/mnt/damoc" for m in ray_c["volumeMounts"])
+    entry = kinds["RayJob"]["spec"]["entrypoint"]
+    sets = re.findall(r'--set "([^"]+)"', entry)
+    assert sets == ["output_dir=$DAMOC_BUCKET_URI/runs/medical-qa", "finetune.storage_path=$DAMOC_BUCKET_URI/ray"]
+    from damoc.spec import load_spec
+
+    spec = load_spec(REPO / "jobs/medical_qa.yaml", overrides=[s.replace("$DAMOC_BUCKET_URI", "s3://b/damoc") for s in sets])
+    assert spec.output_dir == "s3://b/damoc/runs/medical-qa" and spec.finetune.storage_path == "s3://b/damoc/ray"
 
 
 def test_grafana_dashboard_plots_every_damoc_metric():
     from damoc.metrics import METRICS
 
-    dash = json.loads((REPO / "k8s/monitoring/grafana-dashboard.json").read_text())
+    dash = json.loads((REPO / "k8s/base/monitoring/grafana-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
     for name in METRICS:
         assert name.startswith("damoc_") and f"ray_{name}{{" in exprs

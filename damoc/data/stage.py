@@ -661,6 +661,7 @@ class DataStage(Stage):
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             rows.add(batch)
         work = rows.close()
+        work.spread = ctx.remote is None
         train = ~work.origin_eval
         log.info("data: read %d rows (%d quarantined, %d held out for eval) in %.1fs (%.1fs writing the work "
                  "folder)", int(train.sum()), int((work.status[train] == QUARANTINED).sum()),

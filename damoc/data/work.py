@@ -159,6 +159,7 @@ class WorkData:
                  alive: pd.DataFrame, rowop_drops: dict[str, int], emb_sums: dict[int, np.ndarray]):
         self.folder, self.order, self.status, self.origin_eval = folder, order, status, origin_eval
         self.alive, self.rowop_drops, self.emb_sums = alive, rowop_drops, emb_sums
+        self.spread = True  # False: the part files are on the driver's disk alone (a run on object storage)
 
     @property
     def files(self) -> list[Path]:
@@ -199,7 +200,7 @@ class WorkData:
         """`fn` on consecutive blocks of `block_rows` of these rows (their order and these columns), the
         results concatenated: in the driver when the columns are small, else on the cluster."""
         orders = np.asarray(orders, dtype=np.int64)
-        if self.column_bytes(columns) * len(orders) > LOCAL_BYTES:
+        if self.spread and self.column_bytes(columns) * len(orders) > LOCAL_BYTES:
             return gather(self.dataset(columns, orders).map_batches(fn, batch_format="pandas", batch_size=block_rows))
         wanted, buf, out = np.sort(orders), [], []
         for f in self.files:

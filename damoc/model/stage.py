@@ -18,6 +18,7 @@ import importlib
 import logging
 import os
 import random
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from damoc import metrics
 from damoc.rundir import atomic_write_json
 from damoc.runtime import fitting
 from damoc.spec import JobSpec, ModelSpec, resolve_path
+from damoc.store import WEIGHTS, cache_root, download, is_remote, upload_folder
 
 log = logging.getLogger("damoc.model")
 
@@ -63,8 +65,15 @@ class CandidateCompressor:
             template: str, eval_rows: list[dict[str, str]], max_length: int) -> dict[str, Any]:
         try:
             # The compressed model's zero-shot loss is the finetune stage's step 0: not measured twice.
-            return compress_candidate(src, rows, m, Path(out), seed, task, template, eval_rows, max_length,
-                                      score_compressed=False)
+            if not is_remote(out):
+                return compress_candidate(src, rows, m, Path(out), seed, task, template, eval_rows, max_length,
+                                          score_compressed=False)
+            # A run on object storage: built on this node's disk, uploaded once, from here.
+            (cache_root() / "build").mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="model-", dir=cache_root() / "build") as tmp:
+                r = compress_candidate(src, rows, m, Path(tmp), seed, task, template, eval_rows, max_length,
+                                       score_compressed=False)
+                return {**r, "files": upload_folder(Path(tmp), out)}
         finally:  # the next candidate in this actor starts with the memory this one held
             import gc
 
@@ -243,6 +252,10 @@ class ModelStage(Stage):
                  r["calibration_loss"]["original"], r["calibration_loss"]["pruned"],
                  r["calibration_loss"]["merged"], r["seconds"])
         metrics.record_candidate(spec.name, name, r)
+        if "files" in r:  # on the bucket already: the mirror takes its small files (config, tokenizer, record)
+            files = r.pop("files")
+            ctx.uploaded.update({f"{name}/{rel}": meta for rel, meta in files.items()})
+            download(ctx.worker_dir(name), {k: v for k, v in files.items() if not k.endswith(WEIGHTS)}, ctx.out / name)
         # Where the folder will be once the stage's output is swapped in (ctx.out is temporary).
         return {"name": name, "status": "compressed", "path": str(ctx.input(self.output) / name),
                 "seconds": r["seconds"]}
@@ -311,7 +324,7 @@ class ModelStage(Stage):
                     continue
                 cand = queue.pop(0)
                 pool.submit(actor, cand.name, actor.run.remote(
-                    self.source(ctx, cand), rows_ref, m, str(ctx.out / cand.name), spec.seed, spec.data.task,
+                    self.source(ctx, cand), rows_ref, m, ctx.worker_dir(cand.name), spec.seed, spec.data.task,
                     spec.finetune.template, evals_ref, spec.finetune.max_length))
         finally:  # a stage that fails leaves no actor behind
             release(pool.actors())

@@ -152,6 +152,15 @@ def forget_destroyed_groups() -> None:
             setattr(groups, name, None)
 
 
+def on_this_node(args: TrainArgs) -> TrainArgs:
+    """The model and rows read from this node's disk: a run on object storage fetches them into the
+    node's cache once (damoc.store.localize); a local or shared path is used as it is."""
+    from damoc.store import localize
+
+    return replace(args, model_path=localize(args.model_path), train_path=localize(args.train_path),
+                   eval_path=localize(args.eval_path))
+
+
 def save_json(path: str, payload: dict) -> None:
     """A small JSON file on the run's storage (a local or shared path, or a URI every node reaches)."""
     import json
@@ -254,6 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     dtype = resolve_precision(args.precision, args.deepspeed, device.type == "cuda")
     with timeline.phase("model_load"):
+        args = on_this_node(args)
         tok, model, forward_params = load_model(args, device)
     window = context_window(model.config)
     if window is not None and window < args.max_length:  # a hub original the stage could not read ahead

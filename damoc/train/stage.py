@@ -31,6 +31,7 @@ from damoc.plan import candidate_figures, planned_steps, resolve_grace
 from damoc.rundir import atomic_write_json, read_json
 from damoc.runtime import fitting
 from damoc.spec import JobSpec, is_uri
+from damoc.store import is_remote
 from damoc.train import timeline
 from damoc.train.args import train_args
 from damoc.train.driver import (
@@ -62,6 +63,23 @@ def trainable_candidates(ctx: StageContext) -> tuple[dict[str, dict], list[dict]
             e["path"] = str(ctx.input("models") / e["name"])
     failed = [e for e in index["candidates"] if e["status"] == "failed"]
     return usable, failed
+
+
+def remove_prefixes(root: str, prefix: str) -> None:
+    """Delete every folder directly under the URI `root` whose name starts with `prefix`."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(root)
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith(prefix):
+            fs.delete_dir(info.path)
+
+
+def model_location(ctx: StageContext, entry: dict[str, Any]) -> str:
+    """The folder a trial loads: the compressed one as every node reaches it, or the candidate as it is."""
+    if entry["status"] == "compressed":
+        return ctx.shared(f"models/{entry['name']}")
+    return str(Path(entry["path"]).resolve()) if not is_uri(entry["path"]) else entry["path"]
 
 
 def candidate_sizes(ctx: StageContext, usable: dict[str, dict]) -> list[tuple[float, float]]:
@@ -210,8 +228,9 @@ def memory_estimates(ctx: StageContext, plans: dict[str, TrialPlan], length: int
     trust = {c.name: c.trust_remote_code for c in ctx.spec.candidates}
     out = {}
     for name, plan in plans.items():
+        path = str(ctx.input("models") / name) if is_remote(plan.args.model_path) else plan.args.model_path
         try:
-            shape = meta_shape(plan.args.model_path, ft.lora.target_modules, trust[name])
+            shape = meta_shape(path, ft.lora.target_modules, trust[name])
         except Exception as exc:  # noqa: BLE001 - a config the meta device cannot build: ask for nothing
             log.warning("finetune: %s: no memory estimate (%s); its trial asks Ray for CPUs only", name, exc)
             continue
@@ -245,8 +264,9 @@ class FinetuneStage(Stage):
         from ray import tune
 
         ft = ctx.spec.finetune
-        root = ft.storage_path.rstrip("/") if ft.storage_path else str((ctx.run_dir / STATE_DIR).resolve())
-        run_key = hashlib.sha1(str(ctx.run_dir.resolve()).encode()).hexdigest()[:6]  # two runs never share
+        root = ft.storage_path.rstrip("/") if ft.storage_path else ctx.shared(STATE_DIR)
+        where = ctx.remote.uri if ctx.remote else str(ctx.run_dir.resolve())
+        run_key = hashlib.sha1(where.encode()).hexdigest()[:6]  # two runs never share
         here = f"{root}/{ctx.spec.name}-{run_key}-{ctx.fingerprint or 'run'}"
         if ctx.resume and tune.Tuner.can_restore(here + "/tune"):
             return here, True
@@ -255,6 +275,8 @@ class FinetuneStage(Stage):
             if not ft.storage_path:  # ours alone: sweeps of other inputs are stale
                 for old in Path(root).glob(f"{ctx.spec.name}-*"):
                     shutil.rmtree(old, ignore_errors=True)
+        elif not ft.storage_path:  # the run's own state on object storage: the same, on the bucket
+            remove_prefixes(root, f"{ctx.spec.name}-")
         return here, False
 
     @staticmethod
@@ -278,15 +300,16 @@ class FinetuneStage(Stage):
                                "finetune.num_workers or resources_per_worker")
         concurrent = min(len(usable), fits, tn.max_concurrent_trials or len(usable))
         storage, restore = self.state_dir(ctx)
-        tracking = trackers(tn.callbacks, spec.name, storage, tn.mlflow_uri)
+        tracking = trackers(tn.callbacks, spec.name, str(ctx.run_dir / STATE_DIR) if is_uri(storage) else storage,
+                            tn.mlflow_uri)
         data_dir = ctx.input("data").resolve()
         train_rows = pq.ParquetFile(data_dir / "train.parquet").metadata.num_rows
         steps = planned_steps(ft, train_rows)
         grace, auto = grace_period(ctx, usable, steps) if tn.scheduler == "asha" else (tn.grace_period, None)
         rungs = asha_rungs(grace, tn.reduction_factor, steps) if tn.scheduler == "asha" else []
-        train_path, eval_path = str(data_dir / "train.parquet"), str(data_dir / "eval.parquet")
+        train_path, eval_path = ctx.shared("data/train.parquet"), ctx.shared("data/eval.parquet")
         plans = {c.name: TrialPlan(c.name, replace(train_args(
-            spec, c.name, str(Path(usable[c.name]["path"]).resolve()), train_path, eval_path, rungs, None,
+            spec, c.name, model_location(ctx, usable[c.name]), train_path, eval_path, rungs, None,
             c.trust_remote_code, steps), rows_dir=f"{storage}/eval_rows", export_dir=f"{storage}/adapters",
             max_length=self.window(ft.max_length, usable[c.name]["path"])),
             storage_path=storage.rstrip("/") + "/train")
