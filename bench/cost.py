@@ -56,7 +56,7 @@ def plain_full(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     from damoc.train.engine import build_engine
     from damoc.train.evaluate import EvalSet, evaluate
     from damoc.train.loop import Batches, load_model
-    from damoc.plan import planned_steps
+    from damoc.schedule import planned_steps
 
     js = spec_from_data(spec, source=spec["name"])
     d, ft = js.data, js.finetune

@@ -114,7 +114,7 @@ def reference_spec(spec: dict[str, Any], out: Path, train_rows: int) -> dict[str
     # make every reference run (the long part of a bench) out of date.
     ref["tune"] = {"scheduler": "none", "grace_period": 20}
     from damoc.spec import FinetuneSpec
-    from damoc.plan import planned_steps
+    from damoc.schedule import planned_steps
 
     ft = ref["finetune"]
     ft["eval_every"] = max(1, planned_steps(FinetuneSpec(**ft), train_rows) // 4)

@@ -164,9 +164,9 @@ def _select(args, spec, stages, pipeline, handler, terminal) -> int:
         handler.close()
     if "report" in stages:
         from damoc.report.build import ranking_table
-        from damoc.rundir import read_json
+        from damoc import records
 
-        ranking = read_json(pipeline.run_dir / "report" / "ranking.json")
+        ranking = records.read(records.Ranking, pipeline.run_dir)
         if ranking:
             print(ranking_table(ranking), file=out)
             print(f"report: {pipeline.run_dir / 'report' / 'report.html'}", file=out)
@@ -184,12 +184,11 @@ def _select(args, spec, stages, pipeline, handler, terminal) -> int:
 
 def failed_candidates(run_dir: Path, stages: list[str]) -> list[str]:
     """Candidates the last stage run failed (upstream failures are carried down into each stage's output)."""
-    from damoc.rundir import read_json
+    from damoc import records
 
-    for stage, output in (("report", "report/ranking.json"), ("finetune", "finetune/results.json"),
-                          ("models", "models/models.json")):
+    for stage, kind in (("report", records.Ranking), ("finetune", records.Results), ("models", records.ModelsIndex)):
         if stage in stages:
-            data = read_json(run_dir / output) or {}
+            data = records.read(kind, run_dir) or {}
             return [c["name"] for c in data.get("candidates", []) if c.get("status") == "failed"]
     return []
 

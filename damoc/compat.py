@@ -1,7 +1,37 @@
-"""Workarounds for library behaviour DaMoC depends on, each with the symptom it answers; when Ray or
-DeepSpeed changes, this is where to look first."""
+"""Every use of a private Ray / Tune / DeepSpeed / torch API, in one place: each workaround says the symptom
+it answers, and PRIVATE_NAMES lists the private names it relies on with the versions they were checked
+against. tests/test_compat.py imports each name and checks its shape, so an upgrade that moves one fails
+there, naming the workaround, rather than somewhere in a sweep. No other module names `ray._private`, a
+leading-underscore attribute of these libraries, or patches one of their classes (tests/test_layout.py).
+"""
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+CHECKED = {"ray": "2.60.0", "deepspeed": "0.19.8", "torch": "2.13.0"}
+
+# (workaround, module, attribute path, what it must be): what tests/test_compat.py checks exists.
+PRIVATE_NAMES = [
+    ("tune_survives_oom_kills", "ray.air.execution._internal.actor_manager", "RayActorManager._actor_task_failed",
+     "function"),
+    ("actor_node", "ray._private.state", "actors", "function"),
+    ("send_token_if_at_hand", "ray._private.authentication.authentication_token_setup",
+     "maybe_enable_token_auth_if_token_available", "function"),
+    ("agent_port_override", "ray._private.parameter", "RayParams.__init__(dashboard_agent_listen_port)", "parameter"),
+    ("write_ray_address", "ray._private.utils", "write_ray_address", "function"),
+    ("asha_rung_records", "ray.tune.schedulers.async_hyperband", "AsyncHyperBandScheduler._brackets", "attribute"),
+    ("asha_rung_records", "ray.tune.schedulers.async_hyperband", "_Bracket._rungs", "attribute"),
+    ("forget_destroyed_groups", "deepspeed.utils.groups", "_release_process_group_references", "function"),
+    ("skip_shm_comm_build", "deepspeed.ops", "__compatible_ops__", "dict"),
+    ("import_muon_uncompiled", "deepspeed.runtime.zero.muon.muon_optimizer", "", "module"),
+    ("import_muon_uncompiled", "torch.compiler", "set_default_backend", "function"),
+]
 
 
 def tune_survives_oom_kills() -> None:
@@ -66,3 +96,119 @@ def no_colour_reset_at_exit() -> None:
         module = sys.modules.get(name)
         if module is not None and hasattr(module, "reset_all"):
             atexit.unregister(module.reset_all)
+
+
+@contextlib.contextmanager
+def agent_port_override(port: int) -> Iterator[None]:
+    """ray.init() gives the node's dashboard agent the fixed port 52365 and has no knob for it. With another
+    Ray instance on the host that port is taken and our job agent never comes up (`ray job submit` then
+    fails with "No available agent"). Give it a free port instead, for the duration of ray.init."""
+    from ray._private import parameter
+
+    original = parameter.RayParams.__init__
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original
+
+
+def write_ray_address(address: str, temp_dir: str) -> None:
+    """Record the embedded cluster's address where `ray` CLI commands on this host look for it (Ray does
+    this for `ray start`, not for ray.init)."""
+    from ray._private.utils import write_ray_address as write
+
+    write(address, temp_dir)
+
+
+def asha_rung_records(scheduler: Any) -> list[dict[str, dict[str, float]]]:
+    """ASHA's recorded results per bracket and rung milestone ({trial id: value}): Tune restores trials,
+    not the scheduler, so a resumed sweep puts them back (load_asha_rung_records)."""
+    return [{str(m): dict(rec) for m, rec in b._rungs} for b in scheduler._brackets]
+
+
+def load_asha_rung_records(scheduler: Any, saved: list[dict[str, dict[str, float]]]) -> None:
+    for bracket, rungs in zip(scheduler._brackets, saved):
+        for milestone, recorded in bracket._rungs:
+            recorded.update(rungs.get(str(milestone), {}))
+
+
+def forget_destroyed_groups() -> None:
+    """Train's local controller ends a finished trial with torch's destroy_process_group, not
+    DeepSpeed's, so DeepSpeed still caches groups of the destroyed one and the next trial in this
+    (reused) process fails in deepspeed.initialize ("Group ... is not registered"). Drop them."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        release(None)
+        return
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        if hasattr(groups, name):  # older DeepSpeed: plain module globals
+            setattr(groups, name, None)
+
+
+def skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU accelerator compiles a shared-memory all-reduce with the machine's C++ compiler
+    when its communication backend starts: 25-30 s on 2 cores, paid again on every new machine, pod or
+    virtual environment (cached in ~/.cache/torch_extensions). Only its inference all-reduce uses it;
+    training reduces through torch.distributed either way. Marked unavailable, it is not built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_muon_uncompiled() -> None:
+    """deepspeed.initialize imports DeepSpeed's Muon optimizer (to check ours against ZeRO's list), and
+    that module wraps its kernels in torch.compile when imported: with torch's default backend that
+    imports the inductor compiler, 0.6-1 s of every trial process's start. DaMoC never steps Muon, so
+    it is imported with the eager backend, whose wrappers cost nothing; the default is put back."""
+    import torch.compiler
+
+    if MUON in sys.modules or not hasattr(torch.compiler, "set_default_backend"):
+        return
+    before = torch.compiler.get_default_backend()
+    torch.compiler.set_default_backend("eager")
+    try:
+        importlib.import_module(MUON)
+    except ImportError:  # a DeepSpeed without Muon: nothing to spare
+        pass
+    finally:
+        torch.compiler.set_default_backend(before)
+
+
+def private_name_problems() -> list[str]:
+    """One line per private name in PRIVATE_NAMES that is gone or changed shape, naming its workaround."""
+    import inspect
+
+    problems = []
+    for workaround, module_name, path, kind in PRIVATE_NAMES:
+        where = f"{module_name}.{path}".rstrip(".")
+        try:
+            obj = importlib.import_module(module_name)
+            attr_path, _, param = path.partition("(")
+            for part in filter(None, attr_path.split(".")):
+                if kind == "attribute" and part == attr_path.split(".")[-1]:
+                    obj = inspect.getsource(obj) if part not in vars(obj) else vars(obj)[part]
+                    if isinstance(obj, str) and f"self.{part}" not in obj:
+                        raise AttributeError(part)
+                    break
+                obj = getattr(obj, part)
+            if kind == "function" and not callable(obj) or kind == "dict" and not isinstance(obj, dict):
+                raise TypeError(f"is a {type(obj).__name__}, not a {kind}")
+            if kind == "parameter" and param.rstrip(")") not in inspect.signature(obj).parameters:
+                raise TypeError(f"takes no {param.rstrip(')')}")
+        except Exception as exc:  # noqa: BLE001 - each is reported, by name
+            problems.append(f"compat.{workaround}: {where} is gone or changed ({type(exc).__name__}: {exc}); "
+                            f"checked against {CHECKED}")
+    return problems

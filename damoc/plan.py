@@ -11,15 +11,15 @@ assumption is printed with the figures. After a run the report puts the measured
 from __future__ import annotations
 
 import json
-import math
 import os
-import textwrap
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from damoc.lm.figures import CandidateFigures, candidate_figures, config_params
 from damoc.lm.memory import length_bound
-from damoc.preflight import hub_reachable
+from damoc.report.savings import cost_words
+from damoc.schedule import planned_steps, report_steps, resolve_grace, row_budget, rows_per_step, rungs_for, scheduler
 from damoc.spec import DataSource, JobSpec, is_uri, resolve_path
 
 # Stated throughputs (FLOP/s per worker) and fixed costs; the report replaces them with the run's own
@@ -43,25 +43,7 @@ LOAD_BYTES_PER_S = 100e6
 SAMPLE_ROWS = 256
 DEFAULT_TOKENS_PER_ROW = 150  # when the data cannot be read here
 DEFAULT_PROMPT_SHARE = 0.6
-LAYER_SHARE = 0.9  # of a model's parameters in its decoder layers, when its config is not readable
-
-
-@dataclass
-class CandidateFigures:
-    name: str
-    params: float | None
-    source: str  # where the parameter count came from: config | spec | unknown
-    layers: int | None = None
-    layer_params: float | None = None  # parameters in the decoder layers
-    note: str = ""
-    shape: Any = field(default=None, repr=False)  # damoc.lm.memory.Shape, for the memory estimate
-
-    def params_after(self, prune_ratio: float) -> float | None:
-        """Forward parameters once `prune_ratio` of the layers are removed."""
-        if self.params is None:
-            return None
-        in_layers = self.layer_params if self.layer_params is not None else LAYER_SHARE * self.params
-        return self.params - prune_ratio * in_layers
+EXACT_ROWS = 200_000  # rows read in full to count the readable ones as the data stage will
 
 
 @dataclass
@@ -82,53 +64,12 @@ class DataFigures:
         return per_row, share
 
 
-def _config_params(path_or_id: str, trust_remote_code: bool, revision: str | None, targets: Any = "auto",
-                   offline: bool = False) -> tuple[int, int, int, Any]:
-    """(parameters, decoder layers, parameters in them, shape for the memory estimate) from a config: the
-    model is built on the meta device, so no memory and no weights are touched. Offline, only a cached
-    config is read."""
-    from damoc.lm.arch import ADAPTERS
-    from damoc.lm.memory import meta_model, resolve_targets, shape_of
-
-    config, model = meta_model(path_or_id, trust_remote_code, revision, offline)
-    total = sum(p.numel() for p in model.parameters())
-    shape = shape_of(model, resolve_targets(config, targets))
-    adapter = ADAPTERS.get(getattr(config, "model_type", None))
-    if adapter is None:
-        return total, 0, 0, shape
-    layers = adapter.layer_list(model)
-    return total, len(layers), sum(p.numel() for p in layers.parameters()), shape
-
-
-def candidate_figures(spec: JobSpec, base_dir: str) -> list[CandidateFigures]:
-    out = []
-    online = None
-    for c in spec.candidates:
-        where = resolve_path(c.path, base_dir) if c.path else c.hf
-        if c.hf and online is None:
-            online = hub_reachable()  # offline: a cached config is still read, nothing is fetched or retried
-        try:
-            total, layers, in_layers, shape = _config_params(where, c.trust_remote_code, c.revision,
-                                                             spec.finetune.lora.target_modules,
-                                                             offline=bool(c.hf) and not online)
-            out.append(CandidateFigures(c.name, float(total), "config", layers or None, float(in_layers) or None,
-                                        shape=shape))
-        except Exception as exc:  # noqa: BLE001 - offline hub, missing or odd config: project from what we have
-            first = (str(exc).splitlines() or [""])[0]
-            reason = f"config not readable ({type(exc).__name__}: {textwrap.shorten(first, 90, placeholder=' ...')})"
-            if c.params:
-                out.append(CandidateFigures(c.name, float(c.params), "spec", note=reason))
-            else:
-                out.append(CandidateFigures(c.name, None, "unknown", note=reason + "; set params: in the spec"))
-    return out
-
-
 def count_rows(source: DataSource, base_dir: str) -> int:
     """Rows of a local source without parsing its records (lines, Parquet metadata, JSON items)."""
-    from damoc.data.readers import _files
+    from damoc.data.readers import source_files
 
     n = 0
-    for path, fmt in _files(source, base_dir):
+    for path, fmt in source_files(source, base_dir):
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -155,6 +96,27 @@ def token_figures(spec: JobSpec, sample: list[dict], tokenizer_path: str) -> tup
     answers = count_tokens(tok, [r["output"] for r in sample])
     per_row = min(spec.finetune.max_length, (sum(prompts) + sum(answers)) / len(sample) + 1)
     return per_row, sum(prompts) / max(1, sum(prompts) + sum(answers))
+
+
+def readable_rows(spec: JobSpec, base_dir: str, rows: int) -> tuple[int, str | None]:
+    """Training rows the data stage will count as readable, keep_ratio's base: the rows read as the stage
+    reads them, less the quarantined ones and the held-out eval split (drawn by the same seeded hash of
+    each row's content). Past EXACT_ROWS rows the count is extrapolated (with a note saying so)."""
+    from damoc.data.lm import row_key, unit_hash
+    from damoc.data.readers import plan_units, read_unit
+
+    d, ratio = spec.data, spec.data.eval.split_ratio
+    seen = readable = 0
+    for unit in plan_units(d.train, base_dir):
+        for r in read_unit(unit, d.fields):
+            seen += 1
+            held = ratio and unit_hash(spec.seed, "eval", row_key(r["instruction"], r["input"], r["output"])) < ratio
+            readable += r.get("reason") is None and not held
+        if seen >= EXACT_ROWS:
+            break
+    if not seen or seen >= rows:
+        return readable, None
+    return round(readable * rows / seen), f"readable rows extrapolated from the first {seen:,d} of {rows:,d}"
 
 
 def data_figures(spec: JobSpec, base_dir: str, tokenizer_path: str | None,
@@ -194,65 +156,6 @@ def data_figures(spec: JobSpec, base_dir: str, tokenizer_path: str | None,
                         + (f" ({Path(tokenizer_path).name}'s where one has none)" if len(by_candidate) < len(
                             candidate_paths or {}) else "")],
                        length_bound(sample, spec.finetune.max_length), by_candidate)
-
-
-def planned_steps(ft, train_rows: int | None) -> int:
-    """Optimizer steps of every trial: `epochs` passes over the training rows, capped by max_steps."""
-    if ft.epochs is None or train_rows is None:
-        return ft.max_steps
-    per_step = ft.batch_size * ft.num_workers * ft.grad_accum
-    return max(1, min(ft.max_steps, math.ceil(ft.epochs * train_rows / per_step)))
-
-
-def asha_schedule(n: int, rungs: list[int], planned: int, reduction_factor: float, decide: bool) -> list[int]:
-    """Steps each candidate trains under synchronous successive halving (best ranked first): all n reach
-    the first rung, ceil(n / rf) the next, ...; once one is left it stops there unless told to finish."""
-    steps, alive = [0] * n, n
-    for r in rungs:
-        for i in range(alive):
-            steps[i] = r
-        alive = max(1, math.ceil(alive / reduction_factor))
-        if alive == 1 and decide:
-            return steps
-    for i in range(alive):
-        steps[i] = planned
-    return steps
-
-
-def grace_for_saving(n: int, planned: int, full_cost: float, step_cost: float, saving: float, floor: int,
-                     reduction_factor: float, decide: bool) -> tuple[int, float]:
-    """`tune.grace_period: auto`: the longest grace period (steps) whose ASHA schedule for `n` trials costs
-    at most 1/`saving` of `full_cost` (fine-tuning every candidate in full) at `step_cost` per trial-step,
-    never under `floor`; with the saving it projects. A longer grace period is more evidence before the
-    first cut, so this spends what the saving allows on it: more on large data, less on small."""
-    from damoc.train.rungs import asha_rungs  # noqa: PLC0415 - the scheduling arithmetic, no Ray started
-
-    def projected(g: int) -> float:
-        spent = step_cost * sum(asha_schedule(n, asha_rungs(g, reduction_factor, planned), planned,
-                                              reduction_factor, decide))
-        return full_cost / spent if spent > 0 else math.inf
-
-    floor = max(1, min(floor, planned))
-    lo, hi = floor, max(floor, planned)  # the schedule's cost grows with g: the largest g that meets it
-    if projected(lo) < saving:
-        return lo, projected(lo)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if projected(mid) >= saving else (lo, mid - 1)
-    return lo, projected(lo)
-
-
-def resolve_grace(tn, n: int, full_steps: int, damoc_steps: int, full_params: list[float],
-                  damoc_params: list[float]) -> tuple[int, float | None]:
-    """The grace period in steps, and for `auto` the saving it projects (rows x parameters: full
-    fine-tuning trains every candidate unpruned on every row; DaMoC's trial-steps each cost the mean
-    pruned candidate; token compression saves on top of it). Both `damoc plan` and the run use it."""
-    if tn.grace_period != "auto":
-        return tn.grace_period, None
-    full = sum(full_params) * full_steps if full_params else float(n * full_steps)
-    step = sum(damoc_params) / len(damoc_params) if damoc_params else 1.0
-    return grace_for_saving(n, damoc_steps, full, step, tn.target_saving, tn.min_grace_period,
-                            tn.reduction_factor, not tn.finish_winner)
 
 
 def expected_prune(m) -> tuple[float, str]:
@@ -322,15 +225,12 @@ def trial_fixed_s(mode: str, index: int) -> float:
 
 def evaluations(steps: int, planned: int, eval_every: int, rungs: list[int]) -> int:
     """Evaluations of a trial that trains `steps` of its `planned` steps: step 0, then every report step."""
-    from damoc.train.loop import report_steps
-
     return 1 + sum(1 for k in report_steps(planned, eval_every, rungs) if k <= steps)
 
 
 def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     """The projection: per candidate and in total, full fine-tuning vs DaMoC."""
     from damoc.data.ops import build_chain
-    from damoc.train.rungs import asha_rungs  # noqa: PLC0415 - the scheduling arithmetic, no Ray started
 
     base = base_dir or os.getcwd()
     ft, tn, m, d = spec.finetune, spec.tune, spec.model, spec.data
@@ -341,11 +241,15 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
         tok_path = None
     data = data_figures(spec, base, tok_path, {c.name: resolve_path(c.path, base) for c in spec.candidates
                                                if c.path and Path(resolve_path(c.path, base)).exists()})
-    eval_share = d.eval.split_ratio or 0.0
-    train_rows = int(data.rows * (1 - eval_share)) if data.rows else None
+    if data.rows and not (d.train.hf or is_uri(d.train.path or "")):  # read here: counted as the stage will
+        train_rows, note = readable_rows(spec, base, data.rows)
+        data.notes += [note] if note else []
+    else:  # not readable here: the eval split's expected share
+        train_rows = int(data.rows * (1 - (d.eval.split_ratio or 0.0))) if data.rows else None
     chain = build_chain(d)
     budgeted = any(op.budgeted for op in chain)  # as the data stage applies keep_ratio
-    kept_rows = round(d.filter.keep_ratio * train_rows) if train_rows and budgeted else train_rows
+    kept_rows = row_budget(d.filter.keep_ratio, train_rows, budgeted) if train_rows else train_rows
+    kept_rows = train_rows if kept_rows is None else kept_rows
     eval_rows = eval_row_count(spec, base, data.rows)
     eval_rows = min(eval_rows, ft.eval_max_rows) if ft.eval_max_rows else eval_rows
     compress = d.compress.ratio if d.compress.enabled else 1.0
@@ -353,14 +257,14 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
     def kept_tokens(name: str) -> float:  # a training row after token compression, in `name`'s tokens
         per_row, share = data.tokens(name)
         return per_row * (1 - share * (1 - compress))
-    per_step = ft.batch_size * ft.num_workers * ft.grad_accum
+    per_step = rows_per_step(ft)
     full_steps, damoc_steps = planned_steps(ft, train_rows), planned_steps(ft, kept_rows)
     known = [c for c in cands if c.params]
     pruned, auto_note = expected_prune(m)
     grace, _ = resolve_grace(tn, len(cands), full_steps, damoc_steps, [c.params for c in known],
                              [c.params_after(pruned) for c in known])
-    rungs = asha_rungs(grace, tn.reduction_factor, damoc_steps) if tn.scheduler == "asha" else []
-    schedule = (asha_schedule(len(cands), rungs, damoc_steps, tn.reduction_factor, not tn.finish_winner)
+    rungs = rungs_for(tn, grace, damoc_steps)
+    schedule = (scheduler(tn).schedule(len(cands), rungs, damoc_steps, tn.reduction_factor, not tn.finish_winner)
                 if rungs else [damoc_steps] * len(cands))
     gpu, mode = ft.use_gpu, ("local" if ft.local else "workers")
     unit, per_worker = ("GPU", (ft.resources_per_worker or {}).get("GPU", 1)) if ft.use_gpu else \
@@ -459,7 +363,7 @@ def reference_lms(spec: JobSpec, base: str, known: list[CandidateFigures],
     smallest = min(known, key=lambda c: c.params, default=None)
     if d.reference_model:
         try:
-            return [(float(_config_params(resolve_path(d.reference_model, base), False, None)[0]), data)]
+            return [(float(config_params(resolve_path(d.reference_model, base), False, None)[0]), data)]
         except Exception:  # noqa: BLE001 - unreadable here: the smallest candidate's figure stands in
             return [(smallest.params, data)] if smallest else []
     local = {c.name for c in spec.candidates if c.path}
@@ -485,15 +389,6 @@ def trial_memory_gib(c: CandidateFigures, ft, data: DataFigures) -> float | None
         return None
     length = data.length or min(ft.max_length, round(2 * data.tokens_per_row))
     return round(finetune_memory(c.shape, ft, length).host / GIB, 2)
-
-
-def cost_words(ratio: float | None) -> str:
-    """A full / DaMoC ratio in words: below 1 it is a cost, never a saving."""
-    if ratio is None:
-        return "-"
-    if ratio == math.inf:
-        return "no cost"
-    return f"{ratio:.1f}x less" if ratio >= 1 else f"{1 / ratio:.1f}x MORE"
 
 
 def format_plan(p: dict[str, Any]) -> str:

@@ -14,8 +14,6 @@ Rules that matter on a shared host:
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import math
 import os
@@ -24,9 +22,10 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from damoc.compat import agent_port_override, write_ray_address
 
 log = logging.getLogger("damoc.runtime")
 
@@ -120,27 +119,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def _agent_port_override(port: int) -> Iterator[None]:
-    """ray.init() gives the node's dashboard agent the fixed port 52365 and has no knob for it.
-    With another Ray instance on the host that port is taken and our job agent never comes up
-    (`ray job submit` then fails with "No available agent"). Give it a free port instead."""
-    from ray._private import parameter
-
-    original = parameter.RayParams.__init__
-
-    @functools.wraps(original)
-    def init(self, *args, **kwargs):
-        kwargs.setdefault("dashboard_agent_listen_port", port)
-        original(self, *args, **kwargs)
-
-    parameter.RayParams.__init__ = init
-    try:
-        yield
-    finally:
-        parameter.RayParams.__init__ = original
-
-
 def connect(
     address: str | None = None,
     *,
@@ -193,7 +171,7 @@ def connect(
     if include_dashboard:
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     try:
-        with _agent_port_override(_free_port()):
+        with agent_port_override(_free_port()):
             ctx = ray.init(
                 address="local",  # a new instance, even if another one runs on this host
                 num_cpus=num_cpus,
@@ -211,8 +189,6 @@ def connect(
         raise
     rt = Runtime(address=ctx.address_info["address"], dashboard_url=ctx.dashboard_url or None, embedded=True,
                  temp_dir=temp_dir, _saved_env=saved)
-    from ray._private.utils import write_ray_address
-
     write_ray_address(rt.address, temp_dir)
     # Stages launched from this driver (Tune trials build their own trainers) must find
     # this cluster, not another one on the host.

@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from damoc.schedule import SCHEDULERS
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 HUB_ID = re.compile(r"(?=.{1,96}$)[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 URI_RE = re.compile(r"^[a-z][a-z0-9+.-]*://")
@@ -365,7 +367,7 @@ class FinetuneSpec(Strict):
 
 
 class TuneSpec(Strict):
-    scheduler: Literal["asha", "none"] = "asha"
+    scheduler: Literal[tuple(SCHEDULERS)] = "asha"  # type: ignore[valid-type] - damoc/schedule.py's registry
     # Steps before ASHA may stop a trial, or auto (the default): the longest grace period whose schedule
     # trains at most 1/target_saving of what fine-tuning every candidate in full would (rows x parameters:
     # the evidence scales with the bill; see damoc/plan.py::grace_for_saving), never under
@@ -436,7 +438,7 @@ def cross_checks(data: Any) -> list[str]:
     grace = _get(data, "tune", "grace_period", default=TuneSpec.model_fields["grace_period"].default)
     steps = _get(data, "finetune", "max_steps", default=FinetuneSpec.model_fields["max_steps"].default)
     scheduler = _get(data, "tune", "scheduler", default=TuneSpec.model_fields["scheduler"].default)
-    if scheduler == "asha" and isinstance(grace, int) and \
+    if scheduler in SCHEDULERS and SCHEDULERS[scheduler].stops_early and isinstance(grace, int) and \
             isinstance(steps, int) and grace > steps:
         out.append(f"(top level): tune.grace_period ({grace}) exceeds finetune.max_steps ({steps})")
     if _get(data, "select", "metric") == "accuracy" and _get(data, "data", "task", default="qa") != "multiple_choice":

@@ -216,3 +216,22 @@ def test_shared_compression_without_a_filter_runs_in_pass_2_per_share(job_dir, t
     assert abs(m["tokens_after"] / m["tokens_before"] - 0.6) <= 0.05
     train = pq.read_table(data / "train.parquet")
     assert str(train.schema.field("instruction").type) == "string" and len(train) == m["kept"]
+
+
+def test_damoc_plan_budgets_the_rows_the_data_stage_keeps(job_dir, tiny_model):
+    """`damoc plan` and the data stage share one rule (damoc/schedule.py::row_budget) over the same base:
+    the readable rows, counted by the plan as the stage reads them (malformed lines quarantined, the eval
+    split drawn by the same hash). Before, the plan took the split's share of every line (a different
+    base, so a different budget) on this corpus. With no budgeted selector, neither cuts."""
+    from damoc.plan import project
+
+    write_corpus(job_dir / "data" / "corpus.jsonl", 300, malformed=0.05, dups=0.05, seed=4)
+    common = {"data.train.path": "data/corpus.jsonl", "data.eval": {"split_ratio": 0.15},
+              "data.reference_model": str(tiny_model("llama")), "data.batch_size": 64}
+    for filt in ({"method": "hybrid", "keep_ratio": 0.3}, {"keep_ratio": 0.3, "operators": [{"name": "rules"}]}):
+        _, data = run_data(job_dir, **common, **{"data.filter": filt})
+        m = manifest(data)
+        plan = project(spec_from_data(spec_dict(**common, **{"data.filter": filt}), base_dir=str(job_dir)), str(job_dir))
+        assert plan["train_rows"] == m["readable"] and int(300 * 0.85) != m["readable"]
+        assert plan["kept_rows"] == (m["budget"] if m["budget"] is not None else m["readable"])
+        assert (m["budget"] is None) == ("operators" in filt)

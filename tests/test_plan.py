@@ -6,7 +6,8 @@ import pytest
 from conftest import QA_ROWS, spec_dict, write_jsonl
 
 from damoc.cli import main
-from damoc.plan import asha_schedule, grace_for_saving, project
+from damoc.plan import project
+from damoc.schedule import asha_rungs, asha_schedule, grace_for_saving
 from damoc.spec import spec_from_data
 
 
@@ -20,8 +21,6 @@ def test_auto_grace_is_the_longest_that_keeps_the_saving():
     """5 trials, rf 2, stopped once decided: the schedule trains 12 x grace trial-steps (5 to the first rung,
     3 to the second, 2 to the third), so at 1 per step and 1200 for full fine-tuning the saving is 100 / g."""
     def spent(g):
-        from damoc.train.rungs import asha_rungs
-
         return sum(asha_schedule(5, asha_rungs(g, 2, 51), 51, 2, True))
 
     assert spent(3) == 36 and spent(5) == 60
@@ -203,6 +202,6 @@ def test_the_plans_data_stage_prices_the_reference_lm_rule(tmp_path, tiny_model)
 
 
 def test_a_ratio_below_one_is_worded_as_a_cost():
-    from damoc.plan import cost_words
+    from damoc.report.savings import cost_words
 
     assert cost_words(21.04) == "21.0x less" and cost_words(1 / 1.7) == "1.7x MORE" and cost_words(None) == "-"

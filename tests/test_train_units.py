@@ -16,8 +16,9 @@ from damoc.train.driver import worker_resources
 from damoc.lm.nll import bits_per_byte
 from damoc.lm.prompts import gold_option, options_of, prompt_text
 from damoc.lm.tokens import IGNORE, collate, encode
-from damoc.train.loop import Batches, report_steps
-from damoc.train.rungs import Rungs, asha_rungs, poll_until, release_order, stable_keep
+from damoc.schedule import asha_rungs, planned_steps, report_steps
+from damoc.train.loop import Batches
+from damoc.train.rungs import Rungs, poll_until, release_order, stable_keep
 
 
 # ---------------------------------------------------------------- examples and metrics
@@ -112,7 +113,7 @@ def test_deepspeed_imports_its_muon_optimizer_without_the_inductor_compiler():
     import subprocess
     import sys
 
-    code = ("import sys, torch; from damoc.train.engine import MUON, import_muon_uncompiled; "
+    code = ("import sys, torch; from damoc.compat import MUON, import_muon_uncompiled; "
             "import_muon_uncompiled(); import torch.compiler as c; "
             "print(MUON in sys.modules, 'torch._inductor.compile_fx' in sys.modules, c.get_default_backend())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -355,7 +356,6 @@ def test_trial_concurrency_from_cluster_resources():
 
 def test_epochs_set_the_steps_capped_by_max_steps():
     from damoc.spec import FinetuneSpec
-    from damoc.plan import planned_steps
 
     assert planned_steps(FinetuneSpec(max_steps=200), 10_000) == 200  # no epochs: max_steps
     ft = FinetuneSpec(epochs=2, batch_size=8, num_workers=2, grad_accum=2, max_steps=1000)
@@ -488,7 +488,7 @@ def test_the_full_projection_uses_steady_steps_and_rows_as_long_as_the_readable_
                                                             "tokens_after": 10}))
     pq.write_table(pa.table({"chars": [100, 100]}), run / "data" / "train.parquet")
     pq.write_table(pa.table({"chars": [50, 50]}), run / "data" / "dropped.parquet")
-    (run / "spec.yaml").write_text(yaml.safe_dump({"finetune": {"batch_size": 8, "max_steps": 10, "epochs": 1}}))
+    (run / "spec.yaml").write_text(yaml.safe_dump({"finetune": {"batch_size": 8, "num_workers": 1, "max_steps": 10, "epochs": 1}}))
     out = savings(run, {"cost": {"worker_seconds": 10.0, "train_flops": 5e9}})
     rate = 3.5e9 / 4
     want = {"a": 6 * 1e6 * 8 * 15, "b": 6 * 2e6 * 8 * 15}

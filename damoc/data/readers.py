@@ -26,7 +26,7 @@ class SourceError(ValueError):
     """The source itself cannot be read (not a row problem)."""
 
 
-def _files(source: DataSource, base_dir: str) -> list[tuple[Path, str]]:
+def source_files(source: DataSource, base_dir: str) -> list[tuple[Path, str]]:
     root = Path(resolve_path(source.path, base_dir))
     if root.is_dir():
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS)
@@ -48,7 +48,7 @@ def _files(source: DataSource, base_dir: str) -> list[tuple[Path, str]]:
 def plan_units(source: DataSource, base_dir: str, chunk_bytes: int = CHUNK_BYTES) -> list[dict[str, Any]]:
     """The read units of a local source, in a stable order."""
     units: list[dict[str, Any]] = []
-    for path, fmt in _files(source, base_dir):
+    for path, fmt in source_files(source, base_dir):
         if fmt == "jsonl":
             size = path.stat().st_size
             for start in range(0, max(size, 1), chunk_bytes):
@@ -266,7 +266,7 @@ def sample_records(source: DataSource, base_dir: str, n: int = 200) -> tuple[str
     """The first `n` records of a local source as the user wrote them (before the field mapping), for
     checks that must run before any cluster work. Unparseable lines are skipped: the reader
     quarantines them later with their reason."""
-    path, fmt = _files(source, base_dir)[0]
+    path, fmt = source_files(source, base_dir)[0]
     records: list[Any] = []
     if fmt == "jsonl":
         with open(path, "rb") as fh:

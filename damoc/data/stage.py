@@ -63,8 +63,9 @@ from damoc.data.rewrite import Rewriter
 from damoc.data.work import ALIVE, DROPPED, EVAL, QUARANTINED, WorkData, WorkRows, equals, fix_types, valid
 from damoc.lm.load import load_tokenizer
 from damoc.pipeline import Stage, StageContext, register_stage
-from damoc.rundir import atomic_write_json
+from damoc import records
 from damoc.runtime import on_head_node
+from damoc.schedule import row_budget
 from damoc.spec import DataSpec, JobSpec
 
 log = logging.getLogger("damoc.data")
@@ -686,7 +687,7 @@ class DataStage(Stage):
         """Each selector on the rows still alive; their drops, reasons indexed by row order."""
         d = ctx.spec.data
         readable = int(((~work.origin_eval) & ((work.status == ALIVE) | (work.status == DROPPED))).sum())
-        budget = round(d.filter.keep_ratio * readable) if any(s.budgeted for s in plan.selectors) else None
+        budget = row_budget(d.filter.keep_ratio, readable, any(s.budgeted for s in plan.selectors))
         parts: list[pd.Series] = []
         timings: list[dict[str, Any]] = []
         alive = work.alive
@@ -834,7 +835,7 @@ class DataStage(Stage):
         eval_info = ({"input": held_out, "rows": eval_rows, "quarantined": 0} if d.eval.split_ratio is not None
                      else {"input": routed.eval_input, "rows": eval_rows, "quarantined": routed.eval_quarantined})
         readable = n_input - quarantined - held_out  # keep_ratio is a fraction of these
-        budget = round(d.filter.keep_ratio * readable) if any(s.budgeted for s in plan.selectors) else None
+        budget = row_budget(d.filter.keep_ratio, readable, any(s.budgeted for s in plan.selectors))
         note = budget_note(d.filter.keep_ratio, budget, kept, dropped, plan)
         if note:
             log.warning("data: %s", note)
@@ -848,6 +849,6 @@ class DataStage(Stage):
             "examples": {"compress": routed.examples["compress"]},
             "seconds": round(time.monotonic() - t0, 3),
         }
-        atomic_write_json(ctx.out / "manifest.json", manifest)
+        records.write(records.Manifest, ctx.out / "manifest.json", manifest)
         metrics.record_data(ctx.spec.name, manifest)
         return manifest

@@ -6,7 +6,6 @@ one Ray actor per candidate.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from damoc.model.prune import (
     remove_layers,
 )
 from damoc.model.scores import batches, calibrate, forward_losses
-from damoc.rundir import atomic_write_json
+from damoc import records
 from damoc.spec import ModelSpec
 
 
@@ -224,5 +223,5 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
                             "prune_merge_eval": round(t_compress - t_load - cal.seconds - (t_choose - t_score), 3),
                             "save": round(time.perf_counter() - t_compress, 3)},
     }
-    atomic_write_json(out / "compression.json", report)
+    records.write(records.Compression, out / "compression.json", report)
     return report

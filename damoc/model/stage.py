@@ -31,7 +31,7 @@ from damoc.model.compress import Source, compress_candidate
 from damoc.lm.load import modeling_module
 from damoc.pipeline import Stage, StageContext, register_stage, release
 from damoc import metrics
-from damoc.rundir import atomic_write_json
+from damoc import records
 from damoc.runtime import fitting
 from damoc.spec import JobSpec, ModelSpec, resolve_path
 from damoc.store import WEIGHTS, cache_root, download, is_remote, upload_folder
@@ -264,8 +264,8 @@ class ModelStage(Stage):
     def failed(ctx: StageContext, name: str, err: BaseException, t0: float) -> dict[str, Any]:
         reason, seconds = failure_reason(err), round(time.monotonic() - t0, 3)
         (ctx.out / name).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(ctx.out / name / "compression.json",
-                          {"name": name, "status": "failed", "reason": reason, "seconds": seconds})
+        records.write(records.Compression, ctx.out / name / "compression.json",
+                      {"name": name, "status": "failed", "reason": reason, "seconds": seconds})
         log.error("models: %s failed: %s", name, reason)
         return {"name": name, "status": "failed", "reason": reason, "seconds": seconds}
 
@@ -282,7 +282,7 @@ class ModelStage(Stage):
         if not m.enabled:  # the finetune stage then trains the candidates as they are
             for cand in spec.candidates:
                 entries.append({"name": cand.name, "status": "original", "path": self.source(ctx, cand).location})
-            atomic_write_json(ctx.out / "models.json", {"enabled": False, "candidates": entries})
+            records.write(records.ModelsIndex, ctx.out / "models.json", {"enabled": False, "candidates": entries})
             return {"candidates": len(entries), "compressed": 0, "failed": 0}
 
         ctx.runtime  # noqa: B018 - start (or join) Ray
@@ -329,7 +329,7 @@ class ModelStage(Stage):
         finally:  # a stage that fails leaves no actor behind
             release(pool.actors())
         entries = [results[c.name] for c in spec.candidates]
-        atomic_write_json(ctx.out / "models.json", {"enabled": True, "candidates": entries})
+        records.write(records.ModelsIndex, ctx.out / "models.json", {"enabled": True, "candidates": entries})
         n_failed = sum(e["status"] == "failed" for e in entries)
         if n_failed == len(entries):
             raise RuntimeError("every candidate failed: " + "; ".join(f"{e['name']}: {e['reason']}" for e in entries))

@@ -6,13 +6,14 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from damoc.plan import cost_words
+from damoc.report.savings import cost_words
 from damoc.report import plots
 from damoc.report.ranking import build_ranking
 from damoc.report.reasons import describe
 from damoc.report.render import Block, fmt, to_html, to_markdown
 from damoc.report.savings import savings
-from damoc.rundir import atomic_write_json, atomic_write_text, read_json
+from damoc import records
+from damoc.rundir import atomic_write_text
 
 
 def write_report(run_dir: Path, out: Path) -> dict[str, Any]:
@@ -20,8 +21,8 @@ def write_report(run_dir: Path, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     ranking = build_ranking(run_dir)
     ranking["savings"] = savings(run_dir, ranking)
-    atomic_write_json(out / "ranking.json", ranking)
-    finetune = read_json(run_dir / "finetune" / "results.json") or {}
+    records.write(records.Ranking, out / "ranking.json", ranking)
+    finetune = records.read(records.Results, run_dir) or {}
     blocks: list[Block] = [("h1", f"DaMoC report: {run_dir.name}")]
     blocks += _summary_section(run_dir, ranking)
     blocks += _ranking_section(ranking, finetune, out)
@@ -297,12 +298,12 @@ def _cost_section(ranking: dict[str, Any], out: Path) -> list[Block]:
 
 
 def _models_section(run_dir: Path, out: Path) -> list[Block]:
-    index = read_json(run_dir / "models" / "models.json") or {}
+    index = records.read(records.ModelsIndex, run_dir) or {}
     if not index.get("enabled", True):
         return [("h2", "Model compression"), ("p", "Off: the candidates were fine-tuned as they are.")]
     rows, strips, blocks = [], [], [("h2", "Model compression")]
     for e in index.get("candidates", []):
-        c = read_json(run_dir / "models" / e["name"] / "compression.json") or {}
+        c = records.compression(run_dir / "models" / e["name"]) or {}
         if e["status"] != "compressed":
             rows.append([e["name"], e["status"], None, None, None, None, None, e.get("reason", "")])
             continue
@@ -327,7 +328,7 @@ def _models_section(run_dir: Path, out: Path) -> list[Block]:
 
 
 def _data_section(run_dir: Path, out: Path) -> list[Block]:
-    m = read_json(run_dir / "data" / "manifest.json")
+    m = records.read(records.Manifest, run_dir)
     if not m:
         return []
     dropped = m.get("dropped", {})

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from damoc.report.agreement import best, kendall_tau, rel_acc, spearman, top1_hit
-from damoc.rundir import read_json
+from damoc import records
 
 
 def load_ranking(run_dir: Path) -> dict[str, Any]:
-    ranking = read_json(Path(run_dir) / "report" / "ranking.json")
+    ranking = records.read(records.Ranking, Path(run_dir))
     if not ranking:
         raise FileNotFoundError(f"{Path(run_dir) / 'report' / 'ranking.json'} is missing: run its report stage")
     return ranking
@@ -88,11 +88,9 @@ def comparability(run_a: Path, run_b: Path, a: dict[str, Any], b: dict[str, Any]
 
 def train_source(run_dir: Path) -> str | None:
     """The training data a run read, as its spec names it (data.train), for a like-for-like check."""
-    import yaml
-
     try:
-        spec = yaml.safe_load((run_dir / "spec.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        spec = records.spec_data(run_dir)
+    except records.RecordError:
         return None
     train = (spec.get("data") or {}).get("train") or {}
     return train.get("hf") or train.get("path")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from damoc.report.confidence import confidence
+from damoc import records
 from damoc.rundir import read_json
 
 
@@ -61,7 +62,7 @@ def zero_shot_ranking(run_dir: Path, finetune: dict[str, Any], ranking: dict[str
 
     scores, compressed = {}, {}
     for e in finetune.get("candidates", []):
-        z = (read_json(run_dir / "models" / e["name"] / "compression.json") or {}).get("zero_shot") or {}
+        z = (records.compression(run_dir / "models" / e["name"]) or {}).get("zero_shot") or {}
         step0 = zero_shot(e, "eval_loss")
         if z.get("original") is not None:
             scores[e["name"]] = z["original"]
@@ -103,7 +104,7 @@ def stage_costs(run_dir: Path, finetune: dict[str, Any]) -> dict[str, Any]:
     candidate actor's seconds x its CPUs; finetune: each trial's seconds x its workers.
     Training FLOPs = 6 x forward params x tokens processed (the fine-tuning cost the method saves).
     """
-    model_entries = (read_json(run_dir / "models" / "models.json") or {}).get("candidates", [])
+    model_entries = (records.read(records.ModelsIndex, run_dir) or {}).get("candidates", [])
     data_marker = read_json(run_dir / "data" / "_stage.json") or {}
     model_marker = read_json(run_dir / "models" / "_stage.json") or {}
     spec = _spec(run_dir)
@@ -128,16 +129,11 @@ def stage_costs(run_dir: Path, finetune: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spec(run_dir: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        return yaml.safe_load((run_dir / "spec.yaml").read_text()) or {}
-    except OSError:
-        return {}
+    return records.spec_data(run_dir)
 
 
 def build_ranking(run_dir: Path) -> dict[str, Any]:
-    finetune = read_json(run_dir / "finetune" / "results.json")
+    finetune = records.read(records.Results, run_dir)
     if not finetune:
         raise FileNotFoundError(f"{run_dir / 'finetune' / 'results.json'} is missing: run the finetune stage first")
     ranking = {"metric": finetune["metric"], "mode": finetune["mode"],

@@ -11,48 +11,43 @@ jobs, CPU-hours otherwise.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import yaml
-
-from damoc.plan import planned_steps
-from damoc.rundir import read_json
+from damoc import records
+from damoc.schedule import planned_steps, rows_per_step
 
 
 def savings(run_dir: Path, ranking: dict[str, Any]) -> dict[str, Any] | None:
-    results = read_json(run_dir / "finetune" / "results.json") or {}
-    manifest = read_json(run_dir / "data" / "manifest.json") or {}
-    try:
-        spec = yaml.safe_load((run_dir / "spec.yaml").read_text()) or {}
-    except OSError:
+    results = records.read(records.Results, run_dir) or {}
+    manifest = records.read(records.Manifest, run_dir) or {}
+    ft = records.finetune_spec(run_dir)
+    if ft is None:
         return None
     entries = [e for e in results.get("candidates", []) if e.get("train_flops") and e.get("timeline")]
     if not entries or not manifest.get("kept"):
         return None
-    ft = spec.get("finetune", {})
-    per_worker = ft.get("resources_per_worker") or {}
-    unit, per = ("GPU", per_worker.get("GPU", 1)) if ft.get("use_gpu") else ("CPU", per_worker.get("CPU", 1))
+    per_worker = ft.resources_per_worker or {}
+    unit, per = ("GPU", per_worker.get("GPU", 1)) if ft.use_gpu else ("CPU", per_worker.get("CPU", 1))
     flops_per_ws, steady = throughput(entries)
     fixed = sum(e["timeline"]["fixed"] + warmup(e) for e in entries) / len(entries)
-    rows_per_step = ft.get("batch_size", 8) * ft.get("num_workers", 1) * ft.get("grad_accum", 1)
+    per_step = rows_per_step(ft)
     kept = manifest["kept"]
     # Tokens per trained row, then per row as the full runs would train it (prompts uncompressed, rows
     # as long as the readable ones are on average).
-    per_row = sum(e.get("train_tokens", 0) for e in entries) / max(1, sum(e["steps"] * rows_per_step for e in entries))
+    per_row = sum(e.get("train_tokens", 0) for e in entries) / max(1, sum(e["steps"] * per_step for e in entries))
     length = length_ratio(run_dir / "data")
     per_row_full = (per_row + (manifest.get("tokens_before", 0) - manifest.get("tokens_after", 0)) / max(1, kept)) * length
     full_rows = manifest.get("readable", kept)
-    full_steps = planned_steps(SimpleNamespace(**{**{"epochs": None, "max_steps": 200, "batch_size": 8,
-                                                     "num_workers": 1, "grad_accum": 1}, **ft}), full_rows)
+    full_steps = planned_steps(ft, full_rows)
     projected, per_candidate = 0.0, {}
     for e in results.get("candidates", []):
-        c = read_json(run_dir / "models" / e["name"] / "compression.json") or {}
+        c = records.compression(run_dir / "models" / e["name"]) or {}
         params = c.get("params_before") or e.get("forward_params")
         if not params:
             continue
-        flops = 6.0 * params * full_steps * rows_per_step * per_row_full
+        flops = 6.0 * params * full_steps * per_step * per_row_full
         ws = flops / flops_per_ws + fixed * e.get("workers", 1)
         per_candidate[e["name"]] = {"flops": flops, "worker_seconds": ws}
         projected += ws
@@ -65,7 +60,7 @@ def savings(run_dir: Path, ranking: dict[str, Any]) -> dict[str, Any] | None:
             "assumptions": [f"throughput {flops_per_ws / 1e9:.3g} GFLOP/s per worker, measured in this run's training"
                             + (" after each trial's first step" if steady else ""),
                             f"{fixed:.1f} s of fixed start-up and first step per trial (this run's mean)",
-                            f"{full_rows:,d} rows x {full_steps} steps of {rows_per_step} rows, "
+                            f"{full_rows:,d} rows x {full_steps} steps of {per_step} rows, "
                             f"{per_row_full:.0f} tokens per row (prompts uncompressed"
                             + (f"; the readable rows are {length:.2f}x as long as the kept ones" if length != 1 else "")
                             + "), original models"]}
@@ -103,3 +98,12 @@ def length_ratio(data_dir: Path) -> float:
     if not every or not kept or not sum(kept):
         return 1.0
     return (sum(every) / len(every)) / (sum(kept) / len(kept))
+
+
+def cost_words(ratio: float | None) -> str:
+    """A full / DaMoC ratio in words: below 1 it is a cost, never a saving."""
+    if ratio is None:
+        return "-"
+    if ratio == math.inf:
+        return "no cost"
+    return f"{ratio:.1f}x less" if ratio >= 1 else f"{1 / ratio:.1f}x MORE"

@@ -16,6 +16,7 @@ ASHA itself is not part of Tune's experiment state, so its records travel in the
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import re
@@ -29,9 +30,10 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from damoc.compat import actor_node, tune_survives_oom_kills
+from damoc.compat import actor_node, asha_rung_records, load_asha_rung_records, tune_survives_oom_kills
 from damoc.rundir import atomic_write_json, read_json
 from damoc.runtime import on_head_node
+from damoc.schedule import SCHEDULERS
 from damoc.spec import is_uri
 from damoc.train.args import TrainArgs
 from damoc.train.loop import train_loop_per_worker
@@ -281,12 +283,21 @@ class ResumableASHA(ASHAScheduler):
 
     def records(self) -> list[dict[str, dict[str, float]]]:
         """Per bracket, per rung milestone: {trial id: recorded value}."""
-        return [{str(m): dict(rec) for m, rec in b._rungs} for b in self._brackets]
+        return asha_rung_records(self)
 
     def load_records(self, saved: list[dict[str, dict[str, float]]]) -> None:
-        for bracket, rungs in zip(self._brackets, saved):
-            for milestone, recorded in bracket._rungs:
-                recorded.update(rungs.get(str(milestone), {}))
+        load_asha_rung_records(self, saved)
+
+
+def asha_scheduler(book: Book, grace_period: int, reduction_factor: float) -> ResumableASHA:
+    """`tune.scheduler: asha` (damoc/schedule.py): ASHA over the book's planned steps and rungs."""
+    return ResumableASHA(time_attr="step", grace_period=grace_period, reduction_factor=reduction_factor,
+                         max_t=book.planned_steps, rungs=book.rungs)
+
+
+def fifo_scheduler(book: Book, grace_period: int, reduction_factor: float) -> FIFOScheduler:
+    """`tune.scheduler: none`: every trial trains to the end."""
+    return FIFOScheduler()
 
 
 class Bookkeeping(tune.Callback):
@@ -502,13 +513,15 @@ def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[st
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
-        sched = (ResumableASHA(time_attr="step", grace_period=grace_period, reduction_factor=reduction_factor,
-                               max_t=book.planned_steps, rungs=book.rungs) if scheduler == "asha" else FIFOScheduler())
+        chosen = SCHEDULERS[scheduler]
+        module, name = chosen.tune.split(":")
+        sched = getattr(importlib.import_module(module), name)(book=book, grace_period=grace_period,
+                                                               reduction_factor=reduction_factor)
         tuner = tune.Tuner(
             trainable,
             param_space={"candidate": tune.grid_search(list(plans))},
             # ASHA judges the trend-projected score (damoc/train/rungs.py::rung_score); curves show the metric.
-            tune_config=tune.TuneConfig(metric=RUNG_SCORE if scheduler == "asha" else metric, mode=mode,
+            tune_config=tune.TuneConfig(metric=RUNG_SCORE if chosen.stops_early else metric, mode=mode,
                                         scheduler=sched, num_samples=1,
                                         max_concurrent_trials=max_concurrent, reuse_actors=local),
             run_config=tune.RunConfig(

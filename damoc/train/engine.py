@@ -8,9 +8,7 @@ and `save(dir)` / `load(dir)` for checkpoints that resume the optimizer and sche
 
 from __future__ import annotations
 
-import importlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
+from damoc.compat import import_muon_uncompiled, skip_shm_comm_build
 from damoc.lm.nll import causal_lm_loss
 from damoc.train.args import TrainArgs
 
@@ -49,40 +48,6 @@ def deepspeed_config(micro_batch: int, grad_accum: int, zero_stage: int, dtype: 
         "steps_per_print": 1 << 30,  # progress is the loop's job
         "wall_clock_breakdown": False,
     }
-
-
-def skip_shm_comm_build() -> None:
-    """DeepSpeed's CPU accelerator compiles a shared-memory all-reduce with the machine's C++ compiler
-    when its communication backend starts: 25-30 s on 2 cores, paid again on every new machine, pod or
-    virtual environment (cached in ~/.cache/torch_extensions). Only its inference all-reduce uses it;
-    training reduces through torch.distributed either way. Marked unavailable, it is not built."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
-
-
-def import_muon_uncompiled() -> None:
-    """deepspeed.initialize imports DeepSpeed's Muon optimizer (to check ours against ZeRO's list), and
-    that module wraps its kernels in torch.compile when imported: with torch's default backend that
-    imports the inductor compiler, 0.6-1 s of every trial process's start. DaMoC never steps Muon, so
-    it is imported with the eager backend, whose wrappers cost nothing; the default is put back."""
-    import sys
-
-    import torch.compiler
-
-    if MUON in sys.modules or not hasattr(torch.compiler, "set_default_backend"):
-        return
-    before = torch.compiler.get_default_backend()
-    torch.compiler.set_default_backend("eager")
-    try:
-        importlib.import_module(MUON)
-    except ImportError:  # a DeepSpeed without Muon: nothing to spare
-        pass
-    finally:
-        torch.compiler.set_default_backend(before)
 
 
 class DeepSpeedEngine:

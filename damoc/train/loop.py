@@ -23,7 +23,9 @@ from typing import Any
 from damoc.lm.load import context_window, load_causal_lm, pad_id
 from damoc.lm.prompts import prompt_text, uses_chat
 from damoc.lm.tokens import Example, collate, encode
+from damoc.compat import forget_destroyed_groups
 from damoc.metrics import record_report
+from damoc.schedule import report_steps
 from damoc.train.args import TrainArgs
 from damoc.train.timeline import Timeline
 
@@ -134,24 +136,6 @@ def local_process_group() -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
-def forget_destroyed_groups() -> None:
-    """Train's local controller ends a finished trial with torch's destroy_process_group, not
-    DeepSpeed's, so DeepSpeed still caches groups of the destroyed one and the next trial in this
-    (reused) process fails in deepspeed.initialize ("Group ... is not registered"). Drop them."""
-    import sys
-
-    groups = sys.modules.get("deepspeed.utils.groups")
-    if groups is None:
-        return
-    release = getattr(groups, "_release_process_group_references", None)
-    if release is not None:
-        release(None)
-        return
-    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
-        if hasattr(groups, name):  # older DeepSpeed: plain module globals
-            setattr(groups, name, None)
-
-
 def on_this_node(args: TrainArgs) -> TrainArgs:
     """The model and rows read from this node's disk: a run on object storage fetches them into the
     node's cache once (damoc.store.localize); a local or shared path is used as it is."""
@@ -228,11 +212,6 @@ def peak_memory() -> int:
     except OSError:
         pass
     return 0
-
-
-def report_steps(max_steps: int, eval_every: int, rungs: tuple[int, ...] | list[int]) -> set[int]:
-    """Steps that evaluate, checkpoint and report: every eval_every, every ASHA rung, and the last."""
-    return set(range(eval_every, max_steps + 1, eval_every)) | {r for r in rungs if r <= max_steps} | {max_steps}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

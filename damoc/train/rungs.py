@@ -33,17 +33,6 @@ import ray
 from damoc.paired import Rows, Trend, beaten_shares, projected
 
 
-def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
-    """The steps where ASHA compares trials (its milestones below max_t)."""
-    rungs, k = [], 0
-    while True:
-        r = int(grace_period * reduction_factor ** k)
-        if r >= max_t:
-            return rungs
-        rungs.append(r)
-        k += 1
-
-
 RUNG_SCORE = "rung_score"  # the figure ASHA and the barrier judge trials by (see rung_score)
 
 

@@ -27,8 +27,10 @@ from damoc import metrics
 from damoc.lm.load import context_window
 from damoc.lm.memory import GIB, length_bound
 from damoc.pipeline import Stage, StageContext, register_stage
-from damoc.plan import candidate_figures, planned_steps, resolve_grace
-from damoc.rundir import atomic_write_json, read_json
+from damoc.lm.figures import candidate_figures
+from damoc.schedule import planned_steps, resolve_grace, rungs_for, scheduler
+from damoc import records
+from damoc.rundir import read_json
 from damoc.runtime import fitting
 from damoc.spec import JobSpec, is_uri
 from damoc.store import is_remote
@@ -43,7 +45,6 @@ from damoc.train.driver import (
     tune_candidates,
     worker_resources,
 )
-from damoc.train.rungs import asha_rungs
 
 log = logging.getLogger("damoc.train")
 
@@ -54,7 +55,7 @@ CURVE_KEYS = ("step", "eval_loss", "eval_loss_token", "exact_match", "rouge_l", 
 
 def trainable_candidates(ctx: StageContext) -> tuple[dict[str, dict], list[dict]]:
     """Candidates the model stage left usable ({name: entry}) and those it failed."""
-    index = read_json(ctx.input("models") / "models.json")
+    index = records.load(records.ModelsIndex, ctx.input("models") / "models.json")
     if not index:
         raise FileNotFoundError(f"{ctx.input('models') / 'models.json'} is missing or unreadable")
     usable = {e["name"]: e for e in index["candidates"] if e["status"] in ("compressed", "original")}
@@ -87,7 +88,7 @@ def candidate_sizes(ctx: StageContext, usable: dict[str, dict]) -> list[tuple[fl
     compression record, else as `damoc plan` reads them (its config, shapes only; else `params:`)."""
     sizes = {}
     for name, e in usable.items():
-        c = read_json(Path(e["path"]) / "compression.json") or {}
+        c = records.compression(Path(e["path"])) or {}
         if c.get("params_before") and c.get("params_after"):
             sizes[name] = (float(c["params_before"]), float(c["params_after"]))
     if len(sizes) < len(usable):  # trained as they are
@@ -102,7 +103,7 @@ def grace_period(ctx: StageContext, usable: dict[str, dict], steps: int) -> tupl
     tn, ft = ctx.spec.tune, ctx.spec.finetune
     if tn.grace_period != "auto":
         return tn.grace_period, None
-    full_rows = (read_json(ctx.input("data") / "manifest.json") or {}).get("readable") or \
+    full_rows = (records.load(records.Manifest, ctx.input("data") / "manifest.json") or {}).get("readable") or \
         pq.ParquetFile(ctx.input("data") / "train.parquet").metadata.num_rows
     params = candidate_sizes(ctx, usable)
     full_steps = planned_steps(ft, full_rows)
@@ -305,8 +306,8 @@ class FinetuneStage(Stage):
         data_dir = ctx.input("data").resolve()
         train_rows = pq.ParquetFile(data_dir / "train.parquet").metadata.num_rows
         steps = planned_steps(ft, train_rows)
-        grace, auto = grace_period(ctx, usable, steps) if tn.scheduler == "asha" else (tn.grace_period, None)
-        rungs = asha_rungs(grace, tn.reduction_factor, steps) if tn.scheduler == "asha" else []
+        grace, auto = grace_period(ctx, usable, steps) if scheduler(tn).stops_early else (tn.grace_period, None)
+        rungs = rungs_for(tn, grace, steps)
         train_path, eval_path = ctx.shared("data/train.parquet"), ctx.shared("data/eval.parquet")
         plans = {c.name: TrialPlan(c.name, replace(train_args(
             spec, c.name, model_location(ctx, usable[c.name]), train_path, eval_path, rungs, None,
@@ -373,7 +374,7 @@ class FinetuneStage(Stage):
                     log.warning("finetune: %s: %s", e["name"], e["note"])
         keep_outputs(storage, ctx.out, entries)
         seconds = time.monotonic() - t0
-        atomic_write_json(ctx.out / "results.json", {
+        records.write(records.Results, ctx.out / "results.json", {
             "metric": spec.select.metric, "mode": spec.select.mode, "scheduler": tn.scheduler,
             "rungs": rungs, "grace_auto": auto, "sync_rungs": bool(barrier), "max_steps": steps, "epochs": ft.epochs,
             "max_concurrent_trials": concurrent, "num_workers": ft.num_workers, "method": ft.method,
