@@ -255,37 +255,28 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def job_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    """A subcommand that takes a job spec, and `--set` overrides of its keys."""
+    cmd = sub.add_parser(name, help=help)
+    cmd.add_argument("job", type=Path)
+    cmd.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a spec key, e.g. --set output_dir=s3://bucket/runs/x")
+    cmd.set_defaults(func=func)
+    return cmd
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="damoc", description="Select the best LLM to fine-tune, cheaply.")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show everything on the terminal: library output, debug lines, tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
-
-    v = sub.add_parser("validate", help="check a job spec; exit 2 listing every problem")
-    v.add_argument("job", type=Path)
-    v.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a spec key, e.g. --set output_dir=s3://bucket/runs/x")
-    v.set_defaults(func=cmd_validate)
-
-    pl = sub.add_parser("plan", help="project the cost of fine-tuning every candidate in full vs DaMoC")
-    pl.add_argument("job", type=Path)
-    pl.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                    help="override a spec key, e.g. --set output_dir=s3://bucket/runs/x")
+    job_command(sub, "validate", "check a job spec; exit 2 listing every problem", cmd_validate)
+    pl = job_command(sub, "plan", "project the cost of fine-tuning every candidate in full vs DaMoC", cmd_plan)
     pl.add_argument("--json", action="store_true", help="print the projection as JSON")
-    pl.set_defaults(func=cmd_plan)
-
-    e = sub.add_parser("runtime-env", help="the runtime env to `ray job submit` a job with: the base one, "
-                       "narrowed so that the files its spec names are uploaded (jobs/submit.sh uses it)")
-    e.add_argument("job", type=Path)
-    e.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a spec key, e.g. --set output_dir=s3://bucket/runs/x")
+    e = job_command(sub, "runtime-env", "the runtime env to `ray job submit` a job with: the base one, narrowed "
+                    "so that the files its spec names are uploaded (jobs/submit.sh uses it)", cmd_runtime_env)
     e.add_argument("--base", default="cluster/runtime_env.yaml", help="the runtime env to start from")
-    e.set_defaults(func=cmd_runtime_env)
-
-    s = sub.add_parser("select", help="run the selection job and write the run directory")
-    s.add_argument("job", type=Path)
-    s.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a spec key, e.g. --set output_dir=s3://bucket/runs/x")
+    s = job_command(sub, "select", "run the selection job and write the run directory", cmd_select)
     s.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local cluster)")
     s.add_argument("--stages", default=None, help="comma-separated subset of data,models,finetune,report")
@@ -295,18 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true",
                    help="keep stages whose inputs are unchanged and continue an interrupted fine-tuning (the default)")
     s.add_argument("--fresh", action="store_true", help="recompute every stage, even those whose output is current")
-    s.set_defaults(func=cmd_select)
+    run_commands(sub)
+    return p
 
+
+def run_commands(sub) -> None:
+    """The commands that read finished runs, and the zoo."""
     r = sub.add_parser("report", help="(re)write the report of a run from its files")
     r.add_argument("run", type=Path)
     r.set_defaults(func=cmd_report)
-
     c = sub.add_parser("compare", help="ranking agreement and cost ratio of two runs (B is the reference)")
     c.add_argument("run_a", type=Path)
     c.add_argument("run_b", type=Path)
     c.add_argument("--json", action="store_true", help="print the figures as JSON")
     c.set_defaults(func=cmd_compare)
-
     z = sub.add_parser("zoo", help="local candidate models and domain sets")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
     zb = zsub.add_parser("build", help="pretrain the zoo's candidates and build its domain sets")
@@ -316,7 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--force", action="store_true", help="rebuild even if up to date")
     zb.add_argument("--address", default=None, help="Ray cluster to use (default: embedded)")
     zb.set_defaults(func=cmd_zoo_build)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

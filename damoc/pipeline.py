@@ -365,6 +365,25 @@ class Pipeline:
                 log.info("stage %s: fetched from %s (done there on %s)", name, self.remote.uri,
                          theirs.get("finished_at", "?"))
 
+    def _ended_badly(self, name: str, exc: BaseException, seconds: float, tmp: Path, final: Path) -> None:
+        """A stage that raised: failed (its partial folder kept as evidence; StageFailed raised) or
+        interrupted (nothing kept, nothing marked done; the interruption raised). Returns for the caller
+        to re-raise `exc` as it is."""
+        stop = interruption(exc)
+        if isinstance(exc, Exception) and stop is None:
+            kept = keep_failed(tmp, final)
+            log.error("stage %s: failed after %.1fs: %s: %s", name, seconds, type(exc).__name__, exc)
+            if kept:
+                log.info("stage %s: what it wrote before failing (quarantine, logs) is kept in %s", name, kept)
+                self._upload_failed(kept)
+            log.debug("stage %s: the traceback", name, exc_info=exc)  # the run's log; the terminal with -v
+            raise StageFailed(name, seconds, exc) from exc
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("stage %s: interrupted after %.1fs (%s): not marked done", name, seconds,
+                    str(stop or exc) or type(exc).__name__)
+        if stop is not None and stop is not exc:
+            raise stop from exc
+
     def _upload_failed(self, kept: Path) -> None:
         """A failed stage's evidence beside its output on the bucket too (RUN/<stage>.failed/)."""
         if self.remote is None:
@@ -491,21 +510,7 @@ class Pipeline:
                 self.remote.publish(cls.output, tmp, ctx.uploaded)
             swap_in_dir(tmp, final)
         except BaseException as exc:
-            seconds = time.monotonic() - t0
-            stop = interruption(exc)
-            if isinstance(exc, Exception) and stop is None:
-                kept = keep_failed(tmp, final)
-                log.error("stage %s: failed after %.1fs: %s: %s", name, seconds, type(exc).__name__, exc)
-                if kept:
-                    log.info("stage %s: what it wrote before failing (quarantine, logs) is kept in %s", name, kept)
-                    self._upload_failed(kept)
-                log.debug("stage %s: the traceback", name, exc_info=exc)  # the run's log; the terminal with -v
-                raise StageFailed(name, seconds, exc) from exc
-            shutil.rmtree(tmp, ignore_errors=True)
-            log.warning("stage %s: interrupted after %.1fs (%s): not marked done", name, seconds,
-                        str(stop or exc) or type(exc).__name__)
-            if stop is not None and stop is not exc:
-                raise stop from exc
+            self._ended_badly(name, exc, time.monotonic() - t0, tmp, final)
             raise
         shutil.rmtree(failed_dir(final), ignore_errors=True)  # superseded by this success
         log.info("stage %s: done in %.1fs %s", name, seconds, format_counts(counts))

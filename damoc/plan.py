@@ -228,12 +228,49 @@ def evaluations(steps: int, planned: int, eval_every: int, rungs: list[int]) -> 
     return 1 + sum(1 for k in report_steps(planned, eval_every, rungs) if k <= steps)
 
 
-def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
-    """The projection: per candidate and in total, full fine-tuning vs DaMoC."""
+@dataclass
+class Basis:
+    """What the projection stands on: the candidates, the rows, the schedule, the job's resources."""
+
+    spec: JobSpec
+    base: str
+    cands: list[CandidateFigures]
+    data: DataFigures
+    train_rows: int | None
+    kept_rows: int | None
+    eval_rows: int
+    chain: list
+    budgeted: bool
+    pruned: float = 0.0
+    auto_note: str = ""
+    full_steps: int = 0
+    damoc_steps: int = 0
+    grace: int = 0
+    rungs: list[int] = field(default_factory=list)
+    schedule: list[int] = field(default_factory=list)
+    refs: list[tuple[float, DataFigures]] = field(default_factory=list)
+
+    @property
+    def known(self) -> list[CandidateFigures]:
+        return [c for c in self.cands if c.params]
+
+    @property
+    def mode(self) -> str:
+        return "local" if self.spec.finetune.local else "workers"
+
+    def kept_tokens(self, name: str) -> float:
+        """A training row after token compression, in `name`'s tokens."""
+        d = self.spec.data
+        compress = d.compress.ratio if d.compress.enabled else 1.0
+        per_row, share = self.data.tokens(name)
+        return per_row * (1 - share * (1 - compress))
+
+
+def rows_basis(spec: JobSpec, base: str) -> Basis:
+    """The candidates' sizes, the data's figures and the rows the stages will train on."""
     from damoc.data.ops import build_chain
 
-    base = base_dir or os.getcwd()
-    ft, tn, m, d = spec.finetune, spec.tune, spec.model, spec.data
+    d, ft = spec.data, spec.finetune
     cands = candidate_figures(spec, base)
     local = [resolve_path(c.path, base) for c in spec.candidates if c.path]
     tok_path = resolve_path(d.reference_model, base) if d.reference_model else (local[0] if local else None)
@@ -248,92 +285,113 @@ def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
         train_rows = int(data.rows * (1 - (d.eval.split_ratio or 0.0))) if data.rows else None
     chain = build_chain(d)
     budgeted = any(op.budgeted for op in chain)  # as the data stage applies keep_ratio
-    kept_rows = row_budget(d.filter.keep_ratio, train_rows, budgeted) if train_rows else train_rows
-    kept_rows = train_rows if kept_rows is None else kept_rows
+    kept = row_budget(d.filter.keep_ratio, train_rows, budgeted) if train_rows else None
     eval_rows = eval_row_count(spec, base, data.rows)
     eval_rows = min(eval_rows, ft.eval_max_rows) if ft.eval_max_rows else eval_rows
-    compress = d.compress.ratio if d.compress.enabled else 1.0
+    return Basis(spec, base, cands, data, train_rows, train_rows if kept is None else kept, eval_rows, chain, budgeted)
 
-    def kept_tokens(name: str) -> float:  # a training row after token compression, in `name`'s tokens
-        per_row, share = data.tokens(name)
-        return per_row * (1 - share * (1 - compress))
+
+def schedule_basis(b: Basis) -> Basis:
+    """The steps full fine-tuning and DaMoC plan, the scheduler's rungs and each candidate's share."""
+    ft, tn = b.spec.finetune, b.spec.tune
+    b.full_steps, b.damoc_steps = planned_steps(ft, b.train_rows), planned_steps(ft, b.kept_rows)
+    b.pruned, b.auto_note = expected_prune(b.spec.model)
+    b.grace, _ = resolve_grace(tn, len(b.cands), b.full_steps, b.damoc_steps, [c.params for c in b.known],
+                               [c.params_after(b.pruned) for c in b.known])
+    b.rungs = rungs_for(tn, b.grace, b.damoc_steps)
+    b.schedule = (scheduler(tn).schedule(len(b.cands), b.rungs, b.damoc_steps, tn.reduction_factor,
+                                         not tn.finish_winner) if b.rungs else [b.damoc_steps] * len(b.cands))
+    b.refs = reference_lms(b.spec, b.base, b.known, b.data)
+    return b
+
+
+def candidate_costs(b: Basis) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, float]]:
+    """Per candidate: FLOPs and seconds of full fine-tuning and of DaMoC's stages; with the totals
+    (full_flops, damoc_flops, full_s) and DaMoC's seconds per stage (worker-seconds as the report counts)."""
+    spec, ft, gpu = b.spec, b.spec.finetune, b.spec.finetune.use_gpu
     per_step = rows_per_step(ft)
-    full_steps, damoc_steps = planned_steps(ft, train_rows), planned_steps(ft, kept_rows)
-    known = [c for c in cands if c.params]
-    pruned, auto_note = expected_prune(m)
-    grace, _ = resolve_grace(tn, len(cands), full_steps, damoc_steps, [c.params for c in known],
-                             [c.params_after(pruned) for c in known])
-    rungs = rungs_for(tn, grace, damoc_steps)
-    schedule = (scheduler(tn).schedule(len(cands), rungs, damoc_steps, tn.reduction_factor, not tn.finish_winner)
-                if rungs else [damoc_steps] * len(cands))
-    gpu, mode = ft.use_gpu, ("local" if ft.local else "workers")
-    unit, per_worker = ("GPU", (ft.resources_per_worker or {}).get("GPU", 1)) if ft.use_gpu else \
-        ("CPU", (ft.resources_per_worker or {}).get("CPU", 1))
-    refs = reference_lms(spec, base, known, data)
-    stage_s = {"data": data_stage_seconds(spec, chain, refs, train_rows or 0, kept_rows or 0, gpu),
+    stage_s = {"data": data_stage_seconds(spec, b.chain, b.refs, b.train_rows or 0, b.kept_rows or 0, gpu),
                "models": 0.0, "finetune": 0.0}
-    rows_out, full_flops, damoc_flops, full_s = [], 0.0, 0.0, 0.0
+    rows_out, totals = [], {"full_flops": 0.0, "damoc_flops": 0.0, "full_s": 0.0}
     # Candidates are projected best-first by nothing we know yet: the schedule is shared out by size,
     # the largest training longest (the cost's upper end when the largest wins).
-    order = sorted(range(len(cands)), key=lambda i: -(cands[i].params or 0))
+    order = sorted(range(len(b.cands)), key=lambda i: -(b.cands[i].params or 0))
     for rank, i in enumerate(order):
-        c = cands[i]
-        after, per_row = c.params_after(pruned), data.tokens(c.name)[0]
-        eval_tokens = (eval_rows or 0) * per_row
-        f_full = 6 * c.params * full_steps * per_step * per_row if c.params else None
-        f_damoc = 6 * after * schedule[rank] * per_step * kept_tokens(c.name) if after else None
-        full_flops += f_full or 0.0
-        damoc_flops += f_damoc or 0.0
+        c = b.cands[i]
+        after, per_row = c.params_after(b.pruned), b.data.tokens(c.name)[0]
+        eval_tokens = (b.eval_rows or 0) * per_row
+        f_full = 6 * c.params * b.full_steps * per_step * per_row if c.params else None
+        f_damoc = 6 * after * b.schedule[rank] * per_step * b.kept_tokens(c.name) if after else None
+        totals["full_flops"] += f_full or 0.0
+        totals["damoc_flops"] += f_damoc or 0.0
         # Full fine-tuning as the report projects it: training and start-up (its evaluations not counted).
-        full_s += (f_full / rate(c.params, True, gpu) / ft.num_workers if f_full else 0.0) + trial_fixed_s(mode, rank)
-        stage_s["models"] += model_stage_seconds(spec, c, pruned, kept_rows or 0, kept_tokens(c.name),
+        totals["full_s"] += (f_full / rate(c.params, True, gpu) / ft.num_workers if f_full else 0.0) + \
+            trial_fixed_s(b.mode, rank)
+        stage_s["models"] += model_stage_seconds(spec, c, b.pruned, b.kept_rows or 0, b.kept_tokens(c.name),
                                                  eval_tokens, gpu)
-        evals = evaluations(schedule[rank], damoc_steps, ft.eval_every, rungs)
-        stage_s["finetune"] += trial_fixed_s(mode, rank) + (
+        evals = evaluations(b.schedule[rank], b.damoc_steps, ft.eval_every, b.rungs)
+        stage_s["finetune"] += trial_fixed_s(b.mode, rank) + (
             (f_damoc / rate(after, True, gpu) + evals * 2 * after * eval_tokens / rate(after, False, gpu))
             / ft.num_workers if f_damoc else 0.0)
         rows_out.append({**{k: v for k, v in asdict(c).items() if k != "shape"}, "params_after": after,
-                         "full_steps": full_steps, "damoc_steps": schedule[rank], "evaluations": evals,
-                         "full_flops": f_full, "damoc_flops": f_damoc, "memory_gib": trial_memory_gib(c, ft, data)})
+                         "full_steps": b.full_steps, "damoc_steps": b.schedule[rank], "evaluations": evals,
+                         "full_flops": f_full, "damoc_flops": f_damoc, "memory_gib": trial_memory_gib(c, ft, b.data)})
     # Worker-seconds as the report counts them: the data stage's seconds, each model actor's seconds x its
     # CPUs, each trial's seconds x its workers.
-    stage_s["models"] *= m.num_cpus or 1
+    stage_s["models"] *= spec.model.num_cpus or 1
     stage_s["finetune"] *= ft.num_workers
-    damoc_s = sum(stage_s.values())
+    return rows_out, totals, stage_s
+
+
+def project(spec: JobSpec, base_dir: str | None = None) -> dict[str, Any]:
+    """The projection: per candidate and in total, full fine-tuning vs DaMoC."""
+    b = schedule_basis(rows_basis(spec, base_dir or os.getcwd()))
+    ft = spec.finetune
+    unit, per_worker = ("GPU", (ft.resources_per_worker or {}).get("GPU", 1)) if ft.use_gpu else \
+        ("CPU", (ft.resources_per_worker or {}).get("CPU", 1))
+    rows_out, t, stage_s = candidate_costs(b)
+    damoc_s, full_ws = sum(stage_s.values()), t["full_s"] * ft.num_workers
     hours = lambda s: s * per_worker / 3600  # noqa: E731 - resource-hours of worker-seconds
     return {
-        "candidates": rows_out, "data": asdict(data), "train_rows": train_rows, "kept_rows": kept_rows,
-        "eval_rows": eval_rows,
-        "full": {"steps": full_steps, "flops": full_flops, "seconds": full_s * ft.num_workers,
-                 "hours": hours(full_s * ft.num_workers)},
-        "damoc": {"steps": sum(schedule), "flops": damoc_flops, "seconds": damoc_s, "hours": hours(damoc_s),
-                  "rungs": rungs, "stages": {k: round(v, 1) for k, v in stage_s.items()}},
-        "ratio_flops": full_flops / damoc_flops if damoc_flops else None,
-        "ratio_hours": full_s * ft.num_workers / damoc_s if damoc_s else None,
+        "candidates": rows_out, "data": asdict(b.data), "train_rows": b.train_rows, "kept_rows": b.kept_rows,
+        "eval_rows": b.eval_rows,
+        "full": {"steps": b.full_steps, "flops": t["full_flops"], "seconds": full_ws, "hours": hours(full_ws)},
+        "damoc": {"steps": sum(b.schedule), "flops": t["damoc_flops"], "seconds": damoc_s, "hours": hours(damoc_s),
+                  "rungs": b.rungs, "stages": {k: round(v, 1) for k, v in stage_s.items()}},
+        "ratio_flops": t["full_flops"] / t["damoc_flops"] if t["damoc_flops"] else None,
+        "ratio_hours": full_ws / damoc_s if damoc_s else None,
         "unit": f"{unit}-hours",
-        "assumptions": [
-            (f"throughput per worker: {GPU_FLOPS / 1e12:g} TFLOP/s (GPU: bf16 at ~40% of an A100 peak)" if gpu else
-             f"throughput per worker (CPU, one thread per CPU, fp32, measured on this project's runs): "
-             f"{CPU_TRAIN_FLOPS / 1e9:g} GFLOP/s training, {CPU_FORWARD_FLOPS / 1e9:g} forward, less on small "
-             f"models (half at {SMALL_PARAMS / 1e6:g}M parameters)"),
-            f"fixed cost {TRIAL_FIXED_S[mode]:g} s per trial ({mode}"
-            + (f"; later trials reuse the first {LOCAL_SLOTS} trials' processes: {LOCAL_REUSED_S:g} s" if mode == "local" else "")
-            + f"); data stage {DATA_FIXED_S:g} s + "
-            f"{DATA_ROW_S * 1e3:g} ms a row + the reference LM's passes "
-            f"({reference_words(refs)}); model stage {MODEL_FIXED_S:g} s + the weights' load "
-            f"+ its passes over {m.calibration.rows} calibration rows and the eval rows, per candidate",
-            "training FLOPs = 6 x forward parameters x tokens (the report's count); DaMoC's evaluations at "
-            "2 x parameters x eval tokens; full fine-tuning's evaluations not counted (as the report)",
-            "memory/worker: what each trial worker asks Ray for (process, weights, trainable state, one "
-            "micro-batch's activations, a chunk of logits; damoc/lm/memory.py), on the unpruned model",
-            f"DaMoC keeps {d.filter.keep_ratio if budgeted else 1:g} of the rows, {compress:g} of the prompt tokens, "
-            f"removes {pruned:g} of the layers{auto_note}; ASHA rungs {rungs or '-'} "
-            f"(rf {tn.reduction_factor:g}){', stopped once decided' if rungs and not tn.finish_winner else ''}"
-            + (f"; grace period auto: {grace} steps for a {tn.target_saving:g}x saving in rows x parameters "
-               f"(not under {tn.min_grace_period})" if tn.grace_period == "auto" else ""),
-            *data.notes, *[f"{c.name}: {c.note}" for c in cands if c.note],
-        ],
+        "assumptions": assumptions(b),
     }
+
+
+def assumptions(b: Basis) -> list[str]:
+    """Every assumption the projection makes, in words, printed with it."""
+    spec, gpu, mode = b.spec, b.spec.finetune.use_gpu, b.mode
+    d, m, tn = spec.data, spec.model, spec.tune
+    compress = d.compress.ratio if d.compress.enabled else 1.0
+    return [
+        (f"throughput per worker: {GPU_FLOPS / 1e12:g} TFLOP/s (GPU: bf16 at ~40% of an A100 peak)" if gpu else
+         f"throughput per worker (CPU, one thread per CPU, fp32, measured on this project's runs): "
+         f"{CPU_TRAIN_FLOPS / 1e9:g} GFLOP/s training, {CPU_FORWARD_FLOPS / 1e9:g} forward, less on small "
+         f"models (half at {SMALL_PARAMS / 1e6:g}M parameters)"),
+        f"fixed cost {TRIAL_FIXED_S[mode]:g} s per trial ({mode}"
+        + (f"; later trials reuse the first {LOCAL_SLOTS} trials' processes: {LOCAL_REUSED_S:g} s" if mode == "local" else "")
+        + f"); data stage {DATA_FIXED_S:g} s + "
+        f"{DATA_ROW_S * 1e3:g} ms a row + the reference LM's passes "
+        f"({reference_words(b.refs)}); model stage {MODEL_FIXED_S:g} s + the weights' load "
+        f"+ its passes over {m.calibration.rows} calibration rows and the eval rows, per candidate",
+        "training FLOPs = 6 x forward parameters x tokens (the report's count); DaMoC's evaluations at "
+        "2 x parameters x eval tokens; full fine-tuning's evaluations not counted (as the report)",
+        "memory/worker: what each trial worker asks Ray for (process, weights, trainable state, one "
+        "micro-batch's activations, a chunk of logits; damoc/lm/memory.py), on the unpruned model",
+        f"DaMoC keeps {d.filter.keep_ratio if b.budgeted else 1:g} of the rows, {compress:g} of the prompt tokens, "
+        f"removes {b.pruned:g} of the layers{b.auto_note}; ASHA rungs {b.rungs or '-'} "
+        f"(rf {tn.reduction_factor:g}){', stopped once decided' if b.rungs and not tn.finish_winner else ''}"
+        + (f"; grace period auto: {b.grace} steps for a {tn.target_saving:g}x saving in rows x parameters "
+           f"(not under {tn.min_grace_period})" if tn.grace_period == "auto" else ""),
+        *b.data.notes, *[f"{c.name}: {c.note}" for c in b.cands if c.note],
+    ]
 
 
 def eval_row_count(spec: JobSpec, base: str, rows: int | None) -> int:

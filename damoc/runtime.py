@@ -131,32 +131,48 @@ def connect(
     """Join the cluster at `address`/RAY_ADDRESS, or start an embedded local one."""
     import ray
 
-    from damoc.compat import send_token_if_at_hand
-
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in this process; call Runtime.shutdown() first")
     target = target_address(address)
-    t0 = time.monotonic()
     if target:
+        return join_cluster(target, log_to_driver)
+    return start_embedded(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=object_store_memory,
+                          include_dashboard=include_dashboard, log_to_driver=log_to_driver)
+
+
+def join_cluster(target: str, log_to_driver: bool) -> Runtime:
+    """Join a running cluster (never stopped by us)."""
+    import ray
+
+    from damoc.compat import send_token_if_at_hand
+
+    t0 = time.monotonic()
+    try:
+        ctx = ray.init(address=target, log_to_driver=log_to_driver)
+    except ConnectionError as exc:
+        # Token authentication is not the default of a client: with RAY_AUTH_MODE unset and a token at hand,
+        # try once more with it (a client sending a token to a cluster without authentication has its
+        # actors fail, so it is never sent first).
+        if os.environ.get("RAY_AUTH_MODE") or not send_token_if_at_hand():
+            raise ConnectionError(unreachable(target, exc)) from exc
+        ray.shutdown()
         try:
             ctx = ray.init(address=target, log_to_driver=log_to_driver)
-        except ConnectionError as exc:
-            # Token authentication is not the default of a client: with RAY_AUTH_MODE unset and a token at hand,
-            # try once more with it (a client sending a token to a cluster without authentication has its
-            # actors fail, so it is never sent first).
-            if os.environ.get("RAY_AUTH_MODE") or not send_token_if_at_hand():
-                raise ConnectionError(unreachable(target, exc)) from exc
-            ray.shutdown()
-            try:
-                ctx = ray.init(address=target, log_to_driver=log_to_driver)
-            except ConnectionError as again:
-                raise ConnectionError(unreachable(target, again)) from again
-            log.info("ray: joined with the token at hand (~/.ray/auth_token or RAY_AUTH_TOKEN); RAY_AUTH_MODE=token "
-                     "skips the first try without it")
-        rt = Runtime(address=ctx.address_info["address"], dashboard_url=ctx.dashboard_url, embedded=False)
-        log.info("ray: connected to %s in %.1fs", rt.address, time.monotonic() - t0)
-        return rt
+        except ConnectionError as again:
+            raise ConnectionError(unreachable(target, again)) from again
+        log.info("ray: joined with the token at hand (~/.ray/auth_token or RAY_AUTH_TOKEN); RAY_AUTH_MODE=token "
+                 "skips the first try without it")
+    rt = Runtime(address=ctx.address_info["address"], dashboard_url=ctx.dashboard_url, embedded=False)
+    log.info("ray: connected to %s in %.1fs", rt.address, time.monotonic() - t0)
+    return rt
 
+
+def start_embedded(*, num_cpus: int | None, num_gpus: int | None, object_store_memory: int | None,
+                   include_dashboard: bool, log_to_driver: bool) -> Runtime:
+    """A local cluster of our own, its dashboard on 127.0.0.1, stopped (only it) by Runtime.shutdown."""
+    import ray
+
+    t0 = time.monotonic()
     # A private temp dir (short: Ray's unix sockets live under it). Ray's job supervisor finds
     # its own cluster through `ray_current_cluster` in the node's temp dir and, without one,
     # falls back to *any* Ray instance on the host, so jobs submitted to us could run on
@@ -172,17 +188,10 @@ def connect(
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     try:
         with agent_port_override(_free_port()):
-            ctx = ray.init(
-                address="local",  # a new instance, even if another one runs on this host
-                num_cpus=num_cpus,
-                num_gpus=num_gpus,
-                object_store_memory=object_store_memory,
-                include_dashboard=include_dashboard,
-                dashboard_host="127.0.0.1",
-                dashboard_port=dashboard_port,
-                log_to_driver=log_to_driver,
-                _temp_dir=temp_dir,
-            )
+            ctx = ray.init(address="local",  # a new instance, even if another one runs on this host
+                           num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=object_store_memory,
+                           include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
+                           dashboard_port=dashboard_port, log_to_driver=log_to_driver, _temp_dir=temp_dir)
     except BaseException:
         _restore_env(saved)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -195,10 +204,8 @@ def connect(
     rt._saved_env["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = rt.address
     _protect_token_file()
-    log.info(
-        "ray: embedded cluster at %s, dashboard http://%s, started in %.1fs",
-        rt.address, rt.dashboard_url, time.monotonic() - t0,
-    )
+    log.info("ray: embedded cluster at %s, dashboard http://%s, started in %.1fs", rt.address, rt.dashboard_url,
+             time.monotonic() - t0)
     if rt.job_submit_hint:
         log.info("ray: submit to it with: %s", rt.job_submit_hint)
     return rt

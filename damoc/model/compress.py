@@ -150,6 +150,36 @@ def choose_layers(model, cal, m: ModelSpec, num_layers: int, damage_of,
                      "probes": {str(k): v for k, v in sorted(trace.items())}}
 
 
+@dataclass
+class Loaded:
+    """A candidate loaded for compression, with its calibration rows rendered and batched."""
+
+    tok: Any
+    model: Any
+    adapter: Any
+    device: str
+    dtype: Any
+    layers_before: int
+    params_before: int
+    max_length: int  # the eval rows' length, within the model's context window
+    examples: list
+    data: list
+
+
+def load_for_compression(src: Source, rows: list[dict[str, str]], m: ModelSpec, task: str, template: str,
+                         max_length: int) -> Loaded:
+    device = "cuda" if m.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    dtype = pick_dtype(m.dtype, device)
+    tok, model = load(src, dtype, device)
+    adapter = adapter_for(model.config)
+    window = context_window(model.config)  # sequences never longer than the model's positions
+    cal_length = min(m.calibration.max_length, window) if window else m.calibration.max_length
+    examples = calibration_examples(tok, rows, task, template, cal_length)
+    return Loaded(tok, model, adapter, device, dtype, adapter.num_layers(model.config), param_count(model),
+                  min(max_length, window) if window else max_length, examples,
+                  batches(examples, m.calibration.batch_size, pad_id(tok)))
+
+
 def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, out: Path, seed: int = 0,
                        task: str = "qa", template: str = "auto", eval_rows: list[dict[str, str]] | None = None,
                        max_length: int = 512, score_compressed: bool = True) -> dict[str, Any]:
@@ -157,71 +187,70 @@ def compress_candidate(src: Source, rows: list[dict[str, str]], m: ModelSpec, ou
     the zero-shot answer loss (bits per byte) of the original model is measured on them: the free
     baseline, at the cost of a forward pass; with `score_compressed`, of the compressed one too (the
     pipeline leaves that to the finetune stage, whose step 0 scores the same model on the same rows)."""
-    t0 = time.perf_counter()
-    device = "cuda" if m.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-    dtype = pick_dtype(m.dtype, device)
-    tok, model = load(src, dtype, device)
-    adapter = adapter_for(model.config)
-    layers_before, params_before = adapter.num_layers(model.config), param_count(model)
-    window = context_window(model.config)  # sequences never longer than the model's positions
-    max_length = min(max_length, window) if window else max_length
-    cal_length = min(m.calibration.max_length, window) if window else m.calibration.max_length
-    examples = calibration_examples(tok, rows, task, template, cal_length)
-    data = batches(examples, m.calibration.batch_size, pad_id(tok))
-    t_load = time.perf_counter()
-
+    times = {"start": time.perf_counter()}
+    c = load_for_compression(src, rows, m, task, template, max_length)
+    times["load"] = time.perf_counter()
     zero_shot = {}
     if eval_rows:  # the free baseline: the original model's loss on the eval rows, and what it cost
-        t_zs = time.perf_counter()
-        zero_shot["original"] = rows_bits_per_byte(model, tok, eval_rows, task, template, max_length)
-        zero_shot["seconds"] = round(time.perf_counter() - t_zs, 3)
-    cal = calibrate(model, adapter, data)
-    t_score = time.perf_counter()
-    removed, damage = choose_layers(model, cal, m, layers_before,
-                                    lambda mdl: answer_bits_per_byte(mdl, examples, pad_id(tok), m.calibration.batch_size),
-                                    original=bits_per_byte(cal.answer_nll, answer_bytes(examples)))
-    t_choose = time.perf_counter()
+        zero_shot["original"] = rows_bits_per_byte(c.model, c.tok, eval_rows, task, template, c.max_length)
+        zero_shot["seconds"] = round(time.perf_counter() - times["load"], 3)
+    cal = calibrate(c.model, c.adapter, c.data)
+    times["score"] = time.perf_counter()
+    removed, damage = choose_layers(
+        c.model, cal, m, c.layers_before,
+        lambda mdl: answer_bits_per_byte(mdl, c.examples, pad_id(c.tok), m.calibration.batch_size),
+        original=bits_per_byte(cal.answer_nll, answer_bytes(c.examples)))
+    times["choose"] = time.perf_counter()
     per_layer = scores_shown(cal, m)
-    original = list(adapter.layer_list(model))  # keeps the removed layers alive for merging
-    layers_after = remove_layers(model, removed)
-    pruned_loss = forward_losses(model, data).mean if removed else cal.loss
+    original = list(c.adapter.layer_list(c.model))  # keeps the removed layers alive for merging
+    layers_after = remove_layers(c.model, removed)
+    pruned_loss = forward_losses(c.model, c.data).mean if removed else cal.loss
     changed = merge_layers(original, removed, m.merge.method, m.merge.density, m.merge.scale, seed)
     del original
-    merged_loss = forward_losses(model, data).mean if changed else pruned_loss
-    # Forward passes over the calibration rows: scores, each damage probe, the pruned and merged losses.
-    passes = len(damage["probes"]) + bool(removed) + bool(changed)
+    merged_loss = forward_losses(c.model, c.data).mean if changed else pruned_loss
     if eval_rows:
         if score_compressed:
-            zero_shot["compressed"] = rows_bits_per_byte(model, tok, eval_rows, task, template, max_length)
+            zero_shot["compressed"] = rows_bits_per_byte(c.model, c.tok, eval_rows, task, template, c.max_length)
         zero_shot["rows"] = len(eval_rows)
-    t_compress = time.perf_counter()
-
+    times["compress"] = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    c.model.save_pretrained(out, safe_serialization=True)
+    c.tok.save_pretrained(out)
     report = {
         "name": src.name, "source": src.location, "status": "compressed",
-        "model_type": model.config.model_type, "device": device, "dtype": str(dtype).removeprefix("torch."),
-        "score": m.score, "prune": m.prune, "prune_ratio": round(len(removed) / layers_before, 4),
+        "model_type": c.model.config.model_type, "device": c.device, "dtype": str(c.dtype).removeprefix("torch."),
+        "score": m.score, "prune": m.prune, "prune_ratio": round(len(removed) / c.layers_before, 4),
         "prune_rule": "auto" if m.prune_ratio == "auto" else "fixed", "damage": damage,
         "scores": per_layer, "block_influence": cal.block_influence,
         "angular_block": cal.angular[len(removed) - 1] if removed else [],
-        "removed": removed, "protected": protected_layers(layers_before, m),
-        "layers_before": layers_before, "layers_after": layers_after,
-        "params_before": params_before, "params_after": param_count(model),
-        "merge": {"method": m.merge.method, "density": m.merge.density, "scale": m.merge.scale,
-                  "into": {str(k): v for k, v in merge_targets(removed, layers_before).items()} if removed else {},
-                  "entries_changed": changed},
+        "removed": removed, "protected": protected_layers(c.layers_before, m),
+        "layers_before": c.layers_before, "layers_after": layers_after,
+        "params_before": c.params_before, "params_after": param_count(c.model),
+        "merge": merge_record(m, removed, c.layers_before, changed),
         "calibration_loss": {"original": cal.loss, "pruned": pruned_loss, "merged": merged_loss},
-        "passes": passes,
+        # Forward passes over the calibration rows: scores, each damage probe, the pruned and merged losses.
+        "passes": len(damage["probes"]) + bool(removed) + bool(changed),
         "zero_shot": zero_shot or None,
-        "calibration": {"rows": len(rows), "sequences": len(examples), "tokens": cal.tokens,
+        "calibration": {"rows": len(rows), "sequences": len(c.examples), "tokens": cal.tokens,
                         "max_length": m.calibration.max_length, "task": task, "template": template},
-        "seconds": round(time.perf_counter() - t0, 3),
-        "seconds_by_step": {"load": round(t_load - t0, 3), "score": round(cal.seconds, 3),
-                            "choose": round(t_choose - t_score, 3),
-                            "prune_merge_eval": round(t_compress - t_load - cal.seconds - (t_choose - t_score), 3),
-                            "save": round(time.perf_counter() - t_compress, 3)},
+        **step_seconds(times, cal.seconds),
     }
     records.write(records.Compression, out / "compression.json", report)
     return report
+
+
+def merge_record(m: ModelSpec, removed: list[int], layers_before: int, changed: int) -> dict[str, Any]:
+    return {"method": m.merge.method, "density": m.merge.density, "scale": m.merge.scale,
+            "into": {str(k): v for k, v in merge_targets(removed, layers_before).items()} if removed else {},
+            "entries_changed": changed}
+
+
+def step_seconds(times: dict[str, float], score_seconds: float) -> dict[str, Any]:
+    """The candidate's seconds, in all and by step (load, score, choose, prune/merge/eval, save)."""
+    now, t0 = time.perf_counter(), times["start"]
+    return {"seconds": round(now - t0, 3),
+            "seconds_by_step": {"load": round(times["load"] - t0, 3), "score": round(score_seconds, 3),
+                                "choose": round(times["choose"] - times["score"], 3),
+                                "prune_merge_eval": round(times["compress"] - times["load"] - score_seconds
+                                                          - (times["choose"] - times["score"]), 3),
+                                "save": round(now - times["compress"], 3)}}

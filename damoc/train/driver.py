@@ -481,17 +481,8 @@ def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[st
                     local: bool, restore: bool, tracking: list | None = None, stop_confidence: float = 0.0,
                     seed: int = 0) -> tuple[Any, Book]:
     """Run (or, with `restore`, resume) one trial per plan under Tune; the ResultGrid and the book."""
-    barrier = None
-    if barrier_name:  # by name: a resumed sweep's callback finds the new one
-        try:  # one an interrupted driver left on a cluster that outlived it
-            ray.kill(ray.get_actor(barrier_name))
-        except ValueError:
-            pass
-        where = on_head_node()
-        log.debug("finetune: rung barrier %s on %s", barrier_name, f"the head node {where.node_id[:12]}" if where
-                  else "any node (no head node found)")
-        barrier = RungBarrier.options(name=barrier_name, scheduling_strategy=where).remote(
-            reduction_factor, rung_timeout_s, book.expected, book.decide, stop_confidence, metric, mode, seed)
+    barrier = start_barrier(barrier_name, book, reduction_factor, rung_timeout_s, stop_confidence, metric, mode,
+                            seed) if barrier_name else None
     # A worker-group trial is only a driver (its workers have their own resources): no CPU, so trials
     # never take CPUs their workers need; a little memory because a bundle cannot be empty. A local-mode
     # trial is the worker: it holds the worker's resources, and its process (imports, process group)
@@ -524,12 +515,8 @@ def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[st
             tune_config=tune.TuneConfig(metric=RUNG_SCORE if chosen.stops_early else metric, mode=mode,
                                         scheduler=sched, num_samples=1,
                                         max_concurrent_trials=max_concurrent, reuse_actors=local),
-            run_config=tune.RunConfig(
-                name="tune", storage_path=storage_path,
-                callbacks=[Bookkeeping(book, sched, barrier_name), *(tracking or [])], stop=Decided(book),
-                failure_config=tune.FailureConfig(max_failures=max_failures if local else 0),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
-        )
+            run_config=run_config(storage_path, [Bookkeeping(book, sched, barrier_name), *(tracking or [])],
+                                  Decided(book), max_failures if local else 0))
     book.t0 = book.t0 if restore else time.time()
     try:
         grid = tuner.fit()
@@ -541,6 +528,29 @@ def tune_candidates(plans: dict[str, TrialPlan], book: Book, *, scaling: dict[st
             ray.kill(barrier)
     # A restored sweep's book is the one its callback brought back (same key: it was pickled with it).
     return grid, BOOKS.get(book.key, book)
+
+
+def start_barrier(name: str, book: Book, reduction_factor: float, rung_timeout_s: float, stop_confidence: float,
+                  metric: str, mode: str, seed: int):
+    """The rung barrier actor, by name (a resumed sweep's callback finds the new one), on the head node;
+    one an interrupted driver left on a cluster that outlived it is killed first."""
+    try:
+        ray.kill(ray.get_actor(name))
+    except ValueError:
+        pass
+    where = on_head_node()
+    log.debug("finetune: rung barrier %s on %s", name, f"the head node {where.node_id[:12]}" if where
+              else "any node (no head node found)")
+    return RungBarrier.options(name=name, scheduling_strategy=where).remote(
+        reduction_factor, rung_timeout_s, book.expected, book.decide, stop_confidence, metric, mode, seed)
+
+
+def run_config(storage_path: str, callbacks: list, stop, max_failures: int):
+    """The sweep's run config: its state under storage_path, Tune retrying a trial `max_failures` times
+    from its last checkpoint, two checkpoints kept per trial."""
+    return tune.RunConfig(name="tune", storage_path=storage_path, callbacks=callbacks, stop=stop,
+                          failure_config=tune.FailureConfig(max_failures=max_failures),
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
 
 
 def new_barrier_name() -> str:

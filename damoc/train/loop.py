@@ -215,146 +215,236 @@ def peak_memory() -> int:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One worker of a candidate's trial: set up (model, rows, engine, a checkpoint to resume from), report
+    step 0 (the zero-shot point), then train, evaluating, checkpointing and reporting at the report steps
+    (every eval_every, every rung, the last); at a synchronised rung, wait for the others' figures."""
     entered = time.time()
     args: TrainArgs = config["args"]
     reset_peak_memory()
     timeline = Timeline()
     with timeline.phase("imports"):
         import_stack(args)
+    worker = Worker(args, timeline, entered)
+    if not worker.resumed:
+        worker.report_zero_shot()
+    worker.train()
+
+
+class Worker:
+    """What one training worker holds from setup to its last report."""
+
+    def __init__(self, args: TrainArgs, timeline: Timeline, entered: float):
         import ray.train
         import ray.train.torch
         import torch
 
         from damoc.train.engine import build_engine, resolve_precision
-        from damoc.train.evaluate import EvalSet, all_sum, evaluate, gather_rows
-        from damoc.paired import Trend
-        from damoc.train.rungs import RUNG_SCORE, Evidence, hold_if_decided, rung_score, wait_turn
 
-    report, get_checkpoint = result_channel(args)
-    if args.local:  # the Tune trial's own process is the one worker
-        rank, world = 0, 1
-        local_process_group()
-    else:
+        self.report_fn, get_checkpoint = result_channel(args)
+        self.rank, self.world = self._place(args)
+        torch.set_num_threads(max(1, args.threads))
+        torch.manual_seed(args.seed)
+        self.device = ray.train.torch.get_device()
+        dtype = resolve_precision(args.precision, args.deepspeed, self.device.type == "cuda")
+        with timeline.phase("model_load"):
+            args = on_this_node(args)
+            self.tok, self.model, self.forward_params = load_model(args, self.device)
+        window = context_window(self.model.config)
+        if window is not None and window < args.max_length:  # a hub original the stage could not read ahead
+            args = replace(args, max_length=window)
+        self.args, self.timeline = args, timeline
+        self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.node = ray.get_runtime_context().get_node_id()  # where this attempt runs (results.json lists them)
+        self.chat = float(uses_chat(self.tok, args.template))  # which prompt shape this candidate trains on
+        self._data(timeline)
+        with timeline.phase("engine_init"):
+            self.engine = build_engine(self.model, args, dtype, self.device)
+        self.synced = self.engine.zero_stage == 3 and self.world > 1
+        self.resumed = self._restore(get_checkpoint(), entered)
+        self.batches = Batches(self.examples, args.batch_size, args.seed + self.rank, self.state["position"])
+        self.reports = report_steps(args.max_steps, args.eval_every, args.rungs)
+        self.prev_rows = None  # the per-row figures of the last report (a restart has none until its next)
+
+    @staticmethod
+    def _place(args: TrainArgs) -> tuple[int, int]:
+        import ray.train
+
+        if args.local:  # the Tune trial's own process is the one worker
+            local_process_group()
+            return 0, 1
         tctx = ray.train.get_context()
-        rank, world = tctx.get_world_rank(), tctx.get_world_size()
-    torch.set_num_threads(max(1, args.threads))
-    torch.manual_seed(args.seed)
-    device = ray.train.torch.get_device()
-    dtype = resolve_precision(args.precision, args.deepspeed, device.type == "cuda")
-    with timeline.phase("model_load"):
-        args = on_this_node(args)
-        tok, model, forward_params = load_model(args, device)
-    window = context_window(model.config)
-    if window is not None and window < args.max_length:  # a hub original the stage could not read ahead
-        args = replace(args, max_length=window)
-    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    node = ray.get_runtime_context().get_node_id()  # where this attempt runs (results.json lists them)
-    chat = float(uses_chat(tok, args.template))  # which prompt shape this candidate trains on
-    pad = pad_id(tok)
-    with timeline.phase("data_ready"):
-        examples = shard_examples(tok, args, rank, world)
-        eval_set = EvalSet(tok, read_rows(args.eval_path, args.eval_limit), args, rank, world)
-    with timeline.phase("engine_init"):
-        engine = build_engine(model, args, dtype, device)
-    synced = engine.zero_stage == 3 and world > 1
-    rows_cut = int(all_sum([sum(e.prompt_cut > 0 for e in examples)], device)[0])  # training rows longer than max_length
-    state = {"step": 0, "tokens": 0, "position": 0, "seconds": 0.0, "restarts": 0, "timeline": {},
-             "micro_batch": args.batch_size, "previous": None,  # previous: (step, metric) of the last report
-             # What the last report after training began was judged by (RUNG_SCORE): a rung's ranking must
-             # agree with it. Not step 0's: that is a pruned model before it healed, not a fine-tuning ranking.
-             "previous_score": None}
-    checkpoint = get_checkpoint()
-    if checkpoint:
-        with timeline.phase("checkpointing"), checkpoint.as_directory() as d:
-            state = {**state, **engine.load(Path(d))}
-        state["restarts"] += 1
+        return tctx.get_world_rank(), tctx.get_world_size()
+
+    def _data(self, timeline: Timeline) -> None:
+        from damoc.train.evaluate import EvalSet, all_sum
+
+        args = self.args
+        with timeline.phase("data_ready"):
+            self.examples = shard_examples(self.tok, args, self.rank, self.world)
+            self.eval_set = EvalSet(self.tok, read_rows(args.eval_path, args.eval_limit), args, self.rank, self.world)
+        # training rows longer than max_length, over every worker
+        self.rows_cut = int(all_sum([sum(e.prompt_cut > 0 for e in self.examples)], self.device)[0])
+
+    def _restore(self, checkpoint, entered: float) -> bool:
+        """The state to start from: a fresh one, or a checkpoint's (a retried or resumed attempt)."""
+        args = self.args
+        self.state = {"step": 0, "tokens": 0, "position": 0, "seconds": 0.0, "restarts": 0, "timeline": {},
+                      "micro_batch": args.batch_size, "previous": None,  # (step, metric) of the last report
+                      # What the last report after training began was judged by (RUNG_SCORE): a rung's ranking
+                      # must agree with it. Not step 0's: a pruned model before it healed is no fine-tuning ranking.
+                      "previous_score": None}
+        if not checkpoint:
+            if args.trial_started_at is not None:  # a restart's own start-up is not measured from the trial's
+                self.timeline.add("worker_group_start", entered - args.trial_started_at)
+            return False
+        with self.timeline.phase("checkpointing"), checkpoint.as_directory() as d:
+            self.state = {**self.state, **self.engine.load(Path(d))}
+        self.state["restarts"] += 1
         # A retry in smaller micro-batches (after running out of memory) goes on from the same rows.
-        state["position"] = state["position"] * state.get("micro_batch", args.batch_size) // args.batch_size
-        state["micro_batch"] = args.batch_size
+        self.state["position"] = self.state["position"] * self.state.get("micro_batch", args.batch_size) // args.batch_size
+        self.state["micro_batch"] = args.batch_size
         # The phases of earlier attempts, then this attempt's start-up on top.
-        timeline = Timeline({k: v + timeline.seconds.get(k, 0.0) for k, v in state["timeline"].items()})
-    elif args.trial_started_at is not None:  # a restart's own start-up is not measured from the trial's
-        timeline.add("worker_group_start", entered - args.trial_started_at)
-    batches = Batches(examples, args.batch_size, args.seed + rank, state["position"])
-    reports = report_steps(args.max_steps, args.eval_every, args.rungs)
-    prev_rows = None  # the per-row figures of the last report (in memory: a restart has none until its next)
-    if not checkpoint:  # step 0: the zero-shot point of the learning curve (the free baseline)
-        with timeline.phase("evaluation"):
-            rows: dict[int, dict[str, float]] = {}
-            result = evaluate(engine.module, tok, eval_set, args, device, False, synced, rows)
-            rows = gather_rows(rows, world)
-        if rank == 0:
-            save_rows(args, 0, rows)
-        state["previous"], prev_rows = (0, result[args.metric]), rows
-        report({**result, RUNG_SCORE: result[args.metric], "step": 0, "train_tokens": 0, "train_flops": 0.0, "forward_params": forward_params,
-                "trainable_params": trainable_params, "start_step": 0, "workers": world, "restarts": 0,
-                "chat_template": chat, "micro_batch": args.batch_size, "peak_rss_bytes": peak_memory(),
-                "trial_started_at": args.trial_started_at, "node": node, **timeline.metrics()})
-    start_step, t0, loss_sum, loss_n, tokens = state["step"], time.monotonic(), 0.0, 0, 0
-    model.train()
-    t_train = time.perf_counter()
-    for step in range(start_step + 1, args.max_steps + 1):
-        t_step = time.perf_counter()
-        for _ in range(args.grad_accum):
-            batch = {k: v.to(device) for k, v in collate(batches.next(), pad).items()}
-            loss = engine.loss(batch)
+        self.timeline = Timeline({k: v + self.timeline.seconds.get(k, 0.0) for k, v in self.state["timeline"].items()})
+        return True
+
+    def common(self, step: int) -> dict[str, Any]:
+        """What every report carries besides the evaluation."""
+        return {"step": step, "train_tokens": self.state["tokens"],
+                "train_flops": 6.0 * self.forward_params * self.state["tokens"], "forward_params": self.forward_params,
+                "trainable_params": self.trainable_params, "start_step": self.start_step, "workers": self.world,
+                "restarts": self.state["restarts"], "chat_template": self.chat, "micro_batch": self.args.batch_size,
+                "peak_rss_bytes": peak_memory(), "trial_started_at": self.args.trial_started_at, "node": self.node}
+
+    @property
+    def start_step(self) -> int:
+        return getattr(self, "_start_step", self.state["step"])
+
+    def evaluate(self, generation: bool) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+        from damoc.train.evaluate import evaluate, gather_rows
+
+        rows: dict[int, dict[str, float]] = {}
+        result = evaluate(self.engine.module, self.tok, self.eval_set, self.args, self.device, generation,
+                          self.synced, rows)
+        return result, gather_rows(rows, self.world)
+
+    def report_zero_shot(self) -> None:
+        """Step 0: the zero-shot point of the learning curve (the free baseline)."""
+        from damoc.train.rungs import RUNG_SCORE
+
+        with self.timeline.phase("evaluation"):
+            result, rows = self.evaluate(False)
+        if self.rank == 0:
+            save_rows(self.args, 0, rows)
+        self.state["previous"], self.prev_rows = (0, result[self.args.metric]), rows
+        self.report_fn({**result, RUNG_SCORE: result[self.args.metric], **self.common(0), **self.timeline.metrics()})
+
+    def train(self) -> None:
+        """The step loop: train, and at each report step evaluate, wait at a rung, checkpoint and report."""
+        args, tally = self.args, Tally()
+        self._start_step = self.state["step"]
+        self.model.train()
+        for step in range(self._start_step + 1, args.max_steps + 1):
+            self.step(step, tally)
+            if step not in self.reports:
+                continue
+            self.timeline.add("training", time.perf_counter() - tally.since)
+            metrics, rows = self.measure(step, tally)
+            self.wait_at_rung(step, metrics, rows)
+            self.save_and_report(step, metrics, rows)
+            if self.decided(step):
+                break
+            tally.reset()
+
+    def step(self, step: int, tally: Tally) -> None:
+        """One optimizer step over grad_accum micro-batches."""
+        t_step, pad = time.perf_counter(), pad_id(self.tok)
+        for _ in range(self.args.grad_accum):
+            batch = {k: v.to(self.device) for k, v in collate(self.batches.next(), pad).items()}
+            loss = self.engine.loss(batch)
             value = float(loss.detach())
             if not math.isfinite(value):  # a retry from the checkpoint would only meet it again
                 raise FloatingPointError(f"training loss is {value} at step {step}: the candidate cannot be trained "
                                          "as configured (lr, precision, or broken weights)")
-            engine.backward(loss)
-            engine.step()
-            loss_sum, loss_n = loss_sum + value, loss_n + 1
-            tokens += int(batch["attention_mask"].sum())
-        if step == start_step + 1:  # an attempt's first step is slow (allocations, lazy state): the report
-            state["warmup_seconds"] = state.get("warmup_seconds", 0.0) + time.perf_counter() - t_step  # projects
-            state["warmup_steps"] = state.get("warmup_steps", 0) + 1  # full runs from the steps after it
-        if step not in reports:
-            continue
-        timeline.add("training", time.perf_counter() - t_train)
-        with timeline.phase("evaluation"):
-            generation = args.metric in ("exact_match", "rouge_l") or step == args.max_steps
-            rows = {}
-            result = evaluate(engine.module, tok, eval_set, args, device, generation, synced, rows)
-            rows = gather_rows(rows, world)
-            step_tokens, loss_total, loss_count = all_sum([tokens, loss_sum, loss_n], device)
-        train_loss = loss_total / max(1.0, loss_count)
-        state.update(step=step, tokens=state["tokens"] + int(step_tokens), position=batches.position,
-                     seconds=state["seconds"] + time.monotonic() - t0)
-        metrics = {**result, "step": step, "epoch": round(batches.epoch, 3), "train_loss": train_loss,
-                   "lr": engine.lr, "train_tokens": state["tokens"], "forward_params": forward_params,
-                   "trainable_params": trainable_params, "train_flops": 6.0 * forward_params * state["tokens"],
-                   "train_seconds": round(state["seconds"], 3), "restarts": state["restarts"],
-                   "warmup_seconds": round(state.get("warmup_seconds", 0.0), 3), "warmup_steps": state.get("warmup_steps", 0),
-                   "rows_cut": rows_cut,
-                   "start_step": start_step, "workers": world, "trial_started_at": args.trial_started_at,
-                   "chat_template": chat, "micro_batch": args.batch_size, "peak_rss_bytes": peak_memory(),
-                   "node": node, RUNG_SCORE: rung_score(result[args.metric], state["previous"], step, args.max_steps, args.mode)}
-        if rank == 0 and step in args.rungs and args.barrier:
+            self.engine.backward(loss)
+            self.engine.step()
+            tally.add(value, int(batch["attention_mask"].sum()))
+        if step == self._start_step + 1:  # an attempt's first step is slow (allocations, lazy state): the
+            self.state["warmup_seconds"] = self.state.get("warmup_seconds", 0.0) + time.perf_counter() - t_step
+            self.state["warmup_steps"] = self.state.get("warmup_steps", 0) + 1  # report projects from the rest
+
+    def measure(self, step: int, tally: Tally) -> tuple[dict[str, Any], dict[int, dict[str, float]]]:
+        """The evaluation at a report step, with the training figures since the last one."""
+        from damoc.train.evaluate import all_sum
+        from damoc.train.rungs import RUNG_SCORE, rung_score
+
+        args, state = self.args, self.state
+        with self.timeline.phase("evaluation"):
+            result, rows = self.evaluate(args.metric in ("exact_match", "rouge_l") or step == args.max_steps)
+            step_tokens, loss_total, loss_count = all_sum([tally.tokens, tally.loss_sum, tally.loss_n], self.device)
+        state.update(step=step, tokens=state["tokens"] + int(step_tokens), position=self.batches.position,
+                     seconds=state["seconds"] + time.monotonic() - tally.t0)
+        return {**result, **self.common(step), "epoch": round(self.batches.epoch, 3),
+                "train_loss": loss_total / max(1.0, loss_count), "lr": self.engine.lr,
+                "train_seconds": round(state["seconds"], 3), "warmup_seconds": round(state.get("warmup_seconds", 0.0), 3),
+                "warmup_steps": state.get("warmup_steps", 0), "rows_cut": self.rows_cut,
+                RUNG_SCORE: rung_score(result[args.metric], state["previous"], step, args.max_steps, args.mode)}, rows
+
+    def wait_at_rung(self, step: int, metrics: dict[str, Any], rows) -> None:
+        """At a synchronised rung, rank 0 waits for the other trials' figures and learns its fate; then the
+        figures this report was judged by become the previous ones."""
+        from damoc.paired import Trend
+        from damoc.train.rungs import RUNG_SCORE, Evidence, wait_turn
+
+        args, state = self.args, self.state
+        value = metrics[args.metric]
+        if self.rank == 0 and step in args.rungs and args.barrier:
             sign = -1.0 if args.mode == "min" else 1.0  # the barrier ranks higher-is-better
             before = state["previous_score"]
-            trend = Trend(prev_rows, state["previous"][0], step, args.max_steps) if prev_rows else None
-            with timeline.phase("rung_wait"):
+            trend = Trend(self.prev_rows, state["previous"][0], step, args.max_steps) if self.prev_rows else None
+            with self.timeline.phase("rung_wait"):
                 metrics.update(wait_turn(args.barrier, args.candidate, step, sign * metrics[RUNG_SCORE],
                                          Evidence(None if before is None else sign * before, rows, trend)))
-        state["previous"], state["previous_score"], prev_rows = (step, result[args.metric]), metrics[RUNG_SCORE], rows
-        if rank == 0:
-            record_report(args.job, args.candidate, args.metric, metrics)
-            save_rows(args, step, rows)
-        with timeline.phase("checkpointing"), tempfile.TemporaryDirectory(prefix="damoc-ckpt-") as tmp:
-            state["timeline"] = timeline.seconds
-            wrote = engine.save(Path(tmp), rank, state)
-            report({**metrics, **timeline.metrics()},
-                   checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
+        state["previous"], state["previous_score"] = (step, value), metrics[RUNG_SCORE]
+        self.prev_rows = rows
+
+    def save_and_report(self, step: int, metrics: dict[str, Any], rows) -> None:
+        import ray.train
+
+        if self.rank == 0:
+            record_report(self.args.job, self.args.candidate, self.args.metric, metrics)
+            save_rows(self.args, step, rows)
+        with self.timeline.phase("checkpointing"), tempfile.TemporaryDirectory(prefix="damoc-ckpt-") as tmp:
+            self.state["timeline"] = self.timeline.seconds
+            wrote = self.engine.save(Path(tmp), self.rank, self.state)
+            self.report_fn({**metrics, **self.timeline.metrics()},
+                           checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
             # After the report: a trial stopped at this report ends inside it, so the adapter on disk is
             # always one whose result Tune has taken.
-            export_adapter(engine, args, step, rank)
-        if step in args.rungs and args.barrier:
-            ends = 0.0
-            if rank == 0:
-                with timeline.phase("rung_wait"):  # the last one standing waits here for the decision
-                    ends = float(hold_if_decided(args.barrier, args.candidate, step))
-            if all_sum([ends], device)[0] > 0:  # every rank ends with it (the others wait in this sum)
-                break
-        t0, loss_sum, loss_n, tokens = time.monotonic(), 0.0, 0, 0
-        t_train = time.perf_counter()
+            export_adapter(self.engine, self.args, step, self.rank)
+
+    def decided(self, step: int) -> bool:
+        """At a synchronised rung, whether the choice is made and this trial (the last one left) ends."""
+        from damoc.train.evaluate import all_sum
+        from damoc.train.rungs import hold_if_decided
+
+        if step not in self.args.rungs or not self.args.barrier:
+            return False
+        ends = 0.0
+        if self.rank == 0:
+            with self.timeline.phase("rung_wait"):  # the last one standing waits here for the decision
+                ends = float(hold_if_decided(self.args.barrier, self.args.candidate, step))
+        return all_sum([ends], self.device)[0] > 0  # every rank ends with it (the others wait in this sum)
+
+
+class Tally:
+    """Training loss and tokens since the last report, and when that report was."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.since = time.monotonic(), time.perf_counter()
+        self.loss_sum, self.loss_n, self.tokens = 0.0, 0, 0
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss_sum, self.loss_n, self.tokens = self.loss_sum + loss, self.loss_n + 1, self.tokens + tokens

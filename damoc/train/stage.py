@@ -16,7 +16,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -288,99 +288,134 @@ class FinetuneStage(Stage):
         return window if window is not None and window < max_length else max_length
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        spec, ft, tn = ctx.spec, ctx.spec.finetune, ctx.spec.tune
         usable, failed_upstream = trainable_candidates(ctx)
         if not usable:
             raise RuntimeError("no candidate left to fine-tune: the model stage failed them all")
         ctx.runtime  # noqa: B018 - start (or join) Ray
+        sweep = self.setup(ctx, usable)
+        t0 = time.monotonic()
+        book = Book(planned_steps=sweep.steps, decide=bool(sweep.rungs) and not ctx.spec.tune.finish_winner,
+                    expected=len(sweep.plans), metric=ctx.spec.select.metric, rungs=sweep.rungs,
+                    key=ctx.fingerprint or new_barrier_name())
+        grid, book = self.tune(ctx, sweep, book)
+        entries = self.entries(ctx, sweep, grid, book, failed_upstream)
+        keep_outputs(sweep.storage, ctx.out, entries)
+        self.write_results(ctx, sweep, book, entries, time.monotonic() - t0)
+        return self.counts(ctx, entries, sweep.concurrent)
+
+    def setup(self, ctx: StageContext, usable: dict[str, dict]) -> Sweep:
+        """The sweep's schedule, trials and their resources, and how many run at once."""
+        spec, ft, tn = ctx.spec, ctx.spec.finetune, ctx.spec.tune
         per_trial = worker_resources(ft.num_workers, ft.use_gpu, ft.resources_per_worker)
         cluster = ray.cluster_resources()
         fits = fitting(cluster, per_trial)
         if fits < 1:
             raise RuntimeError(f"one trial needs {per_trial} but the cluster has {cluster}: lower "
                                "finetune.num_workers or resources_per_worker")
-        concurrent = min(len(usable), fits, tn.max_concurrent_trials or len(usable))
         storage, restore = self.state_dir(ctx)
-        tracking = trackers(tn.callbacks, spec.name, str(ctx.run_dir / STATE_DIR) if is_uri(storage) else storage,
-                            tn.mlflow_uri)
-        data_dir = ctx.input("data").resolve()
-        train_rows = pq.ParquetFile(data_dir / "train.parquet").metadata.num_rows
+        train_rows = pq.ParquetFile(ctx.input("data") / "train.parquet").metadata.num_rows
         steps = planned_steps(ft, train_rows)
         grace, auto = grace_period(ctx, usable, steps) if scheduler(tn).stops_early else (tn.grace_period, None)
-        rungs = rungs_for(tn, grace, steps)
+        sweep = Sweep(storage, restore, train_rows, steps, grace, auto, rungs_for(tn, grace, steps),
+                      min(len(usable), fits, tn.max_concurrent_trials or len(usable)))
         train_path, eval_path = ctx.shared("data/train.parquet"), ctx.shared("data/eval.parquet")
-        plans = {c.name: TrialPlan(c.name, replace(train_args(
-            spec, c.name, model_location(ctx, usable[c.name]), train_path, eval_path, rungs, None,
+        sweep.plans = {c.name: TrialPlan(c.name, replace(train_args(
+            spec, c.name, model_location(ctx, usable[c.name]), train_path, eval_path, sweep.rungs, None,
             c.trust_remote_code, steps), rows_dir=f"{storage}/eval_rows", export_dir=f"{storage}/adapters",
             max_length=self.window(ft.max_length, usable[c.name]["path"])),
             storage_path=storage.rstrip("/") + "/train")
             for c in spec.candidates if c.name in usable}
-        scaling = {"num_workers": ft.num_workers, "use_gpu": ft.use_gpu,
-                   "resources_per_worker": ft.resources_per_worker}
-        memory = memory_estimates(ctx, plans, length_bound(pq.read_table(
-            data_dir / "train.parquet", columns=["instruction", "input", "output"]).to_pylist(), ft.max_length))
+        self.fit_memory(ctx, sweep, cluster)
+        if tn.sync_rungs and sweep.rungs and sweep.concurrent > 1:
+            # Named after the stage's inputs: a resumed sweep's trials and callback find the new barrier.
+            sweep.barrier = f"damoc-rungs-{ctx.fingerprint}" if ctx.fingerprint else new_barrier_name()
+            for plan in sweep.plans.values():
+                plan.args = replace(plan.args, barrier=sweep.barrier)
+        log.info("finetune: %d candidates, %d steps each, %d at once (%s per trial, %s; cluster %s), %s, "
+                 "rungs at steps %s%s", len(sweep.plans), steps, sweep.concurrent, per_trial,
+                 "Ray Train local mode in the trial" if ft.local else "Ray Train worker group",
+                 {k: cluster[k] for k in ("CPU", "GPU") if k in cluster}, tn.scheduler, sweep.rungs or "-",
+                 " (synchronised)" if sweep.barrier else "")
+        return sweep
+
+    @staticmethod
+    def fit_memory(ctx: StageContext, sweep: Sweep, cluster: dict[str, float]) -> None:
+        """Each trial's memory request, and fewer trials at once where memory allows fewer."""
+        ft = ctx.spec.finetune
+        rows = pq.read_table(ctx.input("data") / "train.parquet", columns=["instruction", "input", "output"])
+        plans = sweep.plans
+        sweep.memory = memory_estimates(ctx, plans, length_bound(rows.to_pylist(), ft.max_length))
         if ft.local:  # one request for every trial, the largest: Tune reuses a trial's process only for the same
             shared = max((p.memory for p in plans.values()), default=0)  # resources (a new one costs ~5 s)
             for name, plan in plans.items():
                 plan.memory = shared
-                if name in memory:
-                    memory[name]["requested_gib"] = round(shared / GIB, 2)
+                if name in sweep.memory:
+                    sweep.memory[name]["requested_gib"] = round(shared / GIB, 2)
         need = ft.num_workers * max((p.memory for p in plans.values()), default=0)
-        mem_fits = fitting(cluster, {"memory": need}) if need else concurrent
-        if mem_fits < concurrent:
+        mem_fits = fitting(cluster, {"memory": need}) if need else sweep.concurrent
+        if mem_fits < sweep.concurrent:
             log.info("finetune: memory allows %d trial(s) at once (%s a worker)", max(1, mem_fits),
-                     ", ".join(f"{n} ~{m['requested_gib']:g} GiB" for n, m in memory.items()))
-            concurrent = max(1, mem_fits)
-        # Named after the stage's inputs: a resumed sweep's trials and callback find the new barrier.
-        barrier = None
-        if tn.sync_rungs and rungs and concurrent > 1:
-            barrier = f"damoc-rungs-{ctx.fingerprint}" if ctx.fingerprint else new_barrier_name()
-            for plan in plans.values():
-                plan.args = replace(plan.args, barrier=barrier)
-        log.info("finetune: %d candidates, %d steps each, %d at once (%s per trial, %s; cluster %s), %s, "
-                 "rungs at steps %s%s", len(plans), steps, concurrent, per_trial,
-                 "Ray Train local mode in the trial" if ft.local else "Ray Train worker group",
-                 {k: cluster[k] for k in ("CPU", "GPU") if k in cluster}, tn.scheduler, rungs or "-",
-                 " (synchronised)" if barrier else "")
-        t0 = time.monotonic()
-        book = Book(planned_steps=steps, decide=bool(rungs) and not tn.finish_winner, expected=len(plans),
-                    metric=spec.select.metric, rungs=rungs, key=ctx.fingerprint or new_barrier_name())
-        grid, book = tune_candidates(plans, book, scaling=scaling, metric=spec.select.metric, mode=spec.select.mode,
-                                     scheduler=tn.scheduler, grace_period=grace,
-                                     reduction_factor=tn.reduction_factor, max_concurrent=concurrent,
+                     ", ".join(f"{n} ~{m['requested_gib']:g} GiB" for n, m in sweep.memory.items()))
+            sweep.concurrent = max(1, mem_fits)
+
+    @staticmethod
+    def tune(ctx: StageContext, sweep: Sweep, book: Book):
+        spec, ft, tn = ctx.spec, ctx.spec.finetune, ctx.spec.tune
+        storage = sweep.storage
+        tracking = trackers(tn.callbacks, spec.name, str(ctx.run_dir / STATE_DIR) if is_uri(storage) else storage,
+                            tn.mlflow_uri)
+        scaling = {"num_workers": ft.num_workers, "use_gpu": ft.use_gpu, "resources_per_worker": ft.resources_per_worker}
+        grid, book = tune_candidates(sweep.plans, book, scaling=scaling, metric=spec.select.metric,
+                                     mode=spec.select.mode, scheduler=tn.scheduler, grace_period=sweep.grace,
+                                     reduction_factor=tn.reduction_factor, max_concurrent=sweep.concurrent,
                                      max_failures=ft.max_failures, storage_path=storage,
-                                     rung_timeout_s=tn.rung_timeout_s, barrier_name=barrier, local=ft.local,
-                                     restore=restore, tracking=tracking, stop_confidence=tn.stop_confidence,
+                                     rung_timeout_s=tn.rung_timeout_s, barrier_name=sweep.barrier, local=ft.local,
+                                     restore=sweep.restore, tracking=tracking, stop_confidence=tn.stop_confidence,
                                      seed=spec.seed)
-        unfinished = len(plans) - grid.num_terminated - grid.num_errors
+        unfinished = len(sweep.plans) - grid.num_terminated - grid.num_errors
         if unfinished:  # a stage is done only once every trial is: never rank what the sweep did not decide
-            raise RuntimeError(f"the sweep returned with {unfinished} of {len(plans)} trial(s) neither finished "
-                               "nor failed; the same command resumes it")
+            raise RuntimeError(f"the sweep returned with {unfinished} of {len(sweep.plans)} trial(s) neither "
+                               "finished nor failed; the same command resumes it")
+        return grid, book
+
+    @staticmethod
+    def entries(ctx: StageContext, sweep: Sweep, grid, book: Book, failed_upstream: list[dict]) -> list[dict]:
+        """Every candidate's record, in the spec's order: its trial's, or the model stage's failure."""
+        spec, ft = ctx.spec, ctx.spec.finetune
         outcomes = {}
         for result in grid:
             name = result.config["candidate"]
-            outcomes[name] = candidate_outcome(result, name, spec, ft.num_workers, book, memory.get(name))
+            outcomes[name] = candidate_outcome(result, name, spec, ft.num_workers, book, sweep.memory.get(name))
         for e in failed_upstream:
             outcomes[e["name"]] = {"name": e["name"], "status": "failed", "steps": 0, "curve": [],
                                    "reason": f"model stage: {e.get('reason', 'failed')}", "worker_seconds": 0.0}
         entries = [outcomes[c.name] for c in spec.candidates if c.name in outcomes]
         for e in entries:
             e.update(source_of(spec, e["name"]))
-            if e["name"] in plans and plans[e["name"]].args.max_length < ft.max_length:
-                e["max_length"] = plans[e["name"]].args.max_length
+            plan = sweep.plans.get(e["name"])
+            if plan is not None and plan.args.max_length < ft.max_length:
+                e["max_length"] = plan.args.max_length
                 if e.get("rows_cut"):  # said only where a row was longer than the window
-                    e["note"] = (f"{int(e['rows_cut'])} of {train_rows} training rows cut to its {e['max_length']}-token "
-                                 f"context window (finetune.max_length {ft.max_length})")
+                    e["note"] = (f"{int(e['rows_cut'])} of {sweep.train_rows} training rows cut to its "
+                                 f"{e['max_length']}-token context window (finetune.max_length {ft.max_length})")
                     log.warning("finetune: %s: %s", e["name"], e["note"])
-        keep_outputs(storage, ctx.out, entries)
-        seconds = time.monotonic() - t0
+        return entries
+
+    @staticmethod
+    def write_results(ctx: StageContext, sweep: Sweep, book: Book, entries: list[dict], seconds: float) -> None:
+        spec, ft, tn = ctx.spec, ctx.spec.finetune, ctx.spec.tune
         records.write(records.Results, ctx.out / "results.json", {
             "metric": spec.select.metric, "mode": spec.select.mode, "scheduler": tn.scheduler,
-            "rungs": rungs, "grace_auto": auto, "sync_rungs": bool(barrier), "max_steps": steps, "epochs": ft.epochs,
-            "max_concurrent_trials": concurrent, "num_workers": ft.num_workers, "method": ft.method,
-            "deepspeed": ft.deepspeed.model_dump(), "finish_winner": tn.finish_winner,
+            "rungs": sweep.rungs, "grace_auto": sweep.auto, "sync_rungs": bool(sweep.barrier), "max_steps": sweep.steps,
+            "epochs": ft.epochs, "max_concurrent_trials": sweep.concurrent, "num_workers": ft.num_workers,
+            "method": ft.method, "deepspeed": ft.deepspeed.model_dump(), "finish_winner": tn.finish_winner,
             "decided_at": book.decided_at, "winner": book.winner, "resumed": book.resumed,
-            "state": storage, "seconds": round(seconds, 3), "candidates": entries})
+            "state": sweep.storage, "seconds": round(seconds, 3), "candidates": entries})
+
+    @staticmethod
+    def counts(ctx: StageContext, entries: list[dict], concurrent: int) -> dict[str, Any]:
+        """The stage's counts (and its log lines); an error when every candidate failed."""
+        spec = ctx.spec
         counts = {s: sum(e["status"] == s for e in entries) for s in ("finished", "decided", "stopped_early", "failed")}
         metrics.record_trials(spec.name, counts)
         for e in entries:
@@ -390,6 +425,23 @@ class FinetuneStage(Stage):
         if counts["failed"] == len(entries):
             raise RuntimeError("every candidate failed: " + "; ".join(f"{e['name']}: {e['reason']}" for e in entries))
         return {"candidates": len(entries), **counts, "trials_at_once": concurrent}
+
+
+@dataclass
+class Sweep:
+    """What the finetune stage decided before the sweep: where its state is, the schedule, the trials."""
+
+    storage: str
+    restore: bool
+    train_rows: int
+    steps: int
+    grace: int
+    auto: dict[str, Any] | None
+    rungs: list[int]
+    concurrent: int
+    plans: dict[str, TrialPlan] = field(default_factory=dict)
+    memory: dict[str, dict[str, Any]] = field(default_factory=dict)
+    barrier: str | None = None
 
 
 def _fmt(v) -> str:
