@@ -74,7 +74,7 @@ def plain_loop(path: Path, keep_ratio: float, ref: str, with_lm: bool) -> int:
 
     from damoc.data.lm import LMScorer
     from damoc.data.ops.ifd_filter import IfdFilter
-    from damoc.data.stage import TokenCounter
+    from damoc.data.stream import TokenCounter
 
     rows, fields = [], Fields()
     with open(path, "rb") as fh:

@@ -60,7 +60,7 @@ def test_row_shares_are_even_stable_and_independent_of_the_names_order():
     import numpy as np
 
     from damoc.data.lm import row_key, shares
-    from damoc.data.stage import split_budget
+    from damoc.data.selection import split_budget
 
     keys = [row_key(f"q{i}", "", f"a{i}") for i in range(3000)]
     three = shares(keys, ["a", "b", "c"], seed=0)

@@ -151,7 +151,7 @@ def test_keep_ratio_shortfall_names_the_operator_responsible():
     the operator that did it. Meeting the budget (or having none) says nothing."""
     from types import SimpleNamespace
 
-    from damoc.data.stage import budget_note
+    from damoc.data.output import budget_note
 
     plan = SimpleNamespace(chain=[SimpleNamespace(name="ifd_filter"), SimpleNamespace(name="top_k")])
     dropped = {"ifd>1": 802, "below_budget:top_k": 7, "held_out_eval": 90}

@@ -9,7 +9,8 @@ import pytest
 from conftest import spec_dict
 from datagen import write_corpus
 
-from damoc.data.stage import actor_cpus, actor_gpus, split_budget
+from damoc.data.selection import split_budget
+from damoc.data.stream import actor_cpus, actor_gpus
 from damoc.pipeline import Pipeline, read_marker
 from damoc.runtime import connect
 from damoc.spec import spec_from_data
@@ -142,7 +143,7 @@ def test_drop_table_looks_up_reasons_by_row_order():
     import numpy as np
     import pandas as pd
 
-    from damoc.data.stage import DropTable
+    from damoc.data.stream import DropTable
 
     table = DropTable({7: "x", 22: "near_duplicate_of:a:1", 10: "x", 3 << 40: "y"})
     assert table.lookup(np.array([7, 8, 22, 10, 100, 0, 3 << 40])) == [

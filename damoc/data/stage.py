@@ -17,12 +17,9 @@ Read top to bottom (`DataStage.run`):
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import shutil
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,45 +33,47 @@ import pyarrow.parquet as pq
 import ray
 
 from damoc import metrics
-from damoc.data.lm import (
-    CompressArgs,
-    LMScorer,
-    count_tokens,
-    field_text,
-    loadable,
-    row_key,
-    shares,
-    smallest_model,
-    unit_hash,
+from damoc.data.lm import CompressArgs, loadable, smallest_model
+from damoc.data.ops import BATCH_ROWS, Operator, RowOp, SelectContext, Selector, Steps, build_chain
+from damoc.data.output import (
+    EXAMPLES,
+    STATS_COLUMNS,
+    TEXT_COLUMNS,
+    TOKEN_COLUMNS,
+    NoRowsLeft,
+    ParquetSink,
+    Routed,
+    budget_note,
+    drop_key,
+    no_rows_reason,
+    quarantine_lines,
 )
-from damoc.data.ops import (
-    BATCH_ROWS,
-    Operator,
-    RowOp,
-    SelectContext,
-    Selector,
-    Steps,
-    alive_mask,
-    build_chain,
-    report,
+from damoc.data.selection import by_share
+from damoc.data.stream import (
+    AliveScorer,
+    ApplyDrops,
+    DropTable,
+    KeptCompressor,
+    SplitRows,
+    Tally,
+    TokenCounter,
+    actor_pool,
+    count_part_tokens,
+    destination,
+    on_kept,
+    reference_lm,
+    tag_origin,
 )
 from damoc.data.readers import read_rows
 from damoc.data.rewrite import Rewriter
-from damoc.data.work import ALIVE, DROPPED, EVAL, QUARANTINED, WorkData, WorkRows, equals, fix_types, valid
-from damoc.lm.load import load_tokenizer
+from damoc.data.work import ALIVE, DROPPED, EVAL, QUARANTINED, WorkData, WorkRows, equals, fix_types
 from damoc.pipeline import Stage, StageContext, register_stage
 from damoc import records
 from damoc.runtime import on_head_node
 from damoc.schedule import row_budget
-from damoc.spec import DataSpec, JobSpec
+from damoc.spec import JobSpec
 
 log = logging.getLogger("damoc.data")
-
-TEXT_COLUMNS = ["id", "source", "instruction", "input", "output"]
-STATS_COLUMNS = ("chars", "repetition", "special_ratio", "scorer", "ce_cond", "ce_alone", "ifd", "ppl", "judge")
-TOKEN_COLUMNS = ("prompt_tokens_before", "prompt_tokens_after", "rewrite_rounds")
-EVAL_ORDER = 1 << 62  # eval-source rows are ordered after every training row
-EXAMPLES = 5  # before/after rows kept for the report
 
 
 def _rss_mib() -> str:
@@ -82,379 +81,6 @@ def _rss_mib() -> str:
 
     m = psutil.Process().memory_full_info()
     return f"{m.rss / 2**20:.0f} (private {m.uss / 2**20:.0f})"
-
-
-def drop_key(reason: str) -> str:
-    """Manifest key of a drop reason (the copied row's id is detail, not a category)."""
-    return "near_duplicate" if reason.startswith("near_duplicate_of:") else reason
-
-
-@ray.remote(num_cpus=0)
-class Tally:
-    """Seconds and rows in/out per operator, reported by the batches as they run."""
-
-    def __init__(self):
-        self.ops: dict[str, list[float]] = {}
-
-    def add(self, name: str, seconds: float, n_in: int, n_out: int) -> None:
-        acc = self.ops.setdefault(name, [0.0, 0, 0])
-        acc[0] += seconds
-        acc[1] += n_in
-        acc[2] += n_out
-
-    def add_many(self, timings: list[tuple[str, float, int, int]]) -> None:
-        for t in timings:
-            self.add(*t)
-
-    def get(self) -> dict[str, list[float]]:
-        return self.ops
-
-
-class SplitRows:
-    """Adds `split` (train | eval: every eval-source row, and a seeded hash of the row's content when
-    eval is a split of the training rows), `scorer` (which reference LM scores the row: data.lm.shares)
-    and `drop`. Both draws hash the row's fields, never its file or offset: converting a file changes
-    neither, and duplicate rows land on the same side of the split."""
-
-    def __init__(self, eval_ratio: float | None, seed: int, scorers: list[str]):
-        self.ratio, self.seed, self.scorers = eval_ratio, seed, scorers
-
-    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        df["drop"] = pd.Series([None] * len(df), dtype=object, index=df.index)
-        keys = [row_key(*r) for r in zip(df["instruction"], df["input"], df["output"])]
-        split = np.where(df["origin"].to_numpy() == "eval", "eval", "train").astype(object)
-        if self.ratio is not None:
-            u = np.array([unit_hash(self.seed, "eval", k) for k in keys])
-            split[u < self.ratio] = "eval"
-        df["split"] = split
-        df["scorer"] = shares(keys, self.scorers, self.seed)
-        return df
-
-
-def tag_origin(origin: str):
-    """Marks where a row came from; eval-source rows get orders after every training row."""
-    def tag(df: pd.DataFrame) -> pd.DataFrame:
-        df["origin"] = origin
-        if origin == "eval":
-            df["order"] = df["order"].to_numpy(np.int64) + EVAL_ORDER
-        return df
-
-    return tag
-
-
-def my_rows(df: pd.DataFrame, share: int | None) -> np.ndarray:
-    """The alive rows of a batch that this reference LM scores (all of them when one LM scores all)."""
-    alive = alive_mask(df)
-    return alive if share is None else alive & (df["scorer"].to_numpy() == share)
-
-
-class AliveScorer(LMScorer):
-    """The reference-LM scorer applied to the alive rows of its share only; other rows keep what an
-    earlier scorer wrote, or get empty stats."""
-
-    def __init__(self, tally, share: int | None = None, name: str = "", **kwargs):
-        super().__init__(**kwargs)
-        self.tally, self.share, self.name = tally, share, name
-
-    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        t0 = time.perf_counter()
-        alive = my_rows(df, self.share)
-        for c in ("ce_cond", "ce_alone", "ifd", "ppl"):
-            if c not in df:
-                df[c] = np.float32("nan")
-        for c in ("prompt_tokens_before", "prompt_tokens_after"):
-            if c not in df:
-                df[c] = np.int64(0)
-        wide = ([("embedding", None)] if self.embeddings else []) + (
-            [(c, None) for c in ("c_instruction", "c_input")] if self.compress else []) + (
-            [("c_output", None)] if self.compress and self.compress.compress_answer else [])
-        for c, v in wide:
-            if c not in df:
-                df[c] = pd.Series([v] * len(df), dtype=object, index=df.index)
-        self.compress_seconds = 0.0
-        if alive.any():
-            sub = {c: df.loc[alive, c].to_numpy() for c in ("instruction", "input", "output")}
-            out = super().__call__(sub)
-            for c in ("ce_cond", "ce_alone", "ifd", "ppl", "prompt_tokens_before", "prompt_tokens_after"):
-                df.loc[alive, c] = out[c]
-            for c, _ in wide:
-                values = [e.tobytes() for e in out[c]] if c == "embedding" else list(out[c])
-                df.loc[alive, c] = pd.Series(values, index=df.index[alive], dtype=object)
-        n = int(alive.sum())
-        report(self.tally, "lm_stats", time.perf_counter() - t0 - self.compress_seconds, n, n)
-        report(self.tally, f"scored_by:{self.name}", 0.0, n, n)
-        if self.compress:
-            report(self.tally, "compress", self.compress_seconds, n, n)
-        return df
-
-
-@functools.lru_cache(maxsize=4)
-def cached_tokenizer(path: str):
-    """A tokenizer loaded once per process (Ray reuses task processes)."""
-    return load_tokenizer(path)
-
-
-class NoRowsLeft(ValueError):
-    """Nothing to train on: every row was quarantined or dropped."""
-
-
-def no_rows_reason(manifest: dict[str, Any], quarantine: Path) -> str:
-    """Why no row was kept, in a sentence: the commonest quarantine reasons, or the drops."""
-    if manifest["quarantined"] == manifest["input"]:
-        reasons = Counter()
-        with open(quarantine, encoding="utf-8") as fh:
-            for line in fh:
-                reasons[json.loads(line)["reason"]] += 1
-        top = "; ".join(f"{r} ({n} rows)" for r, n in reasons.most_common(3))
-        return (f"no readable rows: all {manifest['input']} rows of data.train were quarantined ({top}); "
-                "check data.fields against the file's columns")
-    drops = ", ".join(f"{k}: {v}" for k, v in manifest["dropped"].items())
-    return (f"no rows kept: {manifest['quarantined']} quarantined and every readable row dropped ({drops}); "
-            "loosen data.filter")
-
-
-class TokenCounter:
-    """Prompt tokens of the kept rows (their fields' text in the reference tokenizer), counted in the
-    driver as pass 2 routes them, when no model ran over them: the tokenizer only, loaded on first use."""
-
-    def __init__(self, model_path: str):
-        self.model_path, self.tok = model_path, None
-        self.known: tuple[np.ndarray, np.ndarray] | None = None  # (sorted orders, counts) counted elsewhere
-
-    def __call__(self, instructions: list[str], inputs: list[str], orders: np.ndarray | None = None) -> np.ndarray:
-        if self.known is not None and orders is not None:
-            known, counts = self.known
-            return counts[np.searchsorted(known, orders)]
-        if self.tok is None:
-            self.tok = cached_tokenizer(self.model_path)
-        texts = [field_text(i, x or "") for i, x in zip(instructions, inputs)]
-        return np.array(count_tokens(self.tok, texts), dtype=np.int64)
-
-
-@ray.remote(num_cpus=1)
-def count_part_tokens(path: str, drops: DropTable, model_path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted orders, prompt tokens) of the rows of one part file that go to train."""
-    t = drops.apply_arrow(pq.read_table(path, columns=["order", "instruction", "input", "drop", "split", "reason"]))
-    kept = t.filter(pa.array(destination(t) == "train"))
-    orders = kept["order"].to_numpy().astype(np.int64, copy=False)
-    counts = TokenCounter(model_path)(kept["instruction"].to_pylist(), kept["input"].to_pylist())
-    sort = np.argsort(orders)
-    return orders[sort], counts[sort]
-
-
-class DropTable:
-    """The selectors' drops (reasons indexed by row order) as arrays: sorted orders and reason codes.
-    Arrays cross the object store without a copy per worker; a dict of a million entries would be
-    unpickled whole in every process that applies it."""
-
-    def __init__(self, drops: pd.Series | dict[int, str]):
-        drops = drops if isinstance(drops, pd.Series) else pd.Series(drops, dtype=object)
-        codes, reasons = pd.factorize(drops.to_numpy(dtype=object))
-        self.reasons = list(reasons)
-        orders = drops.index.to_numpy(dtype=np.int64)
-        sort = np.argsort(orders, kind="stable")
-        self.orders, self.codes = orders[sort], codes.astype(np.int32)[sort]
-
-    def lookup(self, orders: np.ndarray) -> list[str | None]:
-        """The drop reason of each row order, or None."""
-        out: list[str | None] = [None] * len(orders)
-        if len(self.orders) == 0 or len(orders) == 0:
-            return out
-        pos = np.minimum(np.searchsorted(self.orders, orders), len(self.orders) - 1)
-        for i in np.flatnonzero(self.orders[pos] == orders):
-            out[i] = self.reasons[self.codes[pos[i]]]
-        return out
-
-    def apply_arrow(self, table: pa.Table) -> pa.Table:
-        """`apply` on an Arrow batch."""
-        found = pa.array(self.lookup(table["order"].to_numpy().astype(np.int64, copy=False)), type=pa.string())
-        merged = pc.coalesce(table["drop"].cast(pa.string()), found)
-        return table.set_column(table.schema.get_field_index("drop"), "drop", merged)
-
-    def apply(self, df: pd.DataFrame) -> pd.DataFrame:
-        """Set `drop` from the table (rows already dropped keep their reason)."""
-        found = pd.Series(self.lookup(df["order"].to_numpy(np.int64)), index=df.index, dtype=object)
-        merged = df["drop"].where(df["drop"].notna(), found).astype(object)
-        df["drop"] = merged.where(merged.notna(), None)  # text or null, never float NaN
-        return df
-
-
-class ApplyDrops:
-    """map_batches form of DropTable.apply; the table goes through the object store once."""
-
-    def __init__(self, table_ref: ray.ObjectRef):
-        self.ref, self.table = table_ref, None
-
-    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        if self.table is None:
-            self.table = ray.get(self.ref)
-        return self.table.apply(df)
-
-
-def actor_cpus(cpus: float, actors: int) -> float:
-    """CPUs each of `actors` model actors asks for. Actors that hold every CPU starve the read and
-    map tasks feeding them (the stream then hangs), so one whole CPU is always left for tasks; on a
-    one-CPU cluster the actors ask for none."""
-    return min(1.0, max(0.0, (cpus - 1) / max(1, actors)))
-
-
-def cpus_after_a_node_loss() -> float:
-    """The cluster's CPUs less its largest node's, where several nodes have CPUs: actors sized for the whole
-    cluster come back after a node is lost and hold every CPU left, and the tasks feeding them never run."""
-    nodes = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
-    return sum(nodes) - max(nodes) if len(nodes) > 1 else float(sum(nodes) or 1)
-
-
-def actor_gpus(asked: float, gpus: float, actors: int) -> float:
-    """GPUs each of `actors` model actors asks for: what the spec asks, or an equal share of the cluster's
-    GPUs where that is less. The pools of one stream all start at once (the candidates sharing the rows
-    are one pool each): a pool left waiting for a GPU that an earlier pool holds would hang the stream."""
-    return asked if asked <= 0 or gpus <= 0 else min(asked, gpus / max(1, actors))
-
-
-def actor_pool(d: DataSpec, concurrent_pools: int) -> dict[str, Any]:
-    """map_batches arguments for a model actor pool (`concurrent_pools` of them run at once)."""
-    actors = concurrent_pools * d.num_actors
-    per_actor = actor_cpus(cpus_after_a_node_loss(), actors)
-    gpus = actor_gpus(d.num_gpus_per_actor, float(ray.cluster_resources().get("GPU", 0)), actors)
-    return dict(compute=ray.data.ActorPoolStrategy(size=d.num_actors), batch_size=d.batch_size,
-                num_cpus=per_actor, num_gpus=gpus, batch_format="pandas")
-
-
-def destination(table: pa.Table) -> np.ndarray:
-    """Where each row goes: quarantine, eval, dropped or train (in that precedence)."""
-    out = np.full(table.num_rows, "train", dtype=object)
-    out[valid(table, "drop")] = "dropped"
-    out[equals(table, "split", "eval")] = "eval"
-    out[valid(table, "reason")] = "quarantine"
-    return out
-
-
-def reference_lm(d: DataSpec, plan: Plan, ops: dict) -> dict[str, Any]:
-    """The manifest's account of who scored the rows: the rule, and each reference LM's path and rows."""
-    return {"rule": "reference_model" if d.reference_model else d.reference_lm,  # `scorer` indexes models
-            "models": {n: {"path": p, "rows": int(ops.get(f"scored_by:{n}", [0, 0, 0])[1])}
-                       for n, p in plan.references}}
-
-
-def split_budget(budget: int, sizes: list[int]) -> list[int]:
-    """A row budget over groups in proportion to their sizes (largest remainders; they add up)."""
-    total = sum(sizes)
-    if total == 0:
-        return [0] * len(sizes)
-    exact = [budget * n / total for n in sizes]
-    parts = [int(e) for e in exact]
-    for i in sorted(range(len(sizes)), key=lambda i: (parts[i] - exact[i], i))[: budget - sum(parts)]:
-        parts[i] += 1
-    return parts
-
-
-def by_share(sel: Selector, alive: pd.DataFrame, budget: int | None, sctx: SelectContext) -> pd.Series:
-    """A selector that reads a model's stats, run within each reference LM's share on that LM's stats
-    and embeddings (never compared across models), with the budget split by the shares' sizes."""
-    groups = [alive[alive["scorer"].to_numpy() == k] for k in sorted(set(alive["scorer"].tolist()))]
-    budgets = split_budget(budget, [len(g) for g in groups]) if budget is not None else [None] * len(groups)
-    parts = [sel.select(g.reset_index(drop=True), b, sctx) for g, b in zip(groups, budgets)]
-    return pd.concat(parts) if parts else pd.Series([], dtype=object)
-
-
-def on_kept(fn, share: int | None = None):
-    """A callable class applied to the kept (alive) rows of a batch only (of one reference LM's share,
-    when given); the other rows pass through untouched, so pass 2 is one stream that carries every
-    destination."""
-
-    class KeptOnly(fn):
-        def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-            kept = my_rows(df, share)
-            if kept.all():
-                return super().__call__(df)
-            if not kept.any():
-                return df
-            done = super().__call__(df[kept].copy())
-            out = pd.concat([done, df[~kept]]).loc[df.index]
-            # Columns the class fills are NaN on the rows it skipped: None instead, or a text column holding
-            # strings and floats reaches Arrow as pickled objects (and the next pool's rows could not join it).
-            for c in out.columns:
-                if out[c].dtype == object:
-                    out[c] = out[c].where(out[c].notna(), None)
-            return out
-
-    KeptOnly.__name__ = fn.__name__
-    return KeptOnly
-
-
-class KeptCompressor(LMScorer):
-    """Pass 2's compression of kept rows (when no reference LM ran in pass 1, or after a rewrite)."""
-
-    def __init__(self, tally=None, name: str = "", **kwargs):
-        super().__init__(**kwargs)
-        self.tally, self.name = tally, name
-
-    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        out = super().__call__({c: df[c].to_numpy() for c in ("instruction", "input", "output")})
-        for c in ("c_instruction", "c_input", "c_output", "prompt_tokens_before", "prompt_tokens_after"):
-            if c in out:
-                df[c] = out[c]
-        if self.tally is not None:
-            report(self.tally, f"scored_by:{self.name}", 0.0, len(df), len(df))
-        return df
-
-
-class ParquetSink:
-    """One Parquet file written batch by batch (the contract names a file, not a folder)."""
-
-    def __init__(self, path: Path, columns: list[str], ints: tuple[str, ...] = ()):
-        self.path, self.columns, self.ints = path, columns, ints
-        self.writer, self.rows = None, 0
-
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return
-        table = table.select([c for c in self.columns if c in table.column_names])
-        for c in self.ints:
-            if c in table.column_names:
-                table = table.set_column(table.schema.get_field_index(c), c, table[c].cast(pa.int64()))
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, table.schema)
-        self.writer.write_table(table.cast(self.writer.schema))
-        self.rows += table.num_rows
-
-    def close(self) -> int:
-        if self.writer is not None:
-            self.writer.close()
-        else:
-            pq.write_table(pa.table({c: pa.array([], pa.string()) for c in TEXT_COLUMNS}), self.path)
-        return self.rows
-
-
-def quarantine_lines(table: pa.Table) -> str:
-    return "".join(json.dumps({"id": r["id"], "source": r["source"], "split": r["origin"], "reason": r["reason"],
-                               "raw": r["raw"]}, ensure_ascii=False) + "\n"
-                   for r in table.select(["id", "source", "origin", "reason", "raw"]).to_pylist())
-
-
-def budget_note(keep_ratio: float, budget: int | None, kept: int, dropped: dict[str, int], plan) -> str | None:
-    """Why fewer rows than keep_ratio asked for were kept: the drops that are not the budget's own, the
-    largest first, with the operator that made them."""
-    if budget is None or kept >= budget:
-        return None
-    budget_reasons = ("below_budget", "not_selected", "over_share")
-    others = sorted(((k, n) for k, n in dropped.items() if k != "held_out_eval"
-                     and not any(b in k for b in budget_reasons)), key=lambda kv: -kv[1])
-    names = {op.name: op for op in plan.chain}
-    culprit = ", ".join(f"{k} dropped {n:,d} ({owner(k, names)})" for k, n in others[:3]) or "no operator"
-    return (f"keep_ratio {keep_ratio:g} asked for {budget:,d} rows but {kept:,d} were kept: {culprit} before "
-            "the budget applied")
-
-
-def owner(reason: str, operators: dict) -> str:
-    """The operator a drop reason comes from."""
-    prefix = {"ifd>": "ifd_filter", "near_duplicate": "minhash_dedup", "judge<": "llm_judge", "perplexity>":
-              "perplexity_filter", "rules:": "rules"}
-    for p, name in prefix.items():
-        if reason.startswith(p):
-            return name
-    return reason.split(":", 1)[0] if reason.split(":", 1)[0] in operators else "an operator"
 
 
 @dataclass
@@ -486,38 +112,6 @@ class Plan:
     @property
     def selectors(self) -> list[Selector]:
         return [op for op in self.chain if isinstance(op, Selector)]
-
-
-@dataclass
-class Routed:
-    """Pass 2's counts."""
-
-    written: dict[str, int]
-    tokens_before: int = 0
-    tokens_after: int = 0
-    drop_reasons: dict[str, int] = field(default_factory=dict)
-    eval_quarantined: int = 0
-    eval_input: int = 0
-    rounds: list[np.ndarray] = field(default_factory=list)
-    rewrite_rounds: list[dict[str, Any]] = field(default_factory=list)  # per round: proposed, accepted, refused
-    examples: dict[str, list[dict[str, str]]] = field(default_factory=lambda: {"compress": [], "rewrite": []})
-
-    def note_rewrites(self, logs: list[str], after: list[dict[str, str]]) -> None:
-        """Per-round acceptance and refusal reasons, and a few rows before and after."""
-        for text, row in zip(logs, after):
-            log_ = json.loads(text)
-            for r, outcome in enumerate(log_["outcomes"]):
-                while len(self.rewrite_rounds) <= r:
-                    self.rewrite_rounds.append({"round": len(self.rewrite_rounds) + 1, "proposed": 0, "accepted": 0,
-                                                "refused": {}})
-                stats = self.rewrite_rounds[r]
-                stats["proposed"] += 1
-                if outcome == "accepted":
-                    stats["accepted"] += 1
-                else:
-                    stats["refused"][outcome] = stats["refused"].get(outcome, 0) + 1
-            if "accepted" in log_["outcomes"] and len(self.examples["rewrite"]) < EXAMPLES:
-                self.examples["rewrite"].append({"before": log_["before"], "after": row})
 
 
 @register_stage
