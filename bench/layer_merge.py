@@ -27,7 +27,7 @@ from damoc.lm.arch import adapter_for
 from damoc.lm.load import load_causal_lm
 from damoc.lm.prompts import prompt_text
 from damoc.model.compress import Source, calibration_examples, compress_candidate
-from damoc.model.merge import METHODS
+from damoc.model.merge import MERGE_METHODS
 from damoc.model.prune import choose_discrete, n_to_remove
 from damoc.model.scores import batches, calibrate, calibration_loss
 from damoc.spec import ModelSpec
@@ -104,7 +104,7 @@ def sweep(model: Path, calib, held, tmp: Path, a) -> list[dict]:
     compress_candidate; held-out answer loss of each result."""
     runs = []
     for ratio in a.ratios:
-        configs = [("none", 1.0, 1.0)] + [(m, d, s) for m in METHODS if m != "none"
+        configs = [("none", 1.0, 1.0)] + [(m, d, s) for m in MERGE_METHODS if m != "none"
                                           for d in a.densities for s in a.scales]
         for method, density, scale in configs:
             spec = ModelSpec(prune_ratio=ratio, merge={"method": method, "density": density, "scale": scale},

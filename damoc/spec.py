@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from damoc.model.merge import MERGE_METHODS
 from damoc.schedule import SCHEDULERS
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -263,7 +264,7 @@ class MergeSpec(Strict):
     # Default from bench/layer_merge.py on a real 30-layer LLM (SmolLM2-135M-Instruct): no merge method
     # at any density or scale beat plain pruning on held-out loss; every one approached it only as its
     # scale went to 0 (on a pretrained toy, sign_agree at 0.1 was about even). Merging stays one key away.
-    method: Literal["none", "ties", "dare", "task_arithmetic", "sign_agree"] = "none"
+    method: Literal[tuple(MERGE_METHODS)] = "none"  # type: ignore[valid-type] - damoc/model/merge.py's registry
     density: float = Field(default=0.2, gt=0, le=1)
     scale: float = Field(default=0.1, gt=0)
 

@@ -13,13 +13,31 @@ For a kept layer K and the removed layers R_1..R_m merged into it, per weight ma
                    entries whose sign agrees with W_K's.
 Naively adding whole differences collapses models (LaCo's known failure); the stage measures
 original, plain-pruned and merged calibration loss so every merge shows what it did.
+
+Methods are registered by name (`merge_method`); `model.merge.method` takes the registry's names. torch is
+imported where a method runs, so the spec reads the names without it.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-METHODS = ("none", "ties", "dare", "task_arithmetic", "sign_agree")
+if TYPE_CHECKING:
+    import torch
+
+# name -> update(kept fp32, removed fp32 list, density, generator): what is added (x scale) to the kept weight.
+MERGE_METHODS: dict[str, Callable | None] = {"none": None}
+
+
+def merge_method(name: str):
+    """Register a merge method's update function under `name`."""
+    def register(fn: Callable) -> Callable:
+        if name in MERGE_METHODS:
+            raise ValueError(f"merge method '{name}' is registered twice")
+        MERGE_METHODS[name] = fn
+        return fn
+    return register
 
 
 def keep_count(n: int, density: float) -> int:
@@ -29,6 +47,8 @@ def keep_count(n: int, density: float) -> int:
 
 def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask of exactly round(density·n) entries with the largest |x| (ties broken by position)."""
+    import torch
+
     flat = x.detach().abs().flatten().float()
     idx = torch.topk(flat, keep_count(flat.numel(), density), sorted=False).indices
     mask = torch.zeros_like(flat, dtype=torch.bool)
@@ -44,6 +64,8 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 def dare(delta: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """DARE: keep a random `density` of the entries (exactly round(d·n)), rescaled by n/kept so that
     the expected sum over the random choice equals the original sum."""
+    import torch
+
     n = delta.numel()
     k = keep_count(n, density)
     idx = torch.randperm(n, generator=generator)[:k]
@@ -55,6 +77,8 @@ def dare(delta: torch.Tensor, density: float, generator: torch.Generator | None 
 def elect_and_mean(deltas: list[torch.Tensor]) -> torch.Tensor:
     """TIES sign election and disjoint mean: per entry, the mean of the deltas whose sign agrees
     with the sign of their sum (zero where none agrees)."""
+    import torch
+
     stack = torch.stack(deltas)
     sign = torch.sign(stack.sum(0))
     agree = (torch.sign(stack) == sign) & (stack != 0)
@@ -63,28 +87,45 @@ def elect_and_mean(deltas: list[torch.Tensor]) -> torch.Tensor:
     return total / count
 
 
+@merge_method("ties")
+def ties_update(k: torch.Tensor, rs: list[torch.Tensor], density: float, generator=None) -> torch.Tensor:
+    return elect_and_mean([trim(r - k, density) for r in rs])
+
+
+@merge_method("dare")
+def dare_update(k: torch.Tensor, rs: list[torch.Tensor], density: float, generator=None) -> torch.Tensor:
+    return elect_and_mean([dare(r - k, density, generator) for r in rs])
+
+
+@merge_method("task_arithmetic")
+def task_arithmetic_update(k: torch.Tensor, rs: list[torch.Tensor], density: float, generator=None) -> torch.Tensor:
+    import torch
+
+    return torch.stack([r - k for r in rs]).mean(0)
+
+
+@merge_method("sign_agree")
+def sign_agree_update(k: torch.Tensor, rs: list[torch.Tensor], density: float, generator=None) -> torch.Tensor:
+    import torch
+
+    update = torch.zeros_like(k)
+    for r in rs:
+        agree = torch.sign(r) == torch.sign(k)
+        # Rank by magnitude among the agreeing entries only.
+        update += r * topk_mask(torch.where(agree, r, torch.zeros_like(r)), density) * agree
+    return update
+
+
 def merge_matrix(kept: torch.Tensor, removed: list[torch.Tensor], method: str, density: float,
                  scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """The merged weight of one kept matrix. Computed in fp32, returned in the kept dtype."""
-    if method == "none" or not removed:
+    if method not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method '{method}'; known: {', '.join(MERGE_METHODS)}")
+    update = MERGE_METHODS[method]
+    if update is None or not removed:
         return kept
     k = kept.float()
-    rs = [r.float() for r in removed]
-    if method == "ties":
-        update = elect_and_mean([trim(r - k, density) for r in rs])
-    elif method == "dare":
-        update = elect_and_mean([dare(r - k, density, generator) for r in rs])
-    elif method == "task_arithmetic":
-        update = torch.stack([r - k for r in rs]).mean(0)
-    elif method == "sign_agree":
-        update = torch.zeros_like(k)
-        for r in rs:
-            agree = torch.sign(r) == torch.sign(k)
-            # Rank by magnitude among the agreeing entries only.
-            update += r * topk_mask(torch.where(agree, r, torch.zeros_like(r)), density) * agree
-    else:
-        raise ValueError(f"unknown merge method '{method}'; known: {', '.join(METHODS)}")
-    return (k + scale * update).to(kept.dtype)
+    return (k + scale * update(k, [r.float() for r in removed], density, generator)).to(kept.dtype)
 
 
 def merge_targets(removed: list[int], num_layers: int) -> dict[int, list[int]]:
@@ -104,8 +145,10 @@ def merge_layers(layers, removed: list[int], method: str, density: float, scale:
                  seed: int = 0) -> dict[str, int]:
     """Merge each removed layer's 2-D weights into its kept neighbour, in place. `layers` is the
     model's original layer list (before deletion). Returns entries changed per kept layer."""
-    if method == "none" or not removed:
+    if MERGE_METHODS.get(method) is None or not removed:
         return {}
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     changed: dict[str, int] = {}
     for k, rs in merge_targets(removed, len(layers)).items():

@@ -197,6 +197,38 @@ class Compressors:
     def actors(self) -> list[Any]:
         return [a for _, a, _ in self.pending.values()]
 
+    def drain(self, queue: list, call, done) -> None:
+        """Every queued candidate through the actors: `call(actor, candidate)` starts one, `done(name, result,
+        error, began)` takes its outcome. An actor that cannot start fails the next candidate in its place;
+        one that died twice (its process gone) is replaced while candidates are left. No actor outlives it."""
+        try:
+            while self.pending:
+                event = self.next(len(queue))
+                if event is None:
+                    continue
+                name, actor, t0, r, err = event
+                if err is not None and name is None and not isinstance(err, ray.exceptions.RayActorError):
+                    raise err
+                if name is None and err is not None:  # it could not start: the next candidate fails for it
+                    name = queue.pop(0).name if queue else None
+                if name is not None:
+                    done(name, r, err, t0)
+                    if err is None:
+                        self.seconds.append(time.monotonic() - t0)
+                if isinstance(err, ray.exceptions.RayActorError):  # died twice: its process is gone
+                    ray.kill(actor)
+                    if queue:
+                        self.new()
+                    continue
+                self.grow(len(queue))
+                if not queue:
+                    ray.kill(actor)
+                    continue
+                cand = queue.pop(0)
+                self.submit(actor, cand.name, call(actor, cand))
+        finally:  # a stage that fails leaves no actor behind
+            release(self.actors())
+
 
 @register_stage
 class ModelStage(Stage):
@@ -298,36 +330,15 @@ class ModelStage(Stage):
         pool = Compressors(m, self.start_up_imports(spec, ctx.base_dir), size, ctx.prepared[:size])
         results = self.unreachable(ctx)  # failed at once, not after the hub client's retries
         queue = [c for c in spec.candidates if c.name not in results]
-        try:
-            while pool.pending:
-                event = pool.next(len(queue))
-                if event is None:
-                    continue
-                name, actor, t0, r, err = event
-                if err is not None and name is None and not isinstance(err, ray.exceptions.RayActorError):
-                    raise err
-                if name is None and err is not None:  # it could not start: the next candidate fails for it
-                    name = queue.pop(0).name if queue else None
-                if name is not None and err is not None:
-                    results[name] = self.failed(ctx, name, err, t0)
-                elif name is not None:
-                    results[name] = self.compressed(ctx, spec, name, r)
-                    pool.seconds.append(time.monotonic() - t0)
-                if isinstance(err, ray.exceptions.RayActorError):  # died twice: its process is gone
-                    ray.kill(actor)
-                    if queue:
-                        pool.new()
-                    continue
-                pool.grow(len(queue))
-                if not queue:
-                    ray.kill(actor)
-                    continue
-                cand = queue.pop(0)
-                pool.submit(actor, cand.name, actor.run.remote(
-                    self.source(ctx, cand), rows_ref, m, ctx.worker_dir(cand.name), spec.seed, spec.data.task,
-                    spec.finetune.template, evals_ref, spec.finetune.max_length))
-        finally:  # a stage that fails leaves no actor behind
-            release(pool.actors())
+
+        def call(actor, cand):
+            return actor.run.remote(self.source(ctx, cand), rows_ref, m, ctx.worker_dir(cand.name), spec.seed,
+                                    spec.data.task, spec.finetune.template, evals_ref, spec.finetune.max_length)
+
+        def done(name: str, r: dict[str, Any] | None, err: BaseException | None, t0: float) -> None:
+            results[name] = self.failed(ctx, name, err, t0) if err is not None else self.compressed(ctx, spec, name, r)
+
+        pool.drain(queue, call, done)
         entries = [results[c.name] for c in spec.candidates]
         records.write(records.ModelsIndex, ctx.out / "models.json", {"enabled": True, "candidates": entries})
         n_failed = sum(e["status"] == "failed" for e in entries)
