@@ -12,7 +12,7 @@ For each model, over the same rows of a domain, in one process with the same tor
 Prints rows/s of each and the ratio plain / ours (>= 1 means ours is at or under the floor), and
 writes bench/results/cpu_floor.{md,json}. Never run by the test suite.
 
-    .venv/bin/python bench/cpu_floor.py --work /tmp/damoc-real --threads 1
+    .venv/bin/python -m bench.cpu_floor --work /tmp/damoc-real --threads 1
 """
 
 from __future__ import annotations

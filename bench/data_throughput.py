@@ -7,7 +7,7 @@ ratio, then the peak memory of the whole process tree (driver + Ray workers; PSS
 shared through the object store count once) at two corpus sizes and their ratio. Never run
 by the test suite.
 
-    .venv/bin/python bench/data_throughput.py --rows 100000 --memory-rows 100000 1000000
+    .venv/bin/python -m bench.data_throughput --rows 100000 --memory-rows 100000 1000000
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -24,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from datagen import write_corpus  # noqa: E402
+from bench.harness import test_helper
+from damoc.data.normalize import BadRow, normalize_record
+from damoc.data.ops.rules import Rules
+from damoc.data.select import band_keys, estimated_jaccard, lsh_shape, minhash, minhash_params, shingles, top_k
+from damoc.spec import Fields, spec_from_data
 
-from damoc.data.normalize import BadRow, normalize_record  # noqa: E402
-from damoc.data.ops.rules import Rules  # noqa: E402
-from damoc.data.select import band_keys, estimated_jaccard, lsh_shape, minhash, minhash_params, shingles, top_k  # noqa: E402
-from damoc.spec import Fields, spec_from_data  # noqa: E402
+write_corpus = test_helper("datagen").write_corpus
 
 CHAIN = [{"name": "rules"}, {"name": "minhash_dedup", "params": {"threshold": 0.8}},
          {"name": "top_k", "params": {"score": "chars"}}]

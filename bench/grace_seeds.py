@@ -8,28 +8,23 @@ a grace period too short to see the reversal would rank like zero-shot loss. Per
 grace period: the pick, top-1, Kendall tau, the grace period used and the training FLOPs ratio.
 Writes bench/results/grace-seeds.{md,json}. Never run by the test suite.
 
-    .venv/bin/python bench/grace_seeds.py --domains lookup_qa general_qa --seeds 0 1 2
+    .venv/bin/python -m bench.grace_seeds --domains lookup_qa general_qa --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import sys
 import types
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from selection import (  # noqa: E402
+from bench.harness import opening
+from bench.selection import (
     agreement, costs, damoc_spec, final_scores, grace_arg, ratio, recipe_args, reference_spec, run, zero_shot,
 )
-
-from damoc.report.compare import compare_runs, load_ranking  # noqa: E402
-from damoc.rundir import read_json  # noqa: E402
+from damoc.report.compare import compare_runs, load_ranking
+from damoc.rundir import read_json
 
 
 def one(zoo: Path, domain: str, rows: int, seed: int, grace: int | str, names: list[str], work: Path, a,
@@ -59,13 +54,12 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    recipe_args(ap, "runs/bench-seeds")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--graces", type=grace_arg, nargs="+", default=[8, "auto"])
-    a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    os.environ.pop("RAY_ADDRESS", None)
+    def configure(ap):
+        recipe_args(ap, "runs/bench-seeds")
+        ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        ap.add_argument("--graces", type=grace_arg, nargs="+", default=[8, "auto"])
+
+    a = opening(__doc__, configure)
 
     from damoc.runtime import connect
     from damoc.zoo.build import build_zoo

@@ -8,29 +8,21 @@ there (`--work runs/bench-cost`). Prints, per domain: pick, tau, prompt tokens k
 tokens and FLOPs, worker-seconds, and a few prompts compressed both ways. Writes
 bench/results/granularity.{md,json}. Never run by the test suite.
 
-    .venv/bin/python bench/granularity.py --zoo zoo/bench
+    .venv/bin/python -m bench.granularity --zoo zoo/bench
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import logging
-import os
-import sys
 import types
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from selection import costs, damoc_spec, final_scores, recipe_args, reference_spec, run  # noqa: E402
-
-from damoc.report.agreement import best, kendall_tau, top1_hit  # noqa: E402
-from damoc.rundir import read_json  # noqa: E402
+from bench.harness import opening
+from bench.selection import costs, damoc_spec, final_scores, recipe_args, reference_spec, run
+from damoc.report.agreement import best, kendall_tau, top1_hit
+from damoc.rundir import read_json
 
 VARIANTS = {"off": {"enabled": False}, "token": {"granularity": "token"}, "word": {"granularity": "word"}}
 
@@ -74,12 +66,11 @@ def table(domain: str, res: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    recipe_args(ap, "runs/bench-cost")  # bench/cost.py's folder: its runs are reused
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    os.environ.pop("RAY_ADDRESS", None)
+    def configure(ap):
+        recipe_args(ap, "runs/bench-cost")  # bench/cost.py's folder: its runs are reused
+        ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+
+    a = opening(__doc__, configure)
 
     from damoc.runtime import connect
     from damoc.zoo.build import build_zoo

@@ -9,7 +9,7 @@ calibrated on, and greedy generations before and after. Without `--model`, pretr
 Llama-like model on the standard library's source first (a few minutes) and does the same on code.
 Results go to bench/results/layer_merge[-NAME].{md,json}. Never run by the test suite.
 
-    .venv/bin/python bench/layer_merge.py --model zoo/real/models/smollm2-135m-instruct \
+    .venv/bin/python -m bench.layer_merge --model zoo/real/models/smollm2-135m-instruct \
         --data zoo/real/data/api_qa/train.jsonl --held-out zoo/real/data/general_qa/eval.json
 """
 

@@ -4,7 +4,7 @@ mid-finetune, and interrupted with SIGINT then run again. Wall seconds (every in
 own testing utility: a head without CPUs (as on KubeRay) and two 1-CPU worker nodes. Never run by the
 test suite (tests/test_multinode.py checks the same promises on a smaller job).
 
-    .venv/bin/python bench/multinode.py            # builds zoo/demo first if it is missing
+    .venv/bin/python -m bench.multinode            # builds zoo/demo first if it is missing
 """
 
 from __future__ import annotations
@@ -76,12 +76,9 @@ def outcome(name: str, codes: list[int], seconds: float, lines: list[str], run: 
 
 def start_s3():
     """tests/s3server.py's moto server (a test helper, loaded from its file), bucket `damoc-bench`."""
-    import importlib.util
+    from bench.harness import test_helper
 
-    spec = importlib.util.spec_from_file_location("s3server", REPO / "tests" / "s3server.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    server = module.s3_server("damoc-bench")
+    server = test_helper("s3server").s3_server("damoc-bench")
     server.__enter__()
     return server
 

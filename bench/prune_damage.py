@@ -7,7 +7,7 @@ converts), on QA rows of one domain rendered with the model's own prompt: the ca
 half the layers. Then the count `auto` picks at several budgets. Results go to
 bench/results/prune_damage-NAME.{md,json}. Never run by the test suite.
 
-    .venv/bin/python bench/prune_damage.py --model /tmp/real/smollm2 --domain api_qa
+    .venv/bin/python -m bench.prune_damage --model /tmp/real/smollm2 --domain api_qa
 """
 
 from __future__ import annotations

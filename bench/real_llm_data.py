@@ -6,7 +6,7 @@ were refused, prompt tokens before/after, the judge's score distribution and its
 with IFD, and a few before/after rows. Writes bench/results/real_llm_data.{md,json}. Never run by
 the test suite.
 
-    .venv/bin/python bench/real_llm_data.py --zoo zoo/real
+    .venv/bin/python -m bench.real_llm_data --zoo zoo/real
 """
 
 from __future__ import annotations

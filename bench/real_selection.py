@@ -15,7 +15,7 @@ Writes bench/results/real_selection.{md,json}: top-1, Kendall tau and RelAcc of 
 zero-shot baseline against the reference, layers kept and the damage per candidate, stage seconds,
 cost ratios, and each trial's memory (estimate, request, peak). Never run by the test suite.
 
-    .venv/bin/python bench/real_selection.py --work /tmp/damoc-real
+    .venv/bin/python -m bench.real_selection --work /tmp/damoc-real
 """
 
 from __future__ import annotations

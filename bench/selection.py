@@ -12,7 +12,7 @@ Prints one table per domain (top-1 hit, Kendall tau, RelAcc, cost ratio full / s
 worker-seconds for training only and end to end, and in training FLOPs) and writes
 bench/results/selection.md, selection.json and selection.png. Never run by the test suite.
 
-    .venv/bin/python bench/selection.py --zoo zoo/bench --preset bench
+    .venv/bin/python -m bench.selection --zoo zoo/bench --preset bench
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ import copy
 import json
 import logging
 import math
-import os
 import random
-import sys
 import time
 import types
 from pathlib import Path
@@ -32,12 +30,10 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from damoc.report.agreement import best, kendall_tau, rel_acc, top1_hit  # noqa: E402
-from damoc.report.compare import compare_runs, load_ranking  # noqa: E402
-from damoc.rundir import read_json  # noqa: E402
+from bench.harness import REPO, opening
+from damoc.report.agreement import best, kendall_tau, rel_acc, top1_hit
+from damoc.report.compare import compare_runs, load_ranking
+from damoc.rundir import read_json
 
 log = logging.getLogger("bench.selection")
 
@@ -358,12 +354,11 @@ def bench_domain(domain: str, zoo: Path, names: list[str], work: Path, runtime, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    recipe_args(ap, "runs/bench-selection")
-    ap.add_argument("--ats-fractions", type=float, nargs="+", default=[1 / 32, 1 / 16, 1 / 8])
-    a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    os.environ.pop("RAY_ADDRESS", None)
+    def configure(ap):
+        recipe_args(ap, "runs/bench-selection")
+        ap.add_argument("--ats-fractions", type=float, nargs="+", default=[1 / 32, 1 / 16, 1 / 8])
+
+    a = opening(__doc__, configure)
 
     from damoc.runtime import connect
     from damoc.zoo.build import build_zoo

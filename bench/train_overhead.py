@@ -7,7 +7,7 @@ process. Printed per precision: steady-state tokens/s (the loop's own clock: tra
 only) and end-to-end tokens/s (wall clock from `fit()` / model load to the end, startup
 included), and their ratios (target: steady-state ratio >= 0.8). Never run by the test suite.
 
-    .venv/bin/python bench/train_overhead.py --steps 60 --hidden 256 --layers 4
+    .venv/bin/python -m bench.train_overhead --steps 60 --hidden 256 --layers 4
 """
 
 from __future__ import annotations
