@@ -208,3 +208,16 @@ def test_a_mistyped_key_gets_the_closest_one_its_section_knows(job_dir):
                           "finetun: unknown key (did you mean 'finetune'?)",
                           "candidates[0].trust_remote: unknown key (did you mean 'trust_remote_code'?)",
                           "model.zzz: unknown key"}
+
+
+def test_the_spec_takes_its_schedulers_and_merge_methods_from_their_registries():
+    """A scheduler or merge method is one registry entry: the spec's allowed values are the registry's."""
+    from typing import get_args
+
+    from damoc.model.merge import MERGE_METHODS
+    from damoc.schedule import SCHEDULERS
+    from damoc.spec import MergeSpec, TuneSpec
+
+    assert get_args(TuneSpec.model_fields["scheduler"].annotation) == tuple(SCHEDULERS) == ("asha", "none")
+    assert get_args(MergeSpec.model_fields["method"].annotation) == tuple(MERGE_METHODS)
+    assert set(MERGE_METHODS) == {"none", "ties", "dare", "task_arithmetic", "sign_agree"}

@@ -86,6 +86,13 @@ def context_window(path_or_config) -> int | None:
     return min(found) if found else None
 
 
+def within_window(length: int, path_or_config) -> int:
+    """`length`, cut to the model's context window where its config says it is shorter: a sequence longer
+    than a model's positions fails with an index error (a GPT-2 with 256 positions)."""
+    window = context_window(path_or_config)
+    return window if window is not None and window < length else length
+
+
 def modeling_module(path: str) -> str | None:
     """The transformers module of a local folder's architecture, named from config.json's model_type
     (None: not readable, or a hub id): what loading the model imports first."""

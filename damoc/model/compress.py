@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from damoc.lm.arch import adapter_for
-from damoc.lm.load import context_window, load_causal_lm, pad_id
+from damoc.lm.load import load_causal_lm, pad_id, within_window
 from damoc.lm.nll import bits_per_byte, rows_bits_per_byte
 from damoc.lm.prompts import render
 from damoc.lm.tokens import Example, encode
@@ -172,11 +172,10 @@ def load_for_compression(src: Source, rows: list[dict[str, str]], m: ModelSpec, 
     dtype = pick_dtype(m.dtype, device)
     tok, model = load(src, dtype, device)
     adapter = adapter_for(model.config)
-    window = context_window(model.config)  # sequences never longer than the model's positions
-    cal_length = min(m.calibration.max_length, window) if window else m.calibration.max_length
-    examples = calibration_examples(tok, rows, task, template, cal_length)
+    # sequences never longer than the model's positions
+    examples = calibration_examples(tok, rows, task, template, within_window(m.calibration.max_length, model.config))
     return Loaded(tok, model, adapter, device, dtype, adapter.num_layers(model.config), param_count(model),
-                  min(max_length, window) if window else max_length, examples,
+                  within_window(max_length, model.config), examples,
                   batches(examples, m.calibration.batch_size, pad_id(tok)))
 
 

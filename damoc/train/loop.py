@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from damoc.lm.load import context_window, load_causal_lm, pad_id
+from damoc.lm.load import load_causal_lm, pad_id, within_window
 from damoc.lm.prompts import prompt_text, uses_chat
 from damoc.lm.tokens import Example, collate, encode
 from damoc.compat import forget_destroyed_groups
@@ -249,9 +249,8 @@ class Worker:
         with timeline.phase("model_load"):
             args = on_this_node(args)
             self.tok, self.model, self.forward_params = load_model(args, self.device)
-        window = context_window(self.model.config)
-        if window is not None and window < args.max_length:  # a hub original the stage could not read ahead
-            args = replace(args, max_length=window)
+        # a hub original, whose window the stage could not read ahead
+        args = replace(args, max_length=within_window(args.max_length, self.model.config))
         self.args, self.timeline = args, timeline
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.node = ray.get_runtime_context().get_node_id()  # where this attempt runs (results.json lists them)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import ray
 
 from damoc import metrics
-from damoc.lm.load import context_window
+from damoc.lm.load import within_window
 from damoc.lm.memory import GIB, length_bound
 from damoc.pipeline import Stage, StageContext, register_stage
 from damoc.lm.figures import candidate_figures
@@ -284,8 +284,7 @@ class FinetuneStage(Stage):
     def window(max_length: int, path: str) -> int:
         """finetune.max_length, cut to the candidate's context window where its config says it is shorter
         (a GPT-2 with 256 positions fails every step with an index error otherwise)."""
-        window = context_window(path)
-        return window if window is not None and window < max_length else max_length
+        return within_window(max_length, path)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         usable, failed_upstream = trainable_candidates(ctx)
