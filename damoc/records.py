@@ -82,6 +82,21 @@ class Ranking(Record):
     candidates: list[RankedCandidate]
 
 
+class EvalRows(Record):
+    """A candidate's per-row eval figures at one report (RUN/finetune/eval_rows/<name>/step-N.json)."""
+
+    step: int | None = None
+    rows: dict[str, dict[str, float]] = {}
+
+
+class Marker(Record):
+    """A finished stage's marker (RUN/<stage>/_stage.json, written by damoc/pipeline.py)."""
+
+    fingerprint: str | None = None
+    seconds: float = 0.0
+    counts: dict[str, Any] = {}
+
+
 # Where each record lives in the run directory.
 PATHS: dict[type[Record], str] = {Manifest: "data/manifest.json", ModelsIndex: "models/models.json",
                                   Results: "finetune/results.json", Ranking: "report/ranking.json"}
@@ -120,6 +135,11 @@ def read(kind: type[Record], run_dir: Path) -> dict[str, Any] | None:
 def write(kind: type[Record], path: Path, data: dict[str, Any]) -> Path:
     """A record, checked against its schema, written atomically."""
     return atomic_write_json(path, check(kind, data, path))
+
+
+def marker(run_dir: Path, output: str) -> dict[str, Any] | None:
+    """A stage's marker in a run directory, or None when the stage is not done there."""
+    return load(Marker, Path(run_dir) / output / "_stage.json")
 
 
 def compression(folder: Path) -> dict[str, Any] | None:

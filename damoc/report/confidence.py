@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from damoc.paired import aggregate, arrays
-from damoc.rundir import read_json
+from damoc import records
 
 REPLICATES = 1000
 LEVEL = 0.95
@@ -30,7 +30,7 @@ def load_rows(folder: Path, step: int) -> dict[int, dict[str, float]] | None:
     earlier = [s for s in steps if s <= step]
     if not earlier:
         return None
-    data = read_json(folder / f"step-{earlier[-1]}.json") or {}
+    data = records.load(records.EvalRows, folder / f"step-{earlier[-1]}.json") or {}
     return {int(i): r for i, r in data.get("rows", {}).items()}
 
 

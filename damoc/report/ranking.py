@@ -14,7 +14,6 @@ from typing import Any
 
 from damoc.report.confidence import confidence
 from damoc import records
-from damoc.rundir import read_json
 
 
 def _score(e: dict[str, Any]) -> float | None:
@@ -105,8 +104,8 @@ def stage_costs(run_dir: Path, finetune: dict[str, Any]) -> dict[str, Any]:
     Training FLOPs = 6 x forward params x tokens processed (the fine-tuning cost the method saves).
     """
     model_entries = (records.read(records.ModelsIndex, run_dir) or {}).get("candidates", [])
-    data_marker = read_json(run_dir / "data" / "_stage.json") or {}
-    model_marker = read_json(run_dir / "models" / "_stage.json") or {}
+    data_marker = records.marker(run_dir, "data") or {}
+    model_marker = records.marker(run_dir, "models") or {}
     spec = _spec(run_dir)
     cpus = float(((spec.get("model") or {}).get("num_cpus")) or 1)
     models_ws = sum(float(e.get("seconds", 0.0)) for e in model_entries) * cpus
