@@ -139,7 +139,10 @@ def main() -> None:
     text = ["# The demo on three nodes (bench/multinode.py)", "",
             f"`{a.spec}` via `--address` on a Ray cluster of a 0-CPU head and two 1-CPU worker nodes on one "
             "2-core machine (ray.cluster_utils.Cluster). Wall: every invocation of the run; worker-s: the "
-            "finetune stage's trials, every attempt.", "",
+            "finetune stage's trials, every attempt."
+            + (" The last row (--s3): output_dir on S3 (a moto server on 127.0.0.1): the model stage's actors "
+               "upload the compressed models, the trials fetch them and the rows into the node cache, and "
+               "checkpoints go to the bucket." if s3 is not None else ""), "",
             "| run | exit codes | wall s | finetune worker-s | ranking | attempts | events |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         text.append(f"| {r['run']} | {r['exit codes']} | {r['wall_s']} | {r['worker_s']} | {' > '.join(r['ranking'])} | "
