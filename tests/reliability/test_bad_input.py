@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from damoc.data.normalize import MAX_FIELD_CHARS, RAW_CHARS
@@ -57,11 +57,13 @@ def check_rows(rows: list[dict]) -> None:
     st.just("{\"instruction\": \"q\", \"output\": \"é\"}".encode("latin-1")),
     st.just(b"{\"instruction\": \"q\", \"output\": \"" + b"x" * (MAX_FIELD_CHARS + 1) + b"\"}"),  # huge field
 ), max_size=25), bom=st.booleans(), chunk=st.integers(16, 400))
+@example(lines=[b"\xef\xbb\xbf"], bom=False, chunk=16)  # a file that is only a BOM holds no line
 def test_jsonl_any_bytes_every_line_accounted_for(tmp_path_factory, lines, bom, chunk):
     path = tmp_path_factory.mktemp("j") / "data.jsonl"
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + b"\n".join(lines))
     rows = read_all(path, chunk_bytes=chunk)  # small byte ranges: lines cross unit boundaries
-    assert len(rows) == sum(1 for line in lines if line.strip())
+    body = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a leading BOM is the file's, whatever made it
+    assert len(rows) == sum(1 for line in body.split(b"\n") if line.strip())
     check_rows(rows)
 
 
