@@ -67,8 +67,9 @@ def join(uri: str, *parts: str) -> str:
 
 
 def cache_root() -> Path:
-    """This node's cache: DAMOC_CACHE_DIR, else ~/.cache/damoc."""
-    return Path(os.environ.get("DAMOC_CACHE_DIR") or Path.home() / ".cache" / "damoc")
+    """This node's cache (the real LLMs' wheels, a remote run's mirror, the objects trials read):
+    DAMOC_CACHE, else ~/.cache/damoc."""
+    return Path(os.environ.get("DAMOC_CACHE") or Path.home() / ".cache" / "damoc")
 
 
 def mirror_dir(uri: str) -> Path:

@@ -233,7 +233,7 @@ def test_both_kuberay_deployments_render_and_match_kuberays_crds(folder):
         assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
         ray_c = pod["containers"][0]
         assert {"secretRef": {"name": "damoc-object-store"}} in ray_c["envFrom"]
-        assert {"name": "DAMOC_CACHE_DIR", "value": "/mnt/cache"} in ray_c["env"]
+        assert {"name": "DAMOC_CACHE", "value": "/mnt/cache"} in ray_c["env"]
         assert {"name": "cache", "mountPath": "/mnt/cache"} in ray_c["volumeMounts"]
         assert not any(m["mountPath"] == "/mnt/damoc" for m in ray_c["volumeMounts"])
     entry = kinds["RayJob"]["spec"]["entrypoint"]

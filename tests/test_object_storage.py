@@ -34,7 +34,7 @@ def s3():
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     """This 'node's' cache (the driver's mirror and the worker cache live under it)."""
-    monkeypatch.setenv("DAMOC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DAMOC_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
@@ -76,7 +76,7 @@ def test_a_worker_fetches_once_per_content_and_never_mixes_generations(s3, tmp_p
     assert store.localize(f"{other.uri}/models/m") == str(local)
     store.put_bytes(f"{run.uri}/models/m/w.safetensors", b"W9")  # rewritten behind its marker's back
     store.put_bytes(f"{run.uri}/models/m/config.json", b'{"x": 1}')
-    monkeypatch.setenv("DAMOC_CACHE_DIR", str(tmp_path / "another-node"))
+    monkeypatch.setenv("DAMOC_CACHE", str(tmp_path / "another-node"))
     with pytest.raises(OSError, match="does not match its stage marker"):
         store.localize(f"{run.uri}/models/m")
     assert store.localize("relative/local/path") == "relative/local/path"
@@ -116,14 +116,14 @@ def test_stages_on_s3_resume_from_any_driver_and_an_interrupted_one_is_not_done(
     from damoc.interrupt import Interrupted, interruptible
 
     where = uri("pipeline")
-    monkeypatch.setenv("DAMOC_CACHE_DIR", str(tmp_path / "driver-a"))
+    monkeypatch.setenv("DAMOC_CACHE", str(tmp_path / "driver-a"))
     p = make_pipeline(job_dir, where)
     assert [o.status for o in p.run(["count", "flaky"], resume=True)] == ["ran", "ran"]
     assert p.run_dir.is_relative_to(tmp_path / "driver-a")  # the stages worked in a mirror
     assert store.RemoteRun(where).marker("flaky")["files"].keys() == {"partial.txt", "done.txt"}
     assert store.get_bytes(f"{where}/spec.yaml")
 
-    monkeypatch.setenv("DAMOC_CACHE_DIR", str(tmp_path / "driver-b"))  # another machine: an empty mirror
+    monkeypatch.setenv("DAMOC_CACHE", str(tmp_path / "driver-b"))  # another machine: an empty mirror
     q = make_pipeline(job_dir, where)
     assert [o.status for o in q.run(["count", "flaky"], resume=True)] == ["skipped", "skipped"]
     assert (q.run_dir / "flaky" / "done.txt").read_text() == "whole"
@@ -141,7 +141,7 @@ def test_stages_on_s3_resume_from_any_driver_and_an_interrupted_one_is_not_done(
     assert store.get_bytes(f"{where}/flaky.failed/partial.txt") == b"half"  # its evidence, beside it
     monkeypatch.delenv("DAMOC_TEST_FAIL")
     store.RemoteRun(where).begin("flaky")  # a driver that died while its workers wrote left it unmarked
-    monkeypatch.setenv("DAMOC_CACHE_DIR", str(tmp_path / "driver-a"))  # whose mirror still says done
+    monkeypatch.setenv("DAMOC_CACHE", str(tmp_path / "driver-a"))  # whose mirror still says done
     again = make_pipeline(job_dir, where)
     assert [o.status for o in again.run(["count", "flaky", "signalled"], resume=True)] == ["skipped", "ran", "ran"]
     assert read_marker(again.run_dir, stages.Signalled) is not None
@@ -165,7 +165,7 @@ def test_a_job_on_s3_uploads_models_once_trials_read_them_from_the_node_cache(s3
         "finetune": {"num_workers": 1, "max_steps": 8, "eval_every": 4, "batch_size": 4}}))
 
     def select(cache: str) -> subprocess.CompletedProcess:
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "DAMOC_CACHE_DIR": str(tmp_path / cache)}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "DAMOC_CACHE": str(tmp_path / cache)}
         return subprocess.run([sys.executable, "-m", "damoc", "select", "job.yaml", "--cpus", "2"], cwd=root, env=env,
                               capture_output=True, text=True, timeout=600)
 

