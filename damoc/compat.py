@@ -197,13 +197,14 @@ def private_name_problems() -> list[str]:
         try:
             obj = importlib.import_module(module_name)
             attr_path, _, param = path.partition("(")
-            for part in filter(None, attr_path.split(".")):
-                if kind == "attribute" and part == attr_path.split(".")[-1]:
-                    obj = inspect.getsource(obj) if part not in vars(obj) else vars(obj)[part]
-                    if isinstance(obj, str) and f"self.{part}" not in obj:
-                        raise AttributeError(part)
-                    break
+            *owners, last = attr_path.split(".") if attr_path else [""]
+            for part in owners:
                 obj = getattr(obj, part)
+            if kind == "attribute":  # set on instances: the class's source assigns it
+                if last not in vars(obj) and f"self.{last}" not in inspect.getsource(obj):
+                    raise AttributeError(last)
+            elif last:
+                obj = getattr(obj, last)
             if kind == "function" and not callable(obj) or kind == "dict" and not isinstance(obj, dict):
                 raise TypeError(f"is a {type(obj).__name__}, not a {kind}")
             if kind == "parameter" and param.rstrip(")") not in inspect.signature(obj).parameters:

@@ -174,16 +174,3 @@ def finetune_spec(run_dir: Path):
         err = exc.errors()[0]
         field = ".".join(str(p) for p in ("finetune", *err["loc"]))
         raise RecordError(f"{Path(run_dir) / 'spec.yaml'}: {field}: {err['msg']}") from None
-
-
-def run_spec(run_dir: Path):
-    """The spec a run was made with as a JobSpec (every default filled in), or None when there is none."""
-    from damoc.spec import SpecError, spec_from_data
-
-    data = spec_data(run_dir)
-    if not data:
-        return None
-    try:
-        return spec_from_data(data, str(Path(run_dir) / "spec.yaml"), check_files=False)
-    except SpecError as exc:
-        raise RecordError(f"{exc}") from None

@@ -260,6 +260,7 @@ class Worker:
             self.engine = build_engine(self.model, args, dtype, self.device)
         self.synced = self.engine.zero_stage == 3 and self.world > 1
         self.resumed = self._restore(get_checkpoint(), entered)
+        self.start_step = self.state["step"]  # where this attempt starts: 0, or its checkpoint's step
         self.batches = Batches(self.examples, args.batch_size, args.seed + self.rank, self.state["position"])
         self.reports = report_steps(args.max_steps, args.eval_every, args.rungs)
         self.prev_rows = None  # the per-row figures of the last report (a restart has none until its next)
@@ -314,10 +315,6 @@ class Worker:
                 "restarts": self.state["restarts"], "chat_template": self.chat, "micro_batch": self.args.batch_size,
                 "peak_rss_bytes": peak_memory(), "trial_started_at": self.args.trial_started_at, "node": self.node}
 
-    @property
-    def start_step(self) -> int:
-        return getattr(self, "_start_step", self.state["step"])
-
     def evaluate(self, generation: bool) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
         from damoc.train.evaluate import evaluate, gather_rows
 
@@ -340,9 +337,8 @@ class Worker:
     def train(self) -> None:
         """The step loop: train, and at each report step evaluate, wait at a rung, checkpoint and report."""
         args, tally = self.args, Tally()
-        self._start_step = self.state["step"]
         self.model.train()
-        for step in range(self._start_step + 1, args.max_steps + 1):
+        for step in range(self.start_step + 1, args.max_steps + 1):
             self.step(step, tally)
             if step not in self.reports:
                 continue
@@ -367,7 +363,7 @@ class Worker:
             self.engine.backward(loss)
             self.engine.step()
             tally.add(value, int(batch["attention_mask"].sum()))
-        if step == self._start_step + 1:  # an attempt's first step is slow (allocations, lazy state): the
+        if step == self.start_step + 1:  # an attempt's first step is slow (allocations, lazy state): the
             self.state["warmup_seconds"] = self.state.get("warmup_seconds", 0.0) + time.perf_counter() - t_step
             self.state["warmup_steps"] = self.state.get("warmup_steps", 0) + 1  # report projects from the rest
 
